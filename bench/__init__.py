@@ -1,0 +1,1 @@
+"""Benchmarks: speed and quality figures (`python -m bench`)."""

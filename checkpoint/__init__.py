@@ -1,0 +1,165 @@
+"""Checkpoints on disk: safetensors weights beside a dataclass config.json, written atomically.
+
+Every file goes to a temporary name in the same directory and is renamed into place, so a run killed
+at any moment leaves the last good file readable. Weights load only through safetensors and optimizer
+state only through ``torch.load(weights_only=True)``: nothing user-supplied is unpickled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+__all__ = [
+    "UserError",
+    "CheckpointError",
+    "atomic_write",
+    "write_json",
+    "read_json",
+    "save_pretrained",
+    "load_config",
+    "load_weights",
+    "load_pretrained",
+    "save_torch",
+    "load_torch",
+]
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+T = TypeVar("T")
+
+
+class UserError(Exception):
+    """Bad input the user can fix. Command lines print its one-line message and exit with status 2."""
+
+
+class CheckpointError(UserError):
+    """A checkpoint that is missing, damaged or does not fit; the message says which part and what to do."""
+
+
+def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
+    """Call ``write(tmp_path)`` for a temporary file beside ``path``, fsync it, then rename it over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    """Write ``obj`` as indented JSON, atomically."""
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=2, sort_keys=True)
+            f.write("\n")
+
+    atomic_write(path, write)
+
+
+def read_json(path: str | Path, part: str) -> dict:
+    """Read a JSON object; a missing or corrupt file is a CheckpointError naming ``part``."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{part}: {path} is missing; train that stage first or pass the right --checkpoint")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{part}: {path} is not valid JSON ({e.msg if hasattr(e, 'msg') else e})") from None
+
+
+def save_pretrained(model: torch.nn.Module, config: Any, directory: str | Path) -> None:
+    """Write ``config`` (a dataclass) as config.json and the model's weights as model.safetensors."""
+    directory = Path(directory)
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    # Tied weights share storage; safetensors refuses shared tensors, so store independent copies.
+    seen: set[int] = set()
+    for name, tensor in state.items():
+        ptr = tensor.untyped_storage().data_ptr()
+        if ptr in seen:
+            state[name] = tensor.clone()
+        seen.add(ptr)
+    atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+    write_json(directory / CONFIG_NAME, dataclasses.asdict(config))
+
+
+def load_config(config_cls: type[T], directory: str | Path, part: str) -> T:
+    """Rebuild a dataclass config from ``directory/config.json``; unknown or missing fields name the part."""
+    raw = read_json(Path(directory) / CONFIG_NAME, part)
+    fields = {f.name for f in dataclasses.fields(config_cls) if f.init}
+    unknown = sorted(set(raw) - fields)
+    if unknown:
+        raise CheckpointError(f"{part}: config.json has fields this version does not know: {', '.join(unknown)}")
+    try:
+        return config_cls(**raw)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{part}: config.json does not make a valid {config_cls.__name__}: {e}") from None
+
+
+def load_weights(model: torch.nn.Module, path: str | Path, part: str) -> None:
+    """Load safetensors weights into ``model`` strictly; any mismatch is a CheckpointError naming the tensor."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{part}: {path} is missing; train that stage first or pass the right --checkpoint")
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{part}: {path} is damaged or truncated ({e}); retrain or restore it") from None
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    extra = sorted(set(state) - set(expected))
+    if missing or extra:
+        detail = f"missing {missing[:3]}" if missing else f"unexpected {extra[:3]}"
+        raise CheckpointError(f"{part}: weights do not fit config.json ({detail}); the files come from different runs")
+    for name, tensor in expected.items():  # in the model's order, so the first layer that differs is named
+        if state[name].shape != tensor.shape:
+            raise CheckpointError(
+                f"{part}: weights do not fit config.json: {name} is {tuple(state[name].shape)} "
+                f"but the config builds {tuple(tensor.shape)}; the files come from different runs"
+            )
+    model.load_state_dict(state, strict=True)
+
+
+def load_pretrained(
+    model_cls: Callable[[Any], torch.nn.Module], config_cls: type, directory: str | Path, part: str
+) -> torch.nn.Module:
+    """Build ``model_cls(config)`` from ``directory/config.json`` and load its weights, in eval mode."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"{part}: {directory} is not a directory; train that stage first")
+    config = load_config(config_cls, directory, part)
+    model = model_cls(config)
+    load_weights(model, directory / WEIGHTS_NAME, part)
+    return model.eval()
+
+
+def save_torch(obj: Any, path: str | Path) -> None:
+    """Save tensors-and-primitives state (optimizer, RNG) with torch.save, atomically."""
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def load_torch(path: str | Path, part: str) -> Any:
+    """Load state saved by :func:`save_torch` with ``weights_only=True`` (no arbitrary unpickling)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{part}: {path} is missing; start without --resume")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types for damaged archives
+        raise CheckpointError(f"{part}: {path} is damaged ({type(e).__name__}); start without --resume") from None

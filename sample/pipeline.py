@@ -1,0 +1,174 @@
+"""Prompts to pictures: tokenize, generate N candidates per prompt with the KV-cached decoder, decode
+them with the VQGAN, score them all in one batch with the CLIP-style scorer, keep the best K.
+
+`generate_images` is the Python API; `python -m sample` (sample/__main__.py) wraps it for the shell.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from PIL import Image
+
+from checkpoint import CheckpointError, UserError
+
+__all__ = ["DEMO_RUN", "SamplingSettings", "Picture", "Pipeline", "generate_images"]
+
+DEMO_RUN = Path(__file__).resolve().parent / "demo_run"
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """How candidates are drawn and how many are kept. Validated on construction."""
+
+    n: int = 16
+    keep: int = 4
+    top_k: int | None = None
+    top_p: float | None = None
+    temperature: float = 1.0
+    cfg: float = 3.0
+    seed: int = 0
+    rerank: bool = True
+
+    def __post_init__(self) -> None:
+        if self.n < 1:
+            raise UserError(f"--n must be >= 1, got {self.n}")
+        if not 1 <= self.keep <= self.n:
+            raise UserError(f"--keep must be between 1 and --n ({self.n}), got {self.keep}")
+        if self.top_k is not None and self.top_k < 1:
+            raise UserError(f"--top-k must be >= 1, got {self.top_k}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise UserError(f"--top-p must be in (0, 1], got {self.top_p}")
+        if not self.temperature > 0:
+            raise UserError(f"--temperature must be > 0, got {self.temperature}")
+        if not self.cfg >= 0:
+            raise UserError(f"--cfg must be >= 0 (1 turns guidance off), got {self.cfg}")
+
+
+@dataclass
+class Picture:
+    """One candidate: its picture, the prompt, its seed, its score (None without reranking), kept or not."""
+
+    image: Image.Image
+    prompt: str
+    seed: int
+    candidate: int
+    score: float | None
+    kept: bool = False
+    settings: dict = field(default_factory=dict)
+
+
+class Pipeline:
+    """The parts of a run directory, loaded once and checked to fit each other."""
+
+    def __init__(self, checkpoint: str | Path | None = None, device: str = "auto", rerank: bool = True,
+                 reranker: str | Path | None = None):
+        from seq2seq import Seq2Seq
+        from tokenizer import TextTokenizer
+        from train.loop import resolve_device
+        from vqgan import VQGAN
+
+        run = Path(checkpoint) if checkpoint is not None else DEMO_RUN
+        if not run.is_dir():
+            raise CheckpointError(f"--checkpoint {run} is not a directory; pass a run made by `python -m train all`")
+        self.run = run
+        self.device = resolve_device(device)
+        self.tokenizer = TextTokenizer.load(run / "tokenizer.model")
+        self.vqgan = VQGAN.from_pretrained(run / "vqgan").to(self.device)
+        self.model = Seq2Seq.from_pretrained(run / "seq2seq").to(self.device)
+        self.model.check_fits(self.tokenizer.vocab_size, self.vqgan.codebook_size, self.model.config.grid_size)
+        self.scorer = None
+        if reranker is not None:
+            from sample.hf_clip import HFClipScorer
+
+            self.scorer = HFClipScorer(reranker, self.device)
+        elif rerank:
+            from scorer import Scorer
+
+            self.scorer = Scorer.from_pretrained(run / "clip").to(self.device)
+            self.scorer.check_fits(self.tokenizer.vocab_size, self.scorer.config.image_size)
+
+    def encode_prompts(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompts to (ids, mask); an over-long prompt is truncated with a one-line warning naming the limit."""
+        for prompt in prompts:
+            if not prompt.strip():
+                raise UserError('a prompt is empty; describe a picture, e.g. "a red circle above a blue square"')
+        limit = self.model.config.max_text_len
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ids, mask = self.tokenizer.batch(list(prompts), max_length=limit)
+        if caught:
+            warnings.warn(f"a prompt is longer than the model's {limit} text tokens; it was truncated", stacklevel=3)
+        return ids.to(self.device), mask.to(self.device)
+
+    @torch.inference_mode()
+    def __call__(self, prompts: Sequence[str], settings: SamplingSettings, progress: bool = False) -> list[list[Picture]]:
+        """All candidates of every prompt, each list sorted best first, the first ``keep`` marked kept."""
+        from seq2seq import generate
+
+        text_ids, text_mask = self.encode_prompts(prompts)
+        seeds = torch.arange(settings.n, dtype=torch.long) + settings.seed
+        seeds = seeds.repeat(len(prompts)).to(self.device)  # candidate j of every prompt has seed + j
+        image_ids = generate(
+            self.model, text_ids, text_mask, num_candidates=settings.n, seeds=seeds,
+            temperature=settings.temperature, top_k=settings.top_k, top_p=settings.top_p,
+            cfg_scale=settings.cfg, progress=progress,
+        )  # (P*n, h, w)
+        images = self.vqgan.decode(image_ids).float()  # (P*n, 3, H, W) in [-1, 1]
+        scores = self._score(images, text_ids.repeat_interleave(settings.n, 0), text_mask.repeat_interleave(settings.n, 0))
+        return [self._rank(prompt, images[i * settings.n:(i + 1) * settings.n],
+                           None if scores is None else scores[i * settings.n:(i + 1) * settings.n], settings)
+                for i, prompt in enumerate(prompts)]
+
+    def _score(self, images: torch.Tensor, text_ids: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor | None:
+        if self.scorer is None:
+            return None
+        return self.scorer.score(images, text_ids, text_mask).float().cpu()
+
+    def _rank(self, prompt: str, images: torch.Tensor, scores: torch.Tensor | None,
+              settings: SamplingSettings) -> list[Picture]:
+        from train.images import to_pil
+
+        record = {k: v for k, v in asdict(settings).items() if k not in ("seed",)}
+        pictures = [
+            Picture(to_pil(images[j].cpu()), prompt, settings.seed + j, j,
+                    None if scores is None else float(scores[j]), settings=record)
+            for j in range(len(images))
+        ]
+        if scores is not None:  # best first; without a scorer the candidates are already in random order
+            pictures.sort(key=lambda p: -p.score)
+        for picture in pictures[: settings.keep]:
+            picture.kept = True
+        return pictures
+
+
+def generate_images(
+    prompts: str | Sequence[str],
+    checkpoint: str | Path | None = None,
+    *,
+    n: int = 16,
+    keep: int = 4,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    temperature: float = 1.0,
+    cfg: float = 3.0,
+    seed: int = 0,
+    rerank: bool = True,
+    device: str = "auto",
+    pipeline: Pipeline | None = None,
+) -> list[list[Picture]]:
+    """Pictures for each prompt: the best ``keep`` of ``n`` candidates, best first, with their scores.
+
+    >>> best = generate_images("a large red circle", n=8, keep=2)[0]
+    >>> best[0].image.save("circle.png"); best[0].score
+    """
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    settings = SamplingSettings(n=n, keep=keep, top_k=top_k, top_p=top_p, temperature=temperature, cfg=cfg,
+                                seed=seed, rerank=rerank)
+    pipeline = pipeline or Pipeline(checkpoint, device=device, rerank=rerank)
+    return [[p for p in candidates if p.kept] for candidates in pipeline(prompts, settings)]

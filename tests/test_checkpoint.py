@@ -1,0 +1,111 @@
+"""The checkpoint contract: atomic files, strict loading with errors that name the part, exact resume state."""
+
+import json
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import torch
+
+from checkpoint import CheckpointError, load_pretrained, save_pretrained
+from train.loop import Run
+
+
+@dataclass
+class TinyConfig:
+    width: int = 4
+
+
+class Tiny(torch.nn.Module):
+    def __init__(self, config: TinyConfig):
+        super().__init__()
+        self.config = config
+        self.linear = torch.nn.Linear(config.width, config.width)
+
+    def forward(self, x):
+        return self.linear(x)
+
+
+def test_save_load_round_trip(tmp_path):
+    model = Tiny(TinyConfig())
+    save_pretrained(model, model.config, tmp_path / "tiny")
+    assert sorted(p.name for p in (tmp_path / "tiny").iterdir()) == ["config.json", "model.safetensors"]
+    loaded = load_pretrained(Tiny, TinyConfig, tmp_path / "tiny", "tiny")
+    assert torch.equal(loaded.linear.weight, model.linear.weight)
+
+
+def test_mismatched_config_names_the_part_and_tensor(tmp_path):
+    save_pretrained(Tiny(TinyConfig(4)), TinyConfig(4), tmp_path / "tiny")
+    (tmp_path / "tiny" / "config.json").write_text(json.dumps({"width": 8}))
+    with pytest.raises(CheckpointError, match=r"tiny: weights do not fit config.json: linear.weight is \(4, 4\)"):
+        load_pretrained(Tiny, TinyConfig, tmp_path / "tiny", "tiny")
+
+
+def test_unknown_config_field_is_named(tmp_path):
+    save_pretrained(Tiny(TinyConfig()), TinyConfig(), tmp_path / "tiny")
+    (tmp_path / "tiny" / "config.json").write_text(json.dumps({"width": 4, "depht": 2}))
+    with pytest.raises(CheckpointError, match="depht"):
+        load_pretrained(Tiny, TinyConfig, tmp_path / "tiny", "tiny")
+
+
+def test_truncated_weights_give_a_clear_error(tmp_path):
+    save_pretrained(Tiny(TinyConfig()), TinyConfig(), tmp_path / "tiny")
+    weights = tmp_path / "tiny" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:40])
+    with pytest.raises(CheckpointError, match="damaged or truncated"):
+        load_pretrained(Tiny, TinyConfig, tmp_path / "tiny", "tiny")
+
+
+def test_missing_part_is_named(tmp_path):
+    with pytest.raises(CheckpointError, match="^vqgan: .* is not a directory"):
+        load_pretrained(Tiny, TinyConfig, tmp_path / "vqgan", "vqgan")
+
+
+def test_failed_write_leaves_the_old_file(tmp_path):
+    model = Tiny(TinyConfig())
+    save_pretrained(model, model.config, tmp_path / "tiny")
+    before = (tmp_path / "tiny" / "model.safetensors").read_bytes()
+    from checkpoint import atomic_write
+
+    def crash(tmp):
+        open(tmp, "wb").write(b"half")
+        raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError):
+        atomic_write(tmp_path / "tiny" / "model.safetensors", crash)
+    assert (tmp_path / "tiny" / "model.safetensors").read_bytes() == before
+    assert not list((tmp_path / "tiny").glob("*.tmp"))
+
+
+def test_run_checkpoint_restores_weights_optimizer_and_every_rng(tmp_path):
+    torch.manual_seed(0)
+    model = Tiny(TinyConfig())
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model(torch.randn(2, 4)).sum().backward()
+    optimizer.step()
+    run = Run(tmp_path, "tiny")
+    run.save_checkpoint(7, {"model": model}, {"optimizer": optimizer}, data_position=56, extra={"best": 1.5})
+    expected = (torch.rand(3), random.random(), np.random.rand())
+
+    fresh = Tiny(TinyConfig())
+    fresh_optimizer = torch.optim.AdamW(fresh.parameters(), lr=0.1)
+    torch.manual_seed(123), random.seed(123), np.random.seed(123)
+    step, position, extra = Run(tmp_path, "tiny").load_checkpoint({"model": fresh}, {"optimizer": fresh_optimizer})
+    assert (step, position, extra) == (7, 56, {"best": 1.5})
+    assert torch.equal(fresh.linear.weight, model.linear.weight)
+    assert torch.equal(fresh_optimizer.state_dict()["state"][0]["exp_avg"], optimizer.state_dict()["state"][0]["exp_avg"])
+    assert torch.equal(torch.rand(3), expected[0])
+    assert random.random() == expected[1]
+    assert np.random.rand() == expected[2]
+
+
+def test_a_new_checkpoint_replaces_the_old_only_once_whole(tmp_path):
+    model = Tiny(TinyConfig())
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    run = Run(tmp_path, "tiny")
+    run.save_checkpoint(1, {"model": model}, {"optimizer": optimizer}, data_position=8)
+    run.save_checkpoint(2, {"model": model}, {"optimizer": optimizer}, data_position=16)
+    state = tmp_path / "state" / "tiny"
+    assert sorted(p.name for p in state.iterdir()) == ["latest.json", "step-0000002"]
+    assert json.loads((state / "latest.json").read_text())["step"] == 2

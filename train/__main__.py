@@ -1,0 +1,48 @@
+"""``python -m train <stage>``: tokenizer, vqgan, seq2seq, clip, or all of them in order.
+
+Each stage lives in ``train/stage_<name>.py`` with ``add_arguments(parser)`` and ``main(args)``.
+Bad input ends with one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from checkpoint import UserError
+
+STAGES = {
+    "tokenizer": "train the sentencepiece text tokenizer -> RUN/tokenizer.model",
+    "vqgan": "train the VQGAN (stage 1) -> RUN/vqgan/",
+    "seq2seq": "train the text-to-image-token transformer (stage 2) -> RUN/seq2seq/",
+    "clip": "train the CLIP-style reranking scorer -> RUN/clip/",
+    "all": "every stage, one after another, sized for this machine",
+    "export": "write N examples of a --data source as an imagefolder (PNG + metadata.jsonl)",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m train", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="stage", required=True, metavar="{" + ",".join(STAGES) + "}")
+    for name, help_text in STAGES.items():
+        stage_parser = sub.add_parser(name, help=help_text, description=help_text)
+        importlib.import_module(f"train.stage_{name}").add_arguments(stage_parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        importlib.import_module(f"train.stage_{args.stage}").main(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: resume with --resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

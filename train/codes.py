@@ -1,0 +1,105 @@
+"""The code cache: a dataset's images encoded once by the run's VQGAN into grid ids, kept on disk.
+
+Stage 2 trains on (caption, image ids) pairs, so images are encoded once, not every epoch. The cache file
+is named by a digest of the VQGAN's weights and config and of the data options, so a later run reuses it
+and a retrained VQGAN gets a new one. It is one safetensors file: ``image_ids`` (N, h*w) and the captions
+as JSON in its metadata, written atomically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from checkpoint import UserError, atomic_write
+
+__all__ = ["CodeCache", "cache_path", "load_or_build", "epoch_batch_indices"]
+
+
+@dataclass
+class CodeCache:
+    image_ids: torch.Tensor  # (N, h*w) int64
+    texts: list[str]
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def save(self, path: Path) -> None:
+        dtype = torch.int16 if int(self.image_ids.max()) < 2**15 else torch.int32
+        tensors = {"image_ids": self.image_ids.to(dtype).contiguous()}
+        metadata = {"texts": json.dumps(self.texts, ensure_ascii=False)}
+        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+    @classmethod
+    def load(cls, path: Path) -> CodeCache:
+        with safe_open(str(path), framework="pt") as f:
+            texts = json.loads(f.metadata()["texts"])
+            image_ids = f.get_tensor("image_ids").long()
+        return cls(image_ids, texts)
+
+
+def cache_path(run: Path, vqgan_dir: Path, *, data: str, size: int, split: str, limit: int, seed: int) -> Path:
+    """RUN/cache/codes-<digest>.safetensors, the digest covering the VQGAN and the data options."""
+    digest = hashlib.sha256()
+    for name in ("config.json", "model.safetensors"):
+        with open(vqgan_dir / name, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+    digest.update(json.dumps([data, size, split, limit, seed]).encode())
+    return run / "cache" / f"codes-{split}-{digest.hexdigest()[:16]}.safetensors"
+
+
+@torch.inference_mode()
+def load_or_build(run: Path, vqgan, *, data: str, size: int, split: str, limit: int, seed: int,
+                  device: torch.device, batch_size: int = 256, workers: int = 0,
+                  image_column: str | None = None, text_column: str | None = None) -> CodeCache:
+    """The cached codes of up to ``limit`` examples of ``data``; encodes and saves them on a miss."""
+    from train.data import batches, open_dataset
+
+    path = cache_path(run, run / "vqgan", data=data, size=size, split=split, limit=limit, seed=seed)
+    if path.is_file():
+        return CodeCache.load(path)
+    dataset = open_dataset(data, size=size, split=split, image_column=image_column, text_column=text_column, seed=seed)
+    total = min(limit, len(dataset))
+    ids, texts, skipped = [], [], 0
+    with tqdm(total=total, desc=f"encoding {split} images", dynamic_ncols=True) as bar:
+        for batch in batches(dataset, batch_size=batch_size, seed=seed, workers=workers):
+            codes = vqgan.encode(batch["image"].to(device))  # (b, h, w)
+            ids.append(codes.flatten(1).cpu())  # (b, h*w)
+            texts += batch["text"]
+            skipped += batch["skipped"]
+            bar.update(len(batch["text"]) + batch["skipped"])
+            if len(texts) + skipped >= total:
+                break
+    if not texts:
+        raise UserError(f"--data {data}: no readable images to encode; check the data source")
+    cache = CodeCache(torch.cat(ids)[: total], texts[: total])
+    if skipped:
+        print(f"encoding: skipped {skipped} unreadable images")
+    cache.save(path)
+    return cache
+
+
+def epoch_batch_indices(n: int, batch_size: int, seed: int, position: int) -> torch.Tensor:
+    """Indices of the global batch starting at example ``position`` of a per-epoch shuffled order.
+
+    Epoch e is a permutation of range(n) drawn from a generator seeded by (seed, e); positions run on
+    across epochs, so a batch that straddles two epochs takes the end of one and the start of the next.
+    """
+    out, need = [], batch_size
+    while need:
+        epoch, offset = divmod(position, n)
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        order = torch.randperm(n, generator=generator)
+        take = order[offset: offset + need]
+        out.append(take)
+        need -= len(take)
+        position += len(take)
+    return torch.cat(out)

@@ -1,0 +1,265 @@
+"""What every training stage shares: common options, the device, the run directory's metrics log,
+sample grids, and checkpoints that resume exactly (weights, optimizer, schedule, RNG, data position).
+
+A checkpoint is a directory ``RUN/state/<stage>/step-N/`` holding ``modules.safetensors`` (every trained
+module, keys prefixed by its name) and ``state.pt`` (optimizer and schedule state, RNG states, data
+position; loaded with ``weights_only=True``). ``latest.json`` is rewritten to point at it only once it is
+whole, and older directories are pruned after, so a run killed at any moment resumes from the last whole
+checkpoint. Only rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from checkpoint import CheckpointError, UserError, atomic_write, load_torch, save_torch, write_json
+
+__all__ = [
+    "add_common_arguments",
+    "resolve_device",
+    "cosine_schedule",
+    "progress",
+    "Run",
+]
+
+
+def add_common_arguments(
+    parser: argparse.ArgumentParser,
+    *,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    size: int = 64,
+    log_every: int = 50,
+    save_every: int = 500,
+    sample_every: int = 500,
+) -> None:
+    """Add the options every stage takes (DESIGN.md command lines) with the stage's own defaults."""
+    parser.add_argument("--data", default="shapes", help="shapes | a folder | *.jsonl/*.parquet/*.csv | *.tar | a hub name")
+    parser.add_argument("--out", required=True, help="the run directory")
+    parser.add_argument("--steps", type=_positive_int, default=steps, help=f"optimizer steps (default {steps})")
+    parser.add_argument("--batch-size", type=_positive_int, default=batch_size, help=f"global batch (default {batch_size})")
+    parser.add_argument("--size", type=_positive_int, default=size, help=f"image side in pixels (default {size})")
+    parser.add_argument("--lr", type=_positive_float, default=lr, help=f"peak learning rate (default {lr})")
+    parser.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workers", type=_nonnegative_int, default=0, help="DataLoader worker processes")
+    parser.add_argument("--image-column", default=None, help="image column of a file or hub dataset")
+    parser.add_argument("--text-column", default=None, help="caption column of a file or hub dataset")
+    parser.add_argument("--log-every", type=_positive_int, default=log_every)
+    parser.add_argument("--save-every", type=_positive_int, default=save_every)
+    parser.add_argument("--sample-every", type=_positive_int, default=sample_every)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _nonnegative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when there is one; asking for CUDA without one is a UserError."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but no CUDA device is visible; use --device cpu")
+    return torch.device(name)
+
+
+def cosine_schedule(step: int, *, warmup: int, total: int, min_ratio: float = 0.1) -> float:
+    """Learning-rate multiplier: linear warmup to 1, then cosine decay to ``min_ratio`` at ``total``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress_ = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress_))
+
+
+def progress(total: int, initial: int = 0, desc: str = "") -> tqdm:
+    """A tqdm bar over optimizer steps, shown only on rank 0."""
+    return tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, disable=_rank() != 0)
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def _rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": _python_state_to_tensor(random.getstate()),
+        "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
+        "numpy_pos": int(np.random.get_state()[2]),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _python_state_to_tensor(state: tuple) -> torch.Tensor:
+    version, internal, gauss = state  # internal: 625 ints (624 words + position)
+    assert version == 3 and gauss is None
+    return torch.tensor(internal, dtype=torch.int64)
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate((3, tuple(int(v) for v in state["python"].tolist()), None))
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Run:
+    """One stage's view of the run directory: metrics log, sample grids, checkpoints."""
+
+    def __init__(self, out: str | Path, stage: str):
+        self.out = Path(out)
+        self.stage = stage
+        self.state_dir = self.out / "state" / stage
+        self.is_main = _rank() == 0
+        self._start = time.time()
+        if self.is_main:
+            try:
+                self.out.mkdir(parents=True, exist_ok=True)
+                probe = self.out / ".write-test"
+                probe.write_text("")
+                probe.unlink()
+            except OSError as e:
+                raise UserError(f"cannot write the run directory {self.out}: {e.strerror}; pass a writable --out") from None
+
+    # ---------------------------------------------------------------- metrics and pictures
+    def log(self, step: int, **metrics: Any) -> None:
+        """Append one JSON line to RUN/metrics/<stage>.jsonl and print it above the progress bar."""
+        if not self.is_main:
+            return
+        record = {"step": step, "time": round(time.time() - self._start, 2)}
+        record.update({k: _plain(v) for k, v in metrics.items()})
+        path = self.out / "metrics" / f"{self.stage}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        tqdm.write(" ".join(f"{k}={_fmt(v)}" for k, v in record.items()))
+
+    def save_samples(self, step: int, images: torch.Tensor, nrow: int) -> Path | None:
+        """Write a PNG grid of ``images`` (N,3,H,W) in [-1,1] to RUN/samples/<stage>/step-N.png."""
+        if not self.is_main:
+            return None
+        from train.images import image_grid
+
+        path = self.out / "samples" / self.stage / f"step-{step:07d}.png"
+        grid = image_grid(images.detach().float().cpu(), nrow=nrow)
+        atomic_write(path, lambda tmp: grid.save(tmp, format="PNG"))
+        return path
+
+    # ---------------------------------------------------------------- checkpoints
+    def has_checkpoint(self) -> bool:
+        return (self.state_dir / "latest.json").is_file()
+
+    def save_checkpoint(
+        self,
+        step: int,
+        modules: dict[str, torch.nn.Module],
+        optimizers: dict[str, Any],
+        data_position: int,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
+        """Write state/<stage>/step-N/ whole, then point latest.json at it, then prune older ones."""
+        if not self.is_main:
+            return
+        name = f"step-{step:07d}"
+        directory = self.state_dir / name
+        weights = {
+            f"{module_name}.{key}": tensor.detach().to("cpu").clone().contiguous()
+            for module_name, module in modules.items()
+            for key, tensor in _unwrap(module).state_dict().items()
+        }
+        atomic_write(directory / "modules.safetensors", lambda tmp: save_file(weights, tmp))
+        state = {
+            "step": step,
+            "data_position": data_position,
+            "optimizers": {k: v.state_dict() for k, v in optimizers.items()},
+            "rng": _rng_state(),
+            "extra": extra or {},
+        }
+        save_torch(state, directory / "state.pt")
+        write_json(self.state_dir / "latest.json", {"step": step, "dir": name})
+        for old in self.state_dir.glob("step-*"):
+            if old.name != name and old.is_dir():
+                shutil.rmtree(old, ignore_errors=True)
+
+    def load_checkpoint(
+        self, modules: dict[str, torch.nn.Module], optimizers: dict[str, Any], device: torch.device | str = "cpu"
+    ) -> tuple[int, int, dict[str, Any]]:
+        """Restore modules, optimizers and RNG from the last whole checkpoint: (step, data_position, extra)."""
+        part = f"{self.stage} checkpoint"
+        latest = self.state_dir / "latest.json"
+        if not latest.is_file():
+            raise CheckpointError(f"{part}: no checkpoint in {self.state_dir}; start without --resume")
+        pointer = json.loads(latest.read_text(encoding="utf-8"))
+        directory = self.state_dir / pointer["dir"]
+        try:
+            weights = load_file(str(directory / "modules.safetensors"))
+        except Exception as e:
+            raise CheckpointError(f"{part}: {directory} is damaged ({type(e).__name__}); start without --resume") from None
+        for module_name, module in modules.items():
+            prefix = module_name + "."
+            sub = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
+            try:
+                _unwrap(module).load_state_dict(sub, strict=True)
+            except RuntimeError:
+                raise CheckpointError(
+                    f"{part}: the saved {module_name} does not fit this configuration; "
+                    "resume with the options the run started with"
+                ) from None
+        state = load_torch(directory / "state.pt", part)
+        for name, optimizer in optimizers.items():
+            optimizer.load_state_dict(state["optimizers"][name])
+        _set_rng_state(state["rng"])
+        return int(state["step"]), int(state["data_position"]), state["extra"]
+
+
+def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
+    """The module inside a DDP or torch.compile wrapper."""
+    module = getattr(module, "module", module)
+    return getattr(module, "_orig_mod", module)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        value = value.item()
+    if isinstance(value, float):
+        return round(value, 6) if math.isfinite(value) else str(value)
+    return value
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)

@@ -1,0 +1,108 @@
+"""``python -m train all``: tokenizer, VQGAN, code cache + seq2seq, and the CLIP scorer, one after another.
+
+A preset sizes each stage for the machine: ``cpu`` trains the shipped demo run on a 2-core laptop in
+about 45 minutes, ``gpu`` is for one CUDA device, ``tiny`` is a smoke run for tests. ``auto`` picks
+``gpu`` when CUDA is visible and ``cpu`` otherwise. Each stage gets its own command line built from the
+preset, so ``python -m train <stage> --help`` documents every value used here, and any stage can be rerun
+alone with the same options. With --resume, finished stages are skipped and a killed one continues.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from checkpoint import UserError
+
+# Per-stage options for each preset, as command-line flags of that stage.
+PRESETS: dict[str, dict[str, list[str]]] = {
+    "tiny": {
+        "tokenizer": ["--vocab-size", "300", "--max-texts", "2000"],
+        "vqgan": ["--preset", "tiny", "--steps", "6", "--batch-size", "8", "--save-every", "3", "--sample-every", "6",
+                  "--eval-every", "6", "--log-every", "3"],
+        "seq2seq": ["--preset", "tiny", "--steps", "6", "--batch-size", "8", "--cache-examples", "64",
+                    "--heldout-examples", "16", "--save-every", "3", "--sample-every", "6", "--eval-every", "6",
+                    "--log-every", "3", "--warmup", "2"],
+        "clip": ["--preset", "tiny", "--steps", "6", "--batch-size", "8", "--save-every", "3", "--log-every", "3"],
+    },
+    "cpu": {
+        "tokenizer": ["--vocab-size", "1024"],
+        "vqgan": ["--preset", "small", "--steps", "2500", "--batch-size", "32"],
+        "seq2seq": ["--preset", "small", "--steps", "3000", "--batch-size", "64", "--cache-examples", "30000"],
+        "clip": ["--preset", "small", "--steps", "1500", "--batch-size", "128"],
+    },
+    "gpu": {
+        "tokenizer": ["--vocab-size", "1024"],
+        "vqgan": ["--preset", "base", "--steps", "20000", "--batch-size", "64", "--workers", "8"],
+        "seq2seq": ["--preset", "base", "--steps", "20000", "--batch-size", "256", "--cache-examples", "200000",
+                    "--workers", "8"],
+        "clip": ["--preset", "small", "--steps", "5000", "--batch-size", "256", "--workers", "8"],
+    },
+}
+STAGE_ORDER = ("tokenizer", "vqgan", "seq2seq", "clip")
+SHARED = ("data", "size", "seed", "image_column", "text_column")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", default="shapes", help="shapes | a folder | *.jsonl/*.parquet/*.csv | *.tar | a hub name")
+    parser.add_argument("--out", required=True, help="the run directory")
+    parser.add_argument("--preset", default="auto", choices=["auto", *PRESETS], help="size of every stage")
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--resume", action="store_true", help="skip finished stages, continue a killed one")
+    parser.add_argument("--image-column", default=None)
+    parser.add_argument("--text-column", default=None)
+    parser.add_argument("--only", nargs="+", choices=STAGE_ORDER, default=None, help="run just these stages")
+
+
+def stage_argv(stage: str, preset: str, args: argparse.Namespace) -> list[str]:
+    """The command line ``python -m train <stage>`` would get for this preset and these shared options."""
+    argv = ["--out", str(args.out)]
+    for name in SHARED:
+        value = getattr(args, name)
+        if value is not None and not (stage == "tokenizer" and name == "size"):
+            argv += [f"--{name.replace('_', '-')}", str(value)]
+    if stage != "tokenizer":
+        argv += ["--device", args.device] + (["--resume"] if args.resume and _has_state(args.out, stage) else [])
+    return argv + PRESETS[preset][stage]
+
+
+def _has_state(out: str, stage: str) -> bool:
+    return (Path(out) / "state" / stage / "latest.json").is_file()
+
+
+def main(args: argparse.Namespace) -> None:
+    from checkpoint import write_json
+
+    preset = args.preset
+    if preset == "auto":
+        preset = "gpu" if torch.cuda.is_available() and args.device != "cpu" else "cpu"
+    stages = args.only or STAGE_ORDER
+    record_path = Path(args.out) / "all.json"
+    record = json.loads(record_path.read_text()) if args.resume and record_path.is_file() else {"finished": []}
+    record["preset"] = preset
+    for stage in stages:
+        if args.resume and stage in record["finished"]:
+            print(f"all: {stage} already finished, skipped")
+            continue
+        module = importlib.import_module(f"train.stage_{stage}")
+        parser = argparse.ArgumentParser(prog=f"python -m train {stage}")
+        module.add_arguments(parser)
+        argv = stage_argv(stage, preset, args)
+        print(f"all: python -m train {stage} {' '.join(argv)}")
+        try:
+            stage_args = parser.parse_args(argv)
+        except SystemExit:
+            raise UserError(f"the {preset} preset gives {stage} options it does not take") from None
+        start = time.time()
+        module.main(stage_args)
+        record["finished"].append(stage)
+        record.setdefault("seconds", {})[stage] = round(time.time() - start, 1)
+        write_json(record_path, record)
+    print(f"all: done in {sum(record.get('seconds', {}).values()):.0f} s -> {args.out}")

@@ -1,0 +1,298 @@
+"""``python -m train seq2seq``: stage 2, the text-to-image-token transformer, trained on cached codes.
+
+Teacher forcing with cross-entropy over the VQGAN's grid ids in raster order; captions dropped to the
+empty text about 10% of the time so classifier-free guidance has an unconditional model to push against.
+AdamW, linear warmup then cosine, gradient clipping, bf16 autocast on CUDA (fp32 on CPU), an optional EMA
+of the weights. Held-out loss is reported in bits per image token.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import time
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from checkpoint import UserError
+from train import dist
+from train.loop import Run, add_common_arguments, cosine_schedule, progress, resolve_device
+
+
+@dataclass
+class Seq2SeqOptions:
+    data: str
+    out: str
+    steps: int = 3000
+    batch_size: int = 64
+    size: int = 64
+    lr: float = 1e-3
+    resume: bool = False
+    device: str = "auto"
+    seed: int = 0
+    workers: int = 0
+    image_column: str | None = None
+    text_column: str | None = None
+    log_every: int = 50
+    save_every: int = 500
+    sample_every: int = 500
+    preset: str = "small"
+    micro_batch_size: int | None = None
+    cache_examples: int = 30_000
+    heldout_examples: int = 512
+    caption_dropout: float = 0.1
+    warmup: int = 200
+    weight_decay: float = 0.05
+    grad_clip: float = 1.0
+    ema: float = 0.0
+    eval_every: int = 250
+    sample_cfg: float = 3.0
+    compile: bool = False
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_common_arguments(parser, steps=Seq2SeqOptions.steps, batch_size=Seq2SeqOptions.batch_size, lr=Seq2SeqOptions.lr)
+    parser.add_argument("--preset", default=Seq2SeqOptions.preset, help="tiny | small | base | large")
+    parser.add_argument("--micro-batch-size", type=int, default=None,
+                        help="examples per process per forward; the global batch is reached by accumulation")
+    parser.add_argument("--cache-examples", type=int, default=Seq2SeqOptions.cache_examples,
+                        help="training examples encoded into the code cache")
+    parser.add_argument("--heldout-examples", type=int, default=Seq2SeqOptions.heldout_examples)
+    parser.add_argument("--caption-dropout", type=float, default=Seq2SeqOptions.caption_dropout)
+    parser.add_argument("--warmup", type=int, default=Seq2SeqOptions.warmup)
+    parser.add_argument("--weight-decay", type=float, default=Seq2SeqOptions.weight_decay)
+    parser.add_argument("--grad-clip", type=float, default=Seq2SeqOptions.grad_clip)
+    parser.add_argument("--ema", type=float, default=Seq2SeqOptions.ema, help="EMA decay of the weights (0 = off)")
+    parser.add_argument("--eval-every", type=int, default=Seq2SeqOptions.eval_every)
+    parser.add_argument("--sample-cfg", type=float, default=Seq2SeqOptions.sample_cfg)
+    parser.add_argument("--compile", action="store_true", help="torch.compile the training model")
+
+
+def options_from_args(cls, args: argparse.Namespace):
+    names = {f.name for f in fields(cls)}
+    return cls(**{k: v for k, v in vars(args).items() if k in names})
+
+
+def bits_per_token(model, text_ids, text_mask, image_ids) -> float:
+    logits = model(text_ids, text_mask, image_ids)  # (B, T, V)
+    return F.cross_entropy(logits.flatten(0, 1).float(), image_ids.flatten()).item() / math.log(2)
+
+
+class Seq2SeqTrainer:
+    """The stage's state and its explicit loop: batch, step, log, evaluate, sample, checkpoint."""
+
+    def __init__(self, options: Seq2SeqOptions):
+        from seq2seq import Seq2Seq, Seq2SeqConfig
+        from tokenizer import TextTokenizer
+        from train import codes
+        from vqgan import VQGAN
+
+        if not 0 <= options.caption_dropout < 1:
+            raise UserError(f"--caption-dropout must be in [0, 1), got {options.caption_dropout}")
+        if not 0 <= options.ema < 1:
+            raise UserError(f"--ema must be in [0, 1), got {options.ema}")
+        self.options = o = options
+        self.ctx = dist.setup(o.device)
+        self.device = self.ctx.device
+        self.run = Run(o.out, "seq2seq")
+        out = Path(o.out)
+        if not (out / "tokenizer.model").is_file():
+            raise UserError(f"{out / 'tokenizer.model'} is missing; run `python -m train tokenizer --out {out}` first")
+        if not (out / "vqgan").is_dir():
+            raise UserError(f"{out / 'vqgan'} is missing; run `python -m train vqgan --out {out}` first")
+        self.tokenizer = TextTokenizer.load(out / "tokenizer.model")
+        self.vqgan = VQGAN.from_pretrained(out / "vqgan").to(self.device)
+        cache_options = dict(data=o.data, size=o.size, seed=o.seed, device=self.device, workers=o.workers,
+                             image_column=o.image_column, text_column=o.text_column)
+        with dist.main_first(self.ctx):
+            self.train_codes = codes.load_or_build(out, self.vqgan, split="train", limit=o.cache_examples, **cache_options)
+            self.heldout_codes = codes.load_or_build(out, self.vqgan, split="heldout", limit=o.heldout_examples,
+                                                     **cache_options)
+        grid = int(math.isqrt(self.train_codes.image_ids.shape[1]))
+        try:
+            self.config = Seq2SeqConfig.from_preset(o.preset, text_vocab_size=self.tokenizer.vocab_size,
+                                                    codebook_size=self.vqgan.codebook_size, grid_size=grid)
+        except KeyError:
+            raise UserError(f"--preset {o.preset} is not one of tiny, small, base, large") from None
+        torch.manual_seed(o.seed)
+        self.model = Seq2Seq(self.config).to(self.device)
+        self.ema = copy.deepcopy(self.model).requires_grad_(False) if o.ema else None
+        decay, no_decay = [], []
+        for p in self.model.parameters():
+            (decay if p.dim() >= 2 else no_decay).append(p)
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=o.lr, betas=(0.9, 0.95), fused=self.device.type == "cuda",
+        )
+        self.schedule = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: cosine_schedule(s, warmup=o.warmup, total=o.steps))
+        self.train_model = dist.wrap(self.model, self.ctx)
+        if o.compile:
+            self.train_model = torch.compile(self.train_model)
+        self.micro_batches = dist.micro_batches(o.batch_size, o.micro_batch_size, self.ctx)
+        self.step = 0
+        modules = {"model": self.model, **({"ema": self.ema} if self.ema is not None else {})}
+        self.modules, self.optimizers = modules, {"optimizer": self.optimizer, "schedule": self.schedule}
+        if o.resume:
+            self.step, _, _ = self.run.load_checkpoint(self.modules, self.optimizers, self.device)
+
+    def text_batch(self, texts: list[str], generator: torch.Generator | None = None):
+        if generator is not None and self.options.caption_dropout > 0:
+            drop = torch.rand(len(texts), generator=generator) < self.options.caption_dropout
+            texts = ["" if d else t for t, d in zip(texts, drop.tolist())]
+        ids, mask = self.tokenizer.batch(texts, max_length=self.config.max_text_len)
+        return ids.to(self.device), mask.to(self.device)
+
+    def global_batch(self, step: int) -> tuple[list[str], torch.Tensor]:
+        """This rank's share of the global batch for ``step``; the same on resume and at any world size."""
+        from train.codes import epoch_batch_indices
+
+        o = self.options
+        indices = epoch_batch_indices(len(self.train_codes), o.batch_size, o.seed, step * o.batch_size)
+        indices = indices[self.ctx.rank::self.ctx.world_size]
+        texts = [self.train_codes.texts[i] for i in indices.tolist()]
+        return texts, self.train_codes.image_ids[indices]
+
+    def train_step(self, step: int) -> float:
+        o = self.options
+        texts, image_ids = self.global_batch(step)
+        dropout = torch.Generator().manual_seed(o.seed * 7919 + step)
+        text_ids, text_mask = self.text_batch(texts, dropout)
+        image_ids = image_ids.to(self.device)
+        self.model.train()
+        total = 0.0
+        chunks = list(zip(text_ids.tensor_split(self.micro_batches), text_mask.tensor_split(self.micro_batches),
+                          image_ids.tensor_split(self.micro_batches)))
+        for i, (t_ids, t_mask, i_ids) in enumerate(chunks):
+            with dist.no_sync_unless_last(self.train_model, i == len(chunks) - 1, self.ctx):
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+                    logits = self.train_model(t_ids, t_mask, i_ids)  # (b, T, V)
+                loss = F.cross_entropy(logits.flatten(0, 1).float(), i_ids.flatten())
+                (loss * len(i_ids) / len(image_ids)).backward()
+            total += loss.item() * len(i_ids) / len(image_ids)
+        loss_value = dist.mean_across_ranks(total, self.ctx)
+        if not math.isfinite(loss_value):
+            self.optimizer.zero_grad(set_to_none=True)
+            return loss_value
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), o.grad_clip)
+        self.optimizer.step()
+        self.schedule.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            with torch.no_grad():
+                for e, p in zip(self.ema.parameters(), self.model.parameters()):
+                    e.lerp_(p, 1 - o.ema)
+        return loss_value
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        model = self.ema or self.model
+        model.eval()
+        codes = self.heldout_codes
+        bits, n = 0.0, 0
+        for start in range(0, len(codes), 128):
+            texts = codes.texts[start:start + 128]
+            text_ids, text_mask = self.text_batch(texts)
+            image_ids = codes.image_ids[start:start + 128].to(self.device)
+            bits += bits_per_token(model, text_ids, text_mask, image_ids) * len(texts)
+            n += len(texts)
+        return bits / n
+
+    @torch.no_grad()
+    def save_samples(self, step: int) -> None:
+        from seq2seq import generate
+
+        model = self.ema or self.model
+        model.eval()
+        grid = self.config.grid_size
+        texts = self.heldout_codes.texts[:8]
+        text_ids, text_mask = self.text_batch(texts)
+        seeds = torch.arange(len(texts), device=self.device)
+        generated = generate(model, text_ids, text_mask, seeds=seeds, cfg_scale=self.options.sample_cfg)
+        originals = self.heldout_codes.image_ids[:8].view(-1, grid, grid).to(self.device)
+        images = self.vqgan.decode(torch.cat([originals, generated]))
+        self.run.save_samples(step, images, nrow=len(texts))
+
+    def count_step_flops(self) -> int:
+        """FLOPs of one global batch's forward and backward, counted on a side run that changes no state."""
+        from bench.flops import count_flops
+
+        texts, image_ids = self.global_batch(self.step)
+        text_ids, text_mask = self.text_batch(texts)
+        image_ids = image_ids.to(self.device)
+
+        def forward_backward() -> None:
+            logits = self.model(text_ids, text_mask, image_ids)  # (b, T, V)
+            F.cross_entropy(logits.flatten(0, 1).float(), image_ids.flatten()).backward()
+
+        rng = torch.get_rng_state()
+        flops = count_flops(forward_backward)  # this process's share
+        torch.set_rng_state(rng)
+        self.optimizer.zero_grad(set_to_none=True)
+        return flops
+
+    def checkpoint(self, step: int) -> None:
+        self.run.save_checkpoint(step, self.modules, self.optimizers, data_position=step * self.options.batch_size)
+        if self.run.is_main:
+            (self.ema or self.model).save_pretrained(Path(self.options.out) / "seq2seq")
+
+    def fit(self) -> dict:
+        from bench.flops import matmul_peak_flops
+
+        o = self.options
+        tokens_per_step = o.batch_size * self.config.grid_size**2
+        bar = progress(o.steps, self.step, "seq2seq")
+        flops_per_step, timed, timed_steps, bad_steps, last = None, 0.0, 0, 0, {}
+        while self.step < o.steps:
+            if flops_per_step is None:
+                flops_per_step = self.count_step_flops()
+            start = time.perf_counter()
+            loss = self.train_step(self.step)
+            elapsed = time.perf_counter() - start
+            if not math.isfinite(loss):
+                bad_steps += 1
+                self.run.log(self.step, event="non-finite loss, step skipped", loss=loss)
+                if bad_steps >= 5:
+                    raise UserError(f"seq2seq: {bad_steps} non-finite losses in a row at step {self.step}; "
+                                    "lower --lr; the last good checkpoint is intact")
+                continue
+            bad_steps = 0
+            self.step += 1
+            if self.step > 2:  # the first steps carry allocation and warm-up cost
+                timed += elapsed
+                timed_steps += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}")
+            if self.step % o.log_every == 0 or self.step == o.steps:
+                last = {"loss": loss, "lr": self.schedule.get_last_lr()[0]}
+                if timed_steps:
+                    last["tokens_per_s"] = tokens_per_step * timed_steps / timed
+                self.run.log(self.step, **last)
+            if self.step % o.eval_every == 0 or self.step == o.steps:
+                last["heldout_bits_per_token"] = self.evaluate()
+                self.run.log(self.step, heldout_bits_per_token=last["heldout_bits_per_token"])
+            if self.run.is_main and (self.step % o.sample_every == 0 or self.step == o.steps):
+                self.save_samples(self.step)
+            if self.step % o.save_every == 0 or self.step == o.steps:
+                self.checkpoint(self.step)
+        bar.close()
+        summary = {"steps": self.step, **last}
+        if timed_steps:
+            peak = matmul_peak_flops(self.device, torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+            achieved = flops_per_step * timed_steps / timed
+            summary.update(achieved_flops=achieved, peak_flops=peak, share_of_peak=achieved / peak)
+            self.run.log(self.step, **{k: summary[k] for k in ("achieved_flops", "peak_flops", "share_of_peak")})
+        return summary
+
+
+def main(args: argparse.Namespace) -> None:
+    options = options_from_args(Seq2SeqOptions, args)
+    trainer = Seq2SeqTrainer(options)
+    summary = trainer.fit()
+    if trainer.run.is_main:
+        print("seq2seq: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items()))
+    dist.teardown(trainer.ctx)

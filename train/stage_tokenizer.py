@@ -1,0 +1,58 @@
+"""``python -m train tokenizer``: train the sentencepiece text tokenizer on the captions of --data."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+
+from checkpoint import UserError
+
+
+@dataclass
+class TokenizerOptions:
+    data: str
+    out: str
+    vocab_size: int = 1024
+    max_texts: int = 50_000
+    seed: int = 0
+    image_column: str | None = None
+    text_column: str | None = None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", default="shapes", help="shapes | a folder | *.jsonl/*.parquet/*.csv | *.tar | a hub name")
+    parser.add_argument("--out", required=True, help="the run directory; writes RUN/tokenizer.model")
+    parser.add_argument("--vocab-size", type=int, default=TokenizerOptions.vocab_size,
+                        help="upper bound on the vocabulary (a small corpus gets fewer pieces)")
+    parser.add_argument("--max-texts", type=int, default=TokenizerOptions.max_texts,
+                        help="captions read to train on")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--image-column", default=None)
+    parser.add_argument("--text-column", default=None)
+
+
+def train_tokenizer(options: TokenizerOptions) -> Path:
+    """Train on up to ``max_texts`` captions and write RUN/tokenizer.model; returns its path."""
+    from tokenizer import TextTokenizer
+    from train.data import open_dataset, texts
+
+    if options.vocab_size < 300:
+        raise UserError(f"--vocab-size {options.vocab_size} is too small: byte fallback alone needs 260; use >= 300")
+    if options.max_texts < 1:
+        raise UserError(f"--max-texts must be >= 1, got {options.max_texts}")
+    dataset = open_dataset(options.data, size=32, split="train", image_column=options.image_column,
+                           text_column=options.text_column, seed=options.seed)
+    captions = texts(dataset, options.max_texts)
+    tokenizer = TextTokenizer.train(captions, vocab_size=options.vocab_size)
+    path = Path(options.out) / "tokenizer.model"
+    try:
+        tokenizer.save(path)
+    except OSError as e:
+        raise UserError(f"cannot write {path}: {e.strerror}; pass a writable --out") from None
+    print(f"tokenizer: {len(captions)} captions -> {tokenizer.vocab_size} pieces -> {path}")
+    return path
+
+
+def main(args: argparse.Namespace) -> None:
+    train_tokenizer(TokenizerOptions(**{k: v for k, v in vars(args).items() if k != "stage"}))
