@@ -1,0 +1,8 @@
+"""The text side: a sentencepiece tokenizer that turns prompts into ids and back, exactly.
+
+``from tokenizer import TextTokenizer``; see :mod:`tokenizer.text`.
+"""
+
+from tokenizer.text import TextTokenizer, TruncationWarning
+
+__all__ = ["TextTokenizer", "TruncationWarning"]
