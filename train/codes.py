@@ -67,7 +67,8 @@ def load_or_build(run: Path, vqgan, *, data: str, size: int, split: str, limit: 
     if path.is_file():
         return CodeCache.load(path)
     dataset = open_dataset(data, size=size, split=split, image_column=image_column, text_column=text_column, seed=seed)
-    total = min(limit, len(dataset))
+    total = min(limit, len(dataset)) if hasattr(dataset, "__len__") else limit
+    batch_size = min(batch_size, total)
     ids, texts, skipped = [], [], 0
     with tqdm(total=total, desc=f"encoding {split} images", dynamic_ncols=True) as bar:
         for batch in batches(dataset, batch_size=batch_size, seed=seed, workers=workers):

@@ -1,0 +1,397 @@
+"""The data layer: every --data source, the image contract, bad input, and the order batches come in.
+
+Every file source is built in tmp_path. Example i of a built source is a solid picture whose red channel
+encodes i beside the caption "caption i", so a test can check that pictures and captions stay paired
+through shuffling, ranks and workers.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from itertools import islice
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from checkpoint import UserError
+from train import shapes
+from train.data import DataError, batches, heldout_count, open_dataset, stream_dataset, texts
+from train.images import MARK_COLOR, from_pil, image_grid, to_pil
+
+S = 8  # image size for file sources
+
+
+@pytest.fixture(autouse=True)
+def private_datasets_cache(tmp_path, monkeypatch):
+    """Arrow caches that `datasets` builds from the test files go to tmp_path, not ~/.cache."""
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-cache")
+
+
+def colour(i: int) -> tuple[int, int, int]:
+    return (10 * i, 200, 60)
+
+
+def index_of(image: torch.Tensor) -> int:
+    """The i of a solid picture drawn with colour(i), read back from its red channel."""
+    red = (image[0].mean().item() + 1) * 127.5
+    return round(red / 10)
+
+
+def png(i: int, size: tuple[int, int] = (12, 12), mode: str = "RGB") -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, colour(i)).convert(mode).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def write_images(folder: Path, n: int, prefix: str = "") -> list[str]:
+    folder.mkdir(parents=True, exist_ok=True)
+    names = []
+    for i in range(n):
+        name = f"{prefix}{i:03d}.png"
+        (folder / name).write_bytes(png(i))
+        names.append(name)
+    return names
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def imagefolder(root: Path, n: int) -> Path:
+    names = write_images(root, n)
+    write_jsonl(root / "metadata.jsonl", [{"file_name": f, "text": f"caption {i}"} for i, f in enumerate(names)])
+    return root
+
+
+def write_tar(path: Path, first: int, n: int, broken: tuple[int, ...] = ()) -> Path:
+    with tarfile.open(path, "w") as tar:
+        for i in range(first, first + n):
+            for name, payload in ((f"{i:05d}.png", b"not a png" if i in broken else png(i)),
+                                  (f"{i:05d}.txt", f"caption {i}".encode())):
+                info = tarfile.TarInfo(name)
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+    return path
+
+
+def assert_paired(dataset, expected: int) -> None:
+    """Every item is a (3,S,S) float picture in [-1,1] whose colour matches its caption's number."""
+    assert len(dataset) == expected
+    for index in range(len(dataset)):
+        item = dataset[index]
+        assert item["image"].shape == (3, S, S) and item["image"].dtype == torch.float32
+        assert -1.0 <= item["image"].min() and item["image"].max() <= 1.0
+        assert index_of(item["image"]) == int(item["text"].split()[-1])
+
+
+def take(iterator, k: int) -> list[dict]:
+    return list(islice(iterator, k))
+
+
+def texts_of(batch_list: list[dict]) -> list[list[str]]:
+    return [b["text"] for b in batch_list]
+
+
+# ---------------------------------------------------------------- images
+
+
+def test_from_pil_centre_crops_non_square_images():
+    # Wide picture: red | green | green | blue quarters; the centred square is all green.
+    wide = Image.new("RGB", (40, 20), (30, 160, 50))
+    wide.paste((220, 30, 30), (0, 0, 10, 20))
+    wide.paste((30, 70, 220), (30, 0, 40, 20))
+    tall = wide.transpose(Image.Transpose.ROTATE_90)
+    green = torch.tensor([30, 160, 50]).float().div(127.5).sub(1).view(3, 1, 1)
+    for img in (wide, tall):
+        image = from_pil(img, 8)
+        assert image.shape == (3, 8, 8) and image.dtype == torch.float32
+        torch.testing.assert_close(image, green.expand(3, 8, 8), atol=2 / 255, rtol=0)
+
+
+def test_from_pil_makes_rgb_from_alpha_greyscale_palette_cmyk():
+    clear = Image.new("RGBA", (6, 6), (255, 0, 0, 0))  # fully transparent red: white on white
+    assert torch.equal(from_pil(clear, 6), torch.ones(3, 6, 6))
+    half = from_pil(Image.new("LA", (6, 6), (0, 128)), 6)  # half-transparent black over white
+    torch.testing.assert_close(half, torch.full((3, 6, 6), 127 / 127.5 - 1), atol=2 / 255, rtol=0)
+    grey = from_pil(Image.new("L", (6, 6), 51), 6)
+    assert torch.equal(grey[0], grey[1]) and torch.equal(grey[1], grey[2])
+    torch.testing.assert_close(grey, torch.full((3, 6, 6), 51 / 127.5 - 1))
+    rgb = Image.new("RGB", (6, 6), (200, 100, 0))
+    palette = rgb.convert("P", palette=Image.Palette.ADAPTIVE)
+    for img in (palette, rgb.convert("CMYK")):
+        torch.testing.assert_close(from_pil(img, 6), from_pil(rgb, 6), atol=3 / 255, rtol=0)
+    palette.info["transparency"] = palette.getpixel((0, 0))  # that palette entry is transparent: white
+    assert torch.equal(from_pil(palette, 6), torch.ones(3, 6, 6))
+    deep = Image.fromarray(np.full((6, 6), 128 * 257, dtype=np.uint16))  # 16-bit grey, 128 in 8 bits
+    torch.testing.assert_close(from_pil(deep, 6), torch.full((3, 6, 6), 128 / 127.5 - 1))
+
+
+def test_to_pil_inverts_from_pil_and_clips():
+    img = Image.new("RGB", (5, 5))
+    img.putdata([(i * 10, 255 - i * 10, i) for i in range(25)])
+    assert to_pil(from_pil(img, 5)).tobytes() == img.tobytes()
+    assert to_pil(torch.full((3, 2, 2), 3.0)).getpixel((0, 0)) == (255, 255, 255)
+
+
+def test_image_grid_layout_and_marked_cells():
+    images = torch.ones(5, 3, 4, 4)  # white cells
+    grid = image_grid(images, nrow=3, pad=2, marked=[4])
+    assert grid.size == (3 * 6 + 2, 2 * 6 + 2)
+    assert grid.getpixel((2, 2)) == (255, 255, 255)  # cell 0's first pixel
+    assert grid.getpixel((0, 0)) != MARK_COLOR  # cell 0 is not marked
+    # Cell 4 is row 1, column 1: its padding ring spans x 6..13, y 6..13.
+    for x, y in ((6, 6), (13, 13), (6, 10), (12, 7)):
+        assert grid.getpixel((x, y)) == MARK_COLOR
+    assert grid.getpixel((9, 9)) == (255, 255, 255)  # the picture inside the frame is untouched
+    flush = image_grid(images[:2], nrow=2, pad=0, marked=[1])  # no padding: the frame overlaps the picture
+    assert flush.getpixel((4, 0)) == MARK_COLOR and flush.getpixel((0, 0)) == (255, 255, 255)
+
+
+# ---------------------------------------------------------------- sources
+
+
+def test_imagefolder_with_metadata_jsonl(tmp_path):
+    folder = imagefolder(tmp_path / "folder", 20)
+    dataset = open_dataset(str(folder), S)
+    assert_paired(dataset, 20 - heldout_count(20))
+    assert texts(dataset, 3) == ["caption 0", "caption 1", "caption 2"]
+
+
+def test_imagefolder_with_metadata_csv(tmp_path):
+    folder = tmp_path / "folder"
+    names = write_images(folder / "pics", 12)
+    lines = ["file_name,text"] + [f"pics/{name},caption {i}" for i, name in enumerate(names)]
+    (folder / "metadata.csv").write_text("\n".join(lines) + "\n")
+    assert_paired(open_dataset(str(folder), S), 12 - heldout_count(12))
+
+
+def test_jsonl_with_paths_relative_to_the_file(tmp_path):
+    names = write_images(tmp_path / "images", 10)
+    path = write_jsonl(tmp_path / "data.jsonl", [{"image": f"images/{f}", "caption": f"caption {i}"}
+                                                 for i, f in enumerate(names)])
+    assert_paired(open_dataset(str(path), S), 10 - heldout_count(10))
+
+
+def test_parquet_with_image_bytes_and_structs(tmp_path):
+    raw = tmp_path / "raw.parquet"
+    pq.write_table(pa.table({"img": [png(i) for i in range(10)], "prompt": [f"caption {i}" for i in range(10)]}), raw)
+    assert_paired(open_dataset(str(raw), S), 9)
+    # The layout `datasets` writes for an Image feature: {"bytes", "path"} structs.
+    features = datasets.Features({"image": datasets.Image(), "text": datasets.Value("string")})
+    table = datasets.Dataset.from_dict({"image": [{"bytes": png(i), "path": None} for i in range(10)],
+                                        "text": [f"caption {i}" for i in range(10)]}, features=features)
+    table.to_parquet(str(tmp_path / "structs.parquet"))
+    assert_paired(open_dataset(str(tmp_path / "structs.parquet"), S), 9)
+
+
+def test_csv_with_named_columns(tmp_path):
+    names = write_images(tmp_path, 10)
+    lines = ["photo,alt"] + [f"{name},caption {i}" for i, name in enumerate(names)]
+    (tmp_path / "rows.csv").write_text("\n".join(lines) + "\n")
+    dataset = open_dataset(str(tmp_path / "rows.csv"), S, image_column="photo", text_column="alt")
+    assert_paired(dataset, 9)
+
+
+def test_webdataset_shards_one_and_brace_list(tmp_path):
+    write_tar(tmp_path / "shard-000.tar", 0, 10)
+    write_tar(tmp_path / "shard-001.tar", 10, 10)
+    assert_paired(open_dataset(str(tmp_path / "shard-000.tar"), S), 9)
+    both = open_dataset(str(tmp_path / "shard-{000..001}.tar"), S)
+    assert_paired(both, 20 - heldout_count(20))
+    assert texts(both, 100) == [f"caption {i}" for i in range(20 - heldout_count(20))]
+    assert len(open_dataset(str(tmp_path / "shard-*.tar"), S)) == len(both)
+
+
+def test_files_of_any_mode_and_format_come_out_rgb(tmp_path):
+    pictures = {
+        "clear.png": Image.new("RGBA", (20, 12), (0, 0, 255, 0)),  # transparent: white
+        "grey.png": Image.new("L", (12, 20), 64),
+        "cmyk.jpg": Image.new("RGB", (300, 200), (200, 40, 40)).convert("CMYK"),
+        "big.jpg": Image.new("RGB", (400, 240), (40, 40, 200)),  # decoded at a reduced JPEG scale
+        "tiny.webp": Image.new("RGB", (4, 4), (40, 200, 40)),  # upsampled
+    }
+    for name, img in pictures.items():
+        img.save(tmp_path / name)
+    write_jsonl(tmp_path / "metadata.jsonl", [{"file_name": name, "text": name} for name in pictures])
+    table = open_dataset(str(tmp_path), S)
+    items = {item["text"]: item["image"] for item in (table[i] for i in range(len(table)))}
+    expected = {"clear.png": (255, 255, 255), "grey.png": (64, 64, 64), "cmyk.jpg": (200, 40, 40),
+                "big.jpg": (40, 40, 200), "tiny.webp": (40, 200, 40)}
+    assert len(items) == len(pictures)  # too few rows to hold any out
+    for name, image in items.items():
+        assert image.shape == (3, S, S) and image.dtype == torch.float32
+        target = torch.tensor(expected[name]).float().div(127.5).sub(1).view(3, 1, 1).expand(3, S, S)
+        torch.testing.assert_close(image, target, atol=6 / 255, rtol=0)
+
+
+def test_heldout_split_is_the_last_rows_and_disjoint_from_train(tmp_path):
+    folder = imagefolder(tmp_path / "folder", 30)
+    train, heldout = open_dataset(str(folder), S), open_dataset(str(folder), S, split="heldout")
+    assert texts(train, 100) + texts(heldout, 100) == [f"caption {i}" for i in range(30)]
+    assert len(heldout) == heldout_count(30) == 3
+    assert texts(open_dataset(str(folder), S, split="valid"), 100) == texts(heldout, 100)
+    assert [heldout_count(n) for n in (9, 10, 100, 1000, 10_000)] == [0, 1, 8, 10, 100]
+
+
+def test_shapes_items_texts_and_splits():
+    dataset = open_dataset("shapes", 16, seed=3)
+    item = dataset[5]
+    reference = shapes.example(3, "train", 5, size=16)
+    assert item["image"].shape == (3, 16, 16) and item["image"].dtype == torch.float32
+    assert item["text"] == reference["text"] and item["scene"] == reference["scene"]
+    assert to_pil(item["image"]).tobytes() == reference["image"].tobytes()
+    assert texts(dataset, 4) == [dataset[i]["text"] for i in range(4)]
+    assert texts(open_dataset("shapes", 16, split="heldout", seed=3), 4) != texts(dataset, 4)
+    batch = next(batches(dataset, 4, seed=0))
+    assert batch["text"] == texts(dataset, 4) and batch["scene"][1] == dataset[1]["scene"]
+    assert batch["image"].shape == (4, 3, 16, 16) and batch["skipped"] == 0
+
+
+# ---------------------------------------------------------------- broken images and bad input
+
+
+def test_broken_images_are_skipped_and_counted(tmp_path):
+    folder = imagefolder(tmp_path / "folder", 20)
+    (folder / "003.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    (folder / "007.png").unlink()
+    dataset = open_dataset(str(folder), S)
+    assert dataset[3] is None and dataset[7] is None and dataset[4] is not None
+    epoch = take(batches(dataset, 6, seed=0), 3)  # 18 positions: exactly one epoch of the 18 train rows
+    assert sum(b["skipped"] for b in epoch) == 2
+    kept = [text for b in epoch for text in b["text"]]
+    assert sorted(kept) == sorted(f"caption {i}" for i in range(18) if i not in (3, 7))
+    assert all(b["image"].shape[0] == len(b["text"]) == 6 - b["skipped"] for b in epoch)
+
+
+def test_broken_member_of_a_webdataset_shard_is_skipped(tmp_path):
+    dataset = open_dataset(str(write_tar(tmp_path / "s.tar", 0, 10, broken=(2,))), S)
+    assert dataset[2] is None
+    assert sum(b["skipped"] for b in take(batches(dataset, 9, seed=1), 1)) == 1
+
+
+def test_bad_input_raises_one_line_data_errors(tmp_path, monkeypatch):
+    folder = imagefolder(tmp_path / "folder", 12)
+    bare = tmp_path / "bare"
+    write_images(bare, 3)
+    (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "header.csv").write_text("file_name,text\n")
+    (tmp_path / "nopix.jsonl").write_text('{"caption": "a", "id": 1}\n')
+    (tmp_path / "data.zip").write_bytes(b"PK")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)  # fail fast instead of retrying a dead network
+    cases = [
+        (dict(data=str(tmp_path / "missing")), "no such file or folder"),
+        (dict(data=str(tmp_path / "missing.parquet")), "no such file or folder"),
+        (dict(data=str(bare)), "no metadata.jsonl or metadata.csv"),
+        (dict(data=str(folder), text_column="caption"), "no column 'caption'; its columns are file_name, text"),
+        (dict(data=str(folder), image_column="picture"), "no column 'picture'; its columns are file_name, text"),
+        (dict(data=str(tmp_path / "nopix.jsonl")), "no image column (looked for image, img, file_name"),
+        (dict(data=str(tmp_path / "empty.jsonl")), "empty"),
+        (dict(data=str(tmp_path / "header.csv")), "empty"),
+        (dict(data=str(tmp_path / "data.zip")), "cannot read .zip files"),
+        (dict(data=str(folder), text_column="file_name", image_column="text"), "none of the first 8 images"),
+        (dict(data=str(imagefolder(tmp_path / "small", 5)), split="heldout"), "too few to hold out"),
+        (dict(data="shapes", split="test"), "unknown split 'test'"),
+        (dict(data="no-such-user/no-such-dataset"), "could not give a dataset of that name"),
+    ]
+    for kwargs, expected in cases:
+        with pytest.raises(DataError) as error:
+            open_dataset(size=S, **kwargs)
+        assert expected in str(error.value), (kwargs, str(error.value))
+        assert "\n" not in str(error.value)
+    assert issubclass(DataError, UserError)
+    with pytest.raises(DataError, match="does not split evenly over 3 processes"):
+        batches(open_dataset("shapes", S), 8, seed=0, world_size=3)
+
+
+# ---------------------------------------------------------------- order: seeds, resume, ranks, workers
+
+
+@pytest.fixture
+def folder20(tmp_path) -> Path:
+    return imagefolder(tmp_path / "folder", 22)  # 22 rows: 20 train, 2 held out
+
+
+def test_batches_are_deterministic_by_seed_and_cover_each_epoch(folder20):
+    dataset = open_dataset(str(folder20), S)
+    first = take(batches(dataset, 5, seed=7), 8)  # 40 positions: two epochs of 20
+    assert texts_of(first) == texts_of(take(batches(dataset, 5, seed=7), 8))
+    assert texts_of(first) != texts_of(take(batches(dataset, 5, seed=8), 8))
+    for epoch in (first[:4], first[4:]):
+        assert sorted(t for b in epoch for t in b["text"]) == sorted(f"caption {i}" for i in range(20))
+    assert texts_of(first[:4]) != texts_of(first[4:])  # a new permutation each epoch
+    assert all(index_of(img) == int(t.split()[-1]) for b in first for img, t in zip(b["image"], b["text"]))
+
+
+def test_resume_from_a_position_gives_the_same_batches(folder20):
+    dataset = open_dataset(str(folder20), S)
+    straight = take(batches(dataset, 6, seed=1), 9)  # crosses two epoch boundaries
+    for k in (1, 3, 4):
+        resumed = take(batches(dataset, 6, seed=1, start=k * 6), 9 - k)
+        assert texts_of(resumed) == texts_of(straight[k:])
+        assert torch.equal(torch.cat([b["image"] for b in resumed]), torch.cat([b["image"] for b in straight[k:]]))
+    endless = open_dataset("shapes", S)
+    assert texts_of(take(batches(endless, 4, seed=0, start=8), 2)) == texts_of(take(batches(endless, 4, seed=0), 4)[2:])
+
+
+def test_ranks_share_each_global_batch(folder20):
+    dataset = open_dataset(str(folder20), S)
+    whole = take(batches(dataset, 8, seed=2, start=16), 4)
+    ranks = [take(batches(dataset, 8, seed=2, start=16, rank=r, world_size=2), 4) for r in range(2)]
+    for k, batch in enumerate(whole):
+        assert ranks[0][k]["text"] == batch["text"][0::2] and ranks[1][k]["text"] == batch["text"][1::2]
+        assert torch.equal(ranks[1][k]["image"], batch["image"][1::2])
+
+
+def test_workers_give_the_same_batches_and_leave_the_global_rng_alone(folder20):
+    dataset = open_dataset(str(folder20), S)
+    rng = torch.get_rng_state()
+    serial = take(batches(dataset, 4, seed=3, start=12), 6)
+    parallel = take(batches(dataset, 4, seed=3, start=12, workers=2), 6)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert texts_of(parallel) == texts_of(serial)
+    assert all(torch.equal(p["image"], s["image"]) for p, s in zip(parallel, serial))
+    endless = open_dataset("shapes", S)
+    assert texts_of(take(batches(endless, 4, seed=0, workers=2), 3)) == texts_of(take(batches(endless, 4, seed=0), 3))
+
+
+def test_streams_resume_and_share_like_map_style_datasets():
+    rows = {"jpg": [png(i) for i in range(10)], "txt": [f"caption {i}" for i in range(10)]}
+    stream = datasets.Dataset.from_dict(rows).to_iterable_dataset(num_shards=2)
+    dataset = stream_dataset(stream, "local stream", S)
+    assert texts(dataset, 3) == ["caption 0", "caption 1", "caption 2"]
+    straight = take(batches(dataset, 4, seed=5), 6)  # 24 positions: crosses two epochs of 10
+    order = [t for b in straight for t in b["text"]]
+    assert sorted(order[:10]) == sorted(order[10:20]) == sorted(rows["txt"])
+    assert order[:10] != order[10:20]  # each epoch reshuffled
+    assert texts_of(take(batches(dataset, 4, seed=5), 6)) == texts_of(straight)
+    assert texts_of(take(batches(dataset, 4, seed=5, start=12), 3)) == texts_of(straight[3:])
+    ranks = [take(batches(dataset, 4, seed=5, start=12, rank=r, world_size=2, workers=2), 3) for r in range(2)]
+    for k, batch in enumerate(straight[3:]):
+        assert ranks[0][k]["text"] == batch["text"][0::2] and ranks[1][k]["text"] == batch["text"][1::2]
+        assert all(index_of(img) == int(t.split()[-1]) for img, t in zip(ranks[0][k]["image"], ranks[0][k]["text"]))
+
+
+def test_hub_names_stream_and_heldout_falls_back_to_the_test_split(monkeypatch):
+    rows = {"image": [png(i) for i in range(4)], "caption": [f"caption {i}" for i in range(4)]}
+    calls = []
+
+    def load_dataset(name, split, streaming):  # the hub, as far as open_dataset can tell
+        calls.append((name, split, streaming))
+        if split == "validation":
+            raise ValueError('Bad split: validation. Available splits: ["train", "test"]')
+        return datasets.Dataset.from_dict(rows).to_iterable_dataset()
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    dataset = open_dataset("someone/pictures", S, split="heldout")
+    assert calls == [("someone/pictures", "validation", True), ("someone/pictures", "test", True)]
+    batch = next(batches(dataset, 4, seed=0))
+    assert sorted(batch["text"]) == rows["caption"] and batch["image"].shape == (4, 3, S, S)

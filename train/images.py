@@ -1,0 +1,101 @@
+"""Pictures in and out of tensors: PIL images to (3,S,S) floats in [-1,1], and back, and sample grids.
+
+Every image the models see goes through :func:`from_pil`: converted to RGB (transparency composited
+on white, so a logo with an alpha channel looks as it does in a browser), centre-cropped to a square
+and resized with an antialiasing filter, the preprocessing of taming-transformers and Parti.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageOps
+
+__all__ = ["to_rgb", "from_pil", "to_pil", "image_grid", "MARK_COLOR"]
+
+WHITE = (255, 255, 255)
+GRID_BACKGROUND = (128, 128, 128)
+MARK_COLOR = (255, 0, 200)  # magenta: in no `shapes` palette entry, visible on white and grey
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """The image in mode RGB, upright (EXIF orientation applied), any transparency composited on white."""
+    img = ImageOps.exif_transpose(img)
+    if img.mode in ("I", "F") or img.mode.startswith("I;16"):
+        img = Image.fromarray(_deep_to_8bit(np.asarray(img)))
+    has_alpha = img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info
+    if has_alpha:
+        rgba = img.convert("RGBA")
+        canvas = Image.new("RGBA", rgba.size, WHITE + (255,))
+        return Image.alpha_composite(canvas, rgba).convert("RGB")
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def _deep_to_8bit(values: np.ndarray) -> np.ndarray:
+    """16-bit or float greyscale as uint8: 16-bit ranges scale by 255/65535, anything else is stretched."""
+    values = values.astype(np.float64)
+    low, high = float(values.min()), float(values.max())
+    if low >= 0 and high <= 255:
+        scaled = values
+    elif low >= 0 and high <= 65535:
+        scaled = values / 257.0
+    else:
+        scaled = (values - low) * (255.0 / (high - low))
+    return np.round(scaled).clip(0, 255).astype(np.uint8)
+
+
+def from_pil(img: Image.Image, size: int) -> torch.Tensor:
+    """A FloatTensor (3, size, size) in [-1, 1]: RGB, the largest centred square, resized with LANCZOS."""
+    if size < 1:
+        raise ValueError(f"size must be >= 1, got {size}")
+    img = to_rgb(img)
+    width, height = img.size
+    side = min(width, height)
+    if width != height:
+        left, top = (width - side) // 2, (height - side) // 2
+        img = img.crop((left, top, left + side, top + side))
+    if side != size:
+        # reducing_gap first shrinks by an integer factor (a fast box filter), then LANCZOS finishes.
+        img = img.resize((size, size), Image.Resampling.LANCZOS, reducing_gap=3.0)
+    pixels = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy())  # (S, S, 3)
+    return pixels.permute(2, 0, 1).float().div_(127.5).sub_(1.0)  # (3, S, S)
+
+
+def to_pil(image: torch.Tensor) -> Image.Image:
+    """An RGB PIL image from a tensor (3, H, W) in [-1, 1]; values outside are clipped."""
+    if image.dim() != 3 or image.shape[0] != 3:
+        raise ValueError(f"to_pil expects (3, H, W), got {tuple(image.shape)}")
+    pixels = image.detach().float().cpu().add(1.0).mul(127.5).round().clamp(0, 255).to(torch.uint8)
+    return Image.fromarray(pixels.permute(1, 2, 0).numpy())  # (H, W, 3)
+
+
+def image_grid(images: torch.Tensor, nrow: int, pad: int = 2, marked: list[int] | None = None,
+               mark_color: tuple[int, int, int] = MARK_COLOR) -> Image.Image:
+    """Tile images (N, 3, H, W) in [-1, 1] into rows of ``nrow`` on a grey background.
+
+    ``marked`` lists cells (indices into ``images``) to frame in ``mark_color``: sampling frames the
+    candidates the reranker kept. The frame fills the ``pad`` pixels around the cell and is at least two
+    pixels wide, reaching into the picture when ``pad`` is smaller.
+    """
+    if images.dim() != 4 or images.shape[1] != 3:
+        raise ValueError(f"image_grid expects (N, 3, H, W), got {tuple(images.shape)}")
+    if nrow < 1 or pad < 0:
+        raise ValueError(f"image_grid needs nrow >= 1 and pad >= 0, got nrow={nrow}, pad={pad}")
+    count, _, height, width = images.shape
+    marked = sorted(set(marked or []))
+    if marked and not 0 <= marked[0] <= marked[-1] < count:
+        raise ValueError(f"marked cells {marked} are outside the {count} images")
+    columns = min(nrow, max(count, 1))
+    rows = (count + columns - 1) // columns
+    grid = Image.new("RGB", (columns * (width + pad) + pad, rows * (height + pad) + pad), GRID_BACKGROUND)
+    for index in range(count):
+        row, column = divmod(index, columns)
+        grid.paste(to_pil(images[index]), (pad + column * (width + pad), pad + row * (height + pad)))
+    draw = ImageDraw.Draw(grid)
+    frame = max(pad, 2)
+    for index in marked:
+        row, column = divmod(index, columns)
+        left, top = column * (width + pad), row * (height + pad)  # outer corner of the cell's padding ring
+        draw.rectangle((left, top, left + width + 2 * pad - 1, top + height + 2 * pad - 1),
+                       outline=mark_color, width=frame)
+    return grid
