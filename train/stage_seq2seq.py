@@ -113,11 +113,8 @@ class Seq2SeqTrainer:
             self.heldout_codes = codes.load_or_build(out, self.vqgan, split="heldout", limit=o.heldout_examples,
                                                      **cache_options)
         grid = int(math.isqrt(self.train_codes.image_ids.shape[1]))
-        try:
-            self.config = Seq2SeqConfig.from_preset(o.preset, text_vocab_size=self.tokenizer.vocab_size,
-                                                    codebook_size=self.vqgan.codebook_size, grid_size=grid)
-        except KeyError:
-            raise UserError(f"--preset {o.preset} is not one of tiny, small, base, large") from None
+        self.config = Seq2SeqConfig.from_preset(o.preset, text_vocab_size=self.tokenizer.vocab_size,
+                                                codebook_size=self.vqgan.codebook_size, grid_size=grid)
         torch.manual_seed(o.seed)
         self.model = Seq2Seq(self.config).to(self.device)
         self.ema = copy.deepcopy(self.model).requires_grad_(False) if o.ema else None

@@ -1,0 +1,54 @@
+"""The key/value cache: preallocated buffers of the full length, written by position.
+
+Decoding one image token then costs one token's worth of projections, not a pass over the whole prefix.
+The buffers never grow (no ``torch.cat``), so every decode step sees tensors of the same shape and can be
+compiled and captured as a CUDA graph (gpt-fast ``KVCache``). A cache holds up to ``batch_size`` rows; a
+smaller batch uses its first rows.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["KVCache"]
+
+
+class KVCache(nn.Module):
+    """Keys and values of one attention layer: two (batch_size, n_heads, length, head_dim) buffers.
+
+    The buffers are not persistent: they are working memory, never part of a checkpoint.
+    """
+
+    def __init__(self, batch_size: int, n_heads: int, length: int, head_dim: int,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):
+        super().__init__()
+        shape = (batch_size, n_heads, length, head_dim)
+        self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    @property
+    def batch_size(self) -> int:
+        return self.k_cache.shape[0]
+
+    @property
+    def length(self) -> int:
+        return self.k_cache.shape[2]
+
+    def update(self, input_pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write ``k``, ``v`` (B, H, T, D) at positions ``input_pos`` (T,); return the first B rows, all positions.
+
+        The returned (B, H, length, D) views hold every position written so far; the caller masks the
+        positions not written yet.
+        """
+        batch = k.shape[0]
+        if batch > self.batch_size:
+            raise ValueError(f"a batch of {batch} rows does not fit a cache set up for {self.batch_size}")
+        k_out, v_out = self.read(batch)
+        k_out.index_copy_(2, input_pos, k.to(k_out.dtype))
+        v_out.index_copy_(2, input_pos, v.to(v_out.dtype))
+        return k_out, v_out
+
+    def read(self, batch: int) -> tuple[Tensor, Tensor]:
+        """The keys and values of the first ``batch`` rows: two (batch, H, length, D) views."""
+        return self.k_cache[:batch], self.v_cache[:batch]

@@ -1,0 +1,157 @@
+"""Building blocks of the encoder-decoder: RMSNorm, rotary positions, the gated MLP and attention.
+
+The attention math lives once, in :class:`Attention`; the encoder's bidirectional self-attention, the
+decoder's causal self-attention and its cross-attention to the text are thin on top of it (min-dalle's
+``AttentionBase``). The decoder's two attentions read their keys and values from a :class:`KVCache`
+when decoding: the causal one writes each new position into it, the cross one has its keys and values
+written once per prompt by :meth:`CrossAttention.fill_cache`. Rotary positions are pure functions
+(RoFormer, Su et al. 2021; gpt-fast's ``precompute_freqs_cis`` / ``apply_rotary_emb``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+from seq2seq.cache import KVCache
+
+__all__ = [
+    "RMSNorm",
+    "rope_table",
+    "apply_rope",
+    "GatedMLP",
+    "Attention",
+    "SelfAttention",
+    "CausalSelfAttention",
+    "CrossAttention",
+]
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square layer norm (Zhang & Sennrich 2019), computed in fp32 whatever the input dtype."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (normed * self.weight.float()).type_as(x)
+
+
+def rope_table(length: int, head_dim: int, base: float = 10_000.0) -> Tensor:
+    """Cosines and sines of the rotary angles for positions ``0..length-1``: (length, head_dim // 2, 2)."""
+    inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)  # (D/2,)
+    angles = torch.arange(length, dtype=torch.float64)[:, None] * inv_freq[None, :]  # (T, D/2)
+    return torch.stack([angles.cos(), angles.sin()], dim=-1).float()  # (T, D/2, 2)
+
+
+def apply_rope(x: Tensor, table: Tensor) -> Tensor:
+    """Rotate each pair of channels of ``x`` (B, H, T, D) by its position's angle; ``table`` is (T, D/2, 2)."""
+    pairs = x.float().unflatten(-1, (-1, 2))  # (B, H, T, D/2, 2)
+    x0, x1 = pairs[..., 0], pairs[..., 1]
+    cos, sin = table[..., 0], table[..., 1]  # (T, D/2)
+    rotated = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)  # (B, H, T, D/2, 2)
+    return rotated.flatten(-2).type_as(x)  # (B, H, T, D)
+
+
+class GatedMLP(nn.Module):
+    """SwiGLU feed-forward (Shazeer 2020): ``w2(silu(w1 x) * w3 x)``."""
+
+    def __init__(self, d_model: int, hidden: int, dropout: float = 0.0):
+        super().__init__()
+        self.w1 = nn.Linear(d_model, hidden, bias=False)
+        self.w3 = nn.Linear(d_model, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, d_model, bias=False)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)))
+
+
+class Attention(nn.Module):
+    """Multi-head attention math shared by every attention in the model.
+
+    Subclasses decide where queries, keys and values come from; :meth:`attend` runs
+    ``F.scaled_dot_product_attention`` with an explicit boolean mask (True = may attend) and the output
+    projection.
+    """
+
+    def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0):
+        super().__init__()
+        self.n_heads = n_heads
+        self.head_dim = d_model // n_heads
+        self.attn_dropout = dropout
+        self.wq = nn.Linear(d_model, d_model, bias=False)
+        self.wk = nn.Linear(d_model, d_model, bias=False)
+        self.wv = nn.Linear(d_model, d_model, bias=False)
+        self.wo = nn.Linear(d_model, d_model, bias=False)
+        self.resid_dropout = nn.Dropout(dropout)
+        self.kv_cache: KVCache | None = None
+
+    def heads(self, x: Tensor) -> Tensor:
+        return rearrange(x, "b t (h d) -> b h t d", h=self.n_heads)  # (B, H, T, D)
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+        """Queries (B, H, T, D) over keys and values (B, H, S, D); ``mask`` broadcasts to (B, H, T, S)."""
+        dropout = self.attn_dropout if self.training else 0.0
+        k, v = k.to(q.dtype), v.to(q.dtype)  # a cache may hold another dtype than autocast computes in
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+        y = rearrange(y, "b h t d -> b t (h d)")  # (B, T, C)
+        return self.resid_dropout(self.wo(y))
+
+    def cache(self) -> KVCache:
+        if self.kv_cache is None:
+            raise RuntimeError("decoding needs key/value caches: call setup_caches(batch_size) first")
+        return self.kv_cache
+
+
+class SelfAttention(Attention):
+    """Bidirectional self-attention with rotary positions: the text encoder's."""
+
+    def forward(self, x: Tensor, mask: Tensor, rope: Tensor) -> Tensor:
+        """``x`` (B, T, C); ``mask`` (B, 1, 1, T) marks the real tokens; ``rope`` (T, D/2, 2)."""
+        q = apply_rope(self.heads(self.wq(x)), rope)
+        k = apply_rope(self.heads(self.wk(x)), rope)
+        return self.attend(q, k, self.heads(self.wv(x)), mask)
+
+
+class CausalSelfAttention(Attention):
+    """The image decoder's masked self-attention, with or without the key/value cache."""
+
+    def forward(self, x: Tensor, mask: Tensor, input_pos: Tensor | None = None) -> Tensor:
+        """``x`` (B, T, C). Without ``input_pos`` the keys are ``x``'s own and ``mask`` is (1, 1, T, T).
+
+        With ``input_pos`` (T,), the grid positions of ``x``'s tokens, their keys and values are written
+        into the cache and the queries attend over the whole cache; ``mask`` (1, 1, T, S) hides the
+        positions not yet written.
+        """
+        q, k, v = self.heads(self.wq(x)), self.heads(self.wk(x)), self.heads(self.wv(x))
+        if input_pos is not None:
+            k, v = self.cache().update(input_pos, k, v)  # (B, H, S, D)
+        return self.attend(q, k, v, mask)
+
+
+class CrossAttention(Attention):
+    """The image decoder's attention to the encoded text."""
+
+    def forward(self, x: Tensor, mask: Tensor, memory: Tensor | None = None) -> Tensor:
+        """``x`` (B, T, C) attends to ``memory`` (B, L, C), or, without it, to the cached text.
+
+        ``mask`` (B, 1, 1, L) marks the real text tokens (L = the cache's max_text_len when cached).
+        """
+        q = self.heads(self.wq(x))
+        if memory is None:
+            k, v = self.cache().read(x.shape[0])  # (B, H, L, D)
+        else:
+            k, v = self.heads(self.wk(memory)), self.heads(self.wv(memory))
+        return self.attend(q, k, v, mask)
+
+    def fill_cache(self, memory: Tensor) -> None:
+        """Project the encoded text (B, L, C) to keys and values once per prompt and cache them."""
+        positions = torch.arange(memory.shape[1], device=memory.device)
+        self.cache().update(positions, self.heads(self.wk(memory)), self.heads(self.wv(memory)))

@@ -1,0 +1,331 @@
+"""Stage 2 model and decoding: cache parity, sampling filters, seeded candidates, guidance, files."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from checkpoint import CheckpointError, UserError
+from seq2seq import (
+    EMPTY_TEXT_IDS,
+    PRESETS,
+    Seq2Seq,
+    Seq2SeqConfig,
+    counter_uniform,
+    filter_logits,
+    generate,
+    sample_from_probs,
+)
+
+# ------------------------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def model() -> Seq2Seq:
+    torch.manual_seed(0)
+    return Seq2Seq(Seq2SeqConfig.from_preset("tiny")).eval()
+
+
+def text_batch(config: Seq2SeqConfig, lengths: list[int], seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded random text ids (B, max length) with pad id 0 and the mask of real tokens."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(4, config.text_vocab_size, (len(lengths), max(lengths)), generator=g)
+    mask = torch.arange(max(lengths))[None, :] < torch.tensor(lengths)[:, None]
+    return ids.masked_fill(~mask, 0), mask
+
+
+def image_batch(config: Seq2SeqConfig, batch: int, seed: int = 2) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, config.codebook_size, (batch, config.image_len), generator=g)
+
+
+def cached_logits(model: Seq2Seq, text_ids, text_mask, image_ids, prefix_len: int = 0) -> torch.Tensor:
+    """Logits (B, T - prefix_len, V) of every image token, decoded step by step through the caches."""
+    model.setup_caches(text_ids.shape[0])
+    prefix = image_ids[:, :prefix_len] if prefix_len else None
+    steps = [model.prefill(text_ids, text_mask, prefix)]
+    for t in range(prefix_len + 1, model.config.image_len):
+        steps.append(model.decode_one_token(image_ids[:, t - 1 : t], torch.tensor([t])))
+    return torch.stack(steps, dim=1)
+
+
+def reference_sample(model: Seq2Seq, text_ids, text_mask, seeds: torch.Tensor, cfg_scale: float = 1.0,
+                     **filters) -> torch.Tensor:
+    """Sampling written out plainly: a full forward per token, guidance against the empty caption."""
+    config = model.config
+    uncond_ids = torch.tensor([EMPTY_TEXT_IDS]).expand(len(seeds), -1)
+    ids = torch.zeros(len(seeds), 0, dtype=torch.long)
+    with torch.no_grad():
+        for t in range(config.image_len):
+            inputs = torch.cat([ids, torch.zeros(len(seeds), 1, dtype=torch.long)], dim=1)  # last one unused
+            logits = model(text_ids, text_mask, inputs)[:, t]
+            if cfg_scale != 1.0:
+                uncond = model(uncond_ids, torch.ones_like(uncond_ids, dtype=torch.bool), inputs)[:, t]
+                logits = uncond + cfg_scale * (logits - uncond)
+            probs = filter_logits(logits, **filters)
+            ids = torch.cat([ids, sample_from_probs(probs, counter_uniform(seeds, t, config.codebook_size))[:, None]], 1)
+    return ids.view(-1, config.grid_size, config.grid_size)
+
+
+# ------------------------------------------------------------------------------------------- config
+
+
+def test_presets_build_and_small_is_a_cpu_model():
+    config = Seq2SeqConfig.from_preset("small", text_vocab_size=500, grid_size=16)
+    assert (config.text_vocab_size, config.grid_size, config.image_len, config.bos_id) == (500, 16, 256, 1024)
+    assert config.mlp_hidden % 64 == 0 and config.mlp_hidden >= 8 / 3 * config.d_model
+    assert set(PRESETS) == {"tiny", "small", "base", "large"}
+    with torch.device("meta"):
+        counts = {name: Seq2Seq(Seq2SeqConfig.from_preset(name)).num_parameters() for name in ("small", "base")}
+    assert 10e6 <= counts["small"] <= 30e6 and 80e6 <= counts["base"] <= 130e6
+
+
+def test_bad_configs_are_refused():
+    with pytest.raises(UserError, match="tiny, small, base, large"):
+        Seq2SeqConfig.from_preset("huge")
+    with pytest.raises(ValueError, match="divisible"):
+        Seq2SeqConfig(d_model=30, n_heads=4)
+    with pytest.raises(TypeError):
+        Seq2SeqConfig.from_preset("tiny", d_modle=64)  # a typo is an error, not ignored
+
+
+# ------------------------------------------------------------------------------------------- forward
+
+
+def test_forward_is_causal_and_ignores_padding(model):
+    config = model.config
+    text_ids, text_mask = text_batch(config, [5, 2])
+    image_ids = image_batch(config, 2)
+    logits = model(text_ids, text_mask, image_ids)
+    assert logits.shape == (2, config.image_len, config.codebook_size)
+    t = 6
+    changed = image_ids.clone()
+    changed[:, t] = (changed[:, t] + 1) % config.codebook_size
+    after = model(text_ids, text_mask, changed)
+    torch.testing.assert_close(after[:, : t + 1], logits[:, : t + 1])  # position t predicts id t: unseen
+    assert (after[:, t + 1] - logits[:, t + 1]).abs().max() > 1e-4  # position t + 1 reads id t
+    noisy_padding = text_ids.masked_fill(~text_mask, 7)
+    torch.testing.assert_close(model(noisy_padding, text_mask, image_ids), logits)
+    alone = model(text_ids[1:, :2], text_mask[1:, :2], image_ids[1:])
+    torch.testing.assert_close(alone, logits[1:], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("prefix_len", [0, 5])
+def test_kv_cache_parity_with_padded_text(model, prefix_len):
+    config = model.config
+    text_ids, text_mask = text_batch(config, [9, 4, 1])
+    image_ids = image_batch(config, 3)
+    with torch.no_grad():
+        full = model(text_ids, text_mask, image_ids)  # (B, T, V)
+        stepwise = cached_logits(model, text_ids, text_mask, image_ids, prefix_len)
+    torch.testing.assert_close(stepwise, full[:, prefix_len:], atol=1e-4, rtol=0)
+
+
+def test_caches_are_preallocated_written_in_place_and_never_saved(model):
+    config = model.config
+    model.setup_caches(4)
+    cache = model.decoder.blocks[0].self_attn.kv_cache
+    assert cache.k_cache.shape == (4, config.n_heads, config.image_len, config.head_dim)
+    assert model.decoder.blocks[0].cross_attn.kv_cache.length == config.max_text_len
+    pointer = cache.k_cache.data_ptr()
+    text_ids, text_mask = text_batch(config, [3, 3])  # fewer rows than the caches hold
+    with torch.no_grad():
+        cached_logits(model, text_ids, text_mask, image_batch(config, 2))
+    assert cache.k_cache.data_ptr() == pointer and cache.k_cache.shape[2] == config.image_len
+    assert cache.k_cache[:2, :, -2].abs().sum() > 0  # written by position, up to the last read
+    model.setup_caches(2)  # smaller: the ones there fit and are kept
+    assert model.decoder.blocks[0].self_attn.kv_cache.k_cache.data_ptr() == pointer
+    assert not any("cache" in name for name in model.state_dict())
+
+
+# ------------------------------------------------------------------------------------------- filters
+
+
+def test_temperature_scales_logits_and_zero_is_greedy():
+    logits = torch.tensor([[1.0, 2.0, 0.5, -1.0]])
+    torch.testing.assert_close(filter_logits(logits, temperature=0.5), torch.softmax(logits / 0.5, -1))
+    torch.testing.assert_close(filter_logits(logits), torch.softmax(logits, -1))
+    assert filter_logits(logits, temperature=0.0).tolist() == [[0.0, 1.0, 0.0, 0.0]]
+
+
+def test_top_k_keeps_exactly_the_k_largest():
+    logits = torch.randn(5, 50, generator=torch.Generator().manual_seed(0))
+    probs = filter_logits(logits, top_k=7)
+    kept = probs > 0
+    assert kept.sum(-1).tolist() == [7] * 5
+    assert torch.equal(kept, torch.zeros_like(kept).scatter(1, logits.topk(7).indices, True))
+    expected = torch.softmax(logits.masked_fill(~kept, float("-inf")), -1)
+    torch.testing.assert_close(probs, expected)
+    assert torch.equal(filter_logits(logits, top_k=50), filter_logits(logits))
+
+
+def test_top_k_keeps_tokens_tied_with_the_kth():
+    probs = filter_logits(torch.tensor([[3.0, 2.0, 2.0, 1.0, 2.0]]), top_k=2)
+    assert (probs > 0).tolist() == [[True, True, True, False, True]]
+
+
+def test_top_p_without_top_k_keeps_the_smallest_prefix_reaching_p():
+    probs = torch.tensor([[0.1, 0.4, 0.05, 0.3, 0.15]])
+    logits = probs.log()
+    assert (filter_logits(logits, top_p=0.35) > 0).tolist() == [[False, True, False, False, False]]
+    assert (filter_logits(logits, top_p=0.65) > 0).tolist() == [[False, True, False, True, False]]
+    assert (filter_logits(logits, top_p=0.8) > 0).tolist() == [[False, True, False, True, True]]
+    kept = filter_logits(logits, top_p=0.8)
+    torch.testing.assert_close(kept, torch.tensor([[0.0, 0.4, 0.0, 0.3, 0.15]]) / 0.85)
+    assert (filter_logits(logits, top_p=1.0) > 0).all()
+    assert (filter_logits(logits, top_p=1e-6) > 0).sum() == 1  # never empty
+
+
+def test_top_p_keeps_ties_and_composes_with_top_k_and_temperature():
+    tied = torch.tensor([[0.3, 0.2, 0.2, 0.2, 0.1]]).log()
+    assert (filter_logits(tied, top_p=0.45) > 0).tolist() == [[True, True, True, True, False]]
+    logits = torch.tensor([[0.1, 0.4, 0.05, 0.3, 0.15]]).log()
+    # top-k 3 leaves 0.4, 0.3, 0.15 -> renormalized 0.47, 0.35, 0.18; top-p 0.8 then keeps two.
+    assert (filter_logits(logits, top_k=3, top_p=0.8) > 0).tolist() == [[False, True, False, True, False]]
+    # A high temperature flattens the distribution, so the same top-p keeps more tokens.
+    assert (filter_logits(logits, temperature=5.0, top_p=0.8) > 0).sum() == 4
+
+
+def test_filter_arguments_are_checked():
+    logits = torch.zeros(1, 4)
+    for bad in (dict(temperature=-1.0), dict(top_k=0), dict(top_p=0.0), dict(top_p=1.5)):
+        with pytest.raises(ValueError):
+            filter_logits(logits, **bad)
+
+
+def test_draws_follow_the_probabilities_and_skip_filtered_tokens():
+    probs = torch.tensor([0.1, 0.0, 0.2, 0.3, 0.4]).expand(40_000, -1)
+    ids = sample_from_probs(probs, counter_uniform(torch.arange(40_000), 0, 5))
+    frequencies = torch.bincount(ids, minlength=5).float() / len(ids)
+    assert frequencies[1] == 0
+    torch.testing.assert_close(frequencies, probs[0], atol=0.01, rtol=0)
+
+
+def test_noise_depends_on_seed_and_step_only():
+    noise = counter_uniform(torch.tensor([3, 4, 5, 2**40 + 5]), 7, 64)
+    torch.testing.assert_close(counter_uniform(torch.tensor([5]), torch.tensor([7]), 64), noise[2:3], atol=0, rtol=0)
+    assert not torch.equal(noise[2], noise[3])  # the high bits of a seed count
+    assert not torch.equal(counter_uniform(torch.tensor([5]), 8, 64)[0], noise[2])
+    assert 0 < noise.min() and noise.max() < 1
+    many = counter_uniform(torch.arange(200), 0, 500)
+    assert abs(many.mean().item() - 0.5) < 0.01 and abs(many.std().item() - math.sqrt(1 / 12)) < 0.01
+
+
+# ------------------------------------------------------------------------------------------- generate
+
+
+def test_cached_generation_equals_recomputing_the_prefix(model):
+    text_ids, text_mask = text_batch(model.config, [6, 2])
+    options = dict(num_candidates=3, seeds=11, temperature=0.9, top_p=0.9, cfg_scale=2.5)
+    cached = generate(model, text_ids, text_mask, **options)
+    assert cached.shape == (6, model.config.grid_size, model.config.grid_size)
+    assert torch.equal(cached, generate(model, text_ids, text_mask, use_cache=False, **options))
+
+
+@pytest.mark.parametrize("cfg_scale", [1.0, 3.0])
+def test_a_candidate_is_the_same_alone_or_in_a_batch_of_8(model, cfg_scale):
+    config = model.config
+    text_ids, text_mask = text_batch(config, [3, 8, 5, 2])
+    batch = generate(model, text_ids, text_mask, num_candidates=2, seeds=100, top_k=10, cfg_scale=cfg_scale)
+    assert batch.shape[0] == 8
+    for row in (0, 3, 6):
+        prompt = row // 2
+        length = int(text_mask[prompt].sum())
+        alone = generate(model, text_ids[prompt : prompt + 1, :length], text_mask[prompt : prompt + 1, :length],
+                         seeds=[100 + row], top_k=10, cfg_scale=cfg_scale)
+        assert torch.equal(alone[0], batch[row])
+    assert len({tuple(ids.flatten().tolist()) for ids in batch}) == 8  # distinct seeds, distinct pictures
+
+
+def test_guidance_at_scale_1_is_plain_conditional_sampling(model):
+    text_ids, text_mask = text_batch(model.config, [4, 4])
+    seeds = torch.tensor([5, 9])
+    ids = generate(model, text_ids, text_mask, seeds=seeds, top_k=12, cfg_scale=1.0)
+    assert torch.equal(ids, reference_sample(model, text_ids, text_mask, seeds, top_k=12))
+
+
+def test_guidance_pushes_away_from_the_empty_caption(model):
+    text_ids, text_mask = text_batch(model.config, [4, 4])
+    seeds = torch.tensor([5, 9])
+    guided = generate(model, text_ids, text_mask, seeds=seeds, top_k=12, cfg_scale=4.0)
+    assert torch.equal(guided, reference_sample(model, text_ids, text_mask, seeds, cfg_scale=4.0, top_k=12))
+    assert not torch.equal(guided, generate(model, text_ids, text_mask, seeds=seeds, top_k=12))
+
+
+def test_prefix_ids_are_kept_and_conditioned_on(model):
+    config = model.config
+    text_ids, text_mask = text_batch(config, [5])
+    prefix = image_batch(config, 1)[:, : config.grid_size]  # the first row of the grid
+    ids = generate(model, text_ids, text_mask, num_candidates=3, seeds=0, prefix_ids=prefix, cfg_scale=2.0)
+    assert torch.equal(ids[:, 0], prefix.expand(3, -1))
+    recomputed = generate(model, text_ids, text_mask, num_candidates=3, seeds=0, prefix_ids=prefix, cfg_scale=2.0,
+                          use_cache=False)
+    assert torch.equal(ids, recomputed)
+    with pytest.raises(ValueError, match="codebook ids"):
+        generate(model, text_ids, text_mask, prefix_ids=prefix + config.codebook_size)
+
+
+def test_generate_checks_its_arguments_and_keeps_the_model_mode(model):
+    text_ids, text_mask = text_batch(model.config, [3, 3])
+    with pytest.raises(ValueError, match="one per candidate"):
+        generate(model, text_ids, text_mask, num_candidates=2, seeds=[1, 2, 3])
+    with pytest.raises(ValueError, match="at least one real token"):
+        generate(model, text_ids, torch.zeros_like(text_mask))
+    model.train()
+    try:
+        with torch.inference_mode():
+            first = generate(model, text_ids, text_mask, seeds=1)
+        assert model.training
+        assert torch.equal(first, generate(model, text_ids, text_mask, seeds=1))  # caches made in inference mode
+    finally:
+        model.eval()
+
+
+# ------------------------------------------------------------------------------------------- training and files
+
+
+def test_a_few_optimizer_steps_lower_the_loss():
+    torch.manual_seed(0)
+    model = Seq2Seq(Seq2SeqConfig.from_preset("tiny"))
+    text_ids, text_mask = text_batch(model.config, [6, 3, 8, 1])
+    image_ids = image_batch(model.config, 4)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(25):
+        loss = F.cross_entropy(model(text_ids, text_mask, image_ids).flatten(0, 1), image_ids.flatten())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[0] == pytest.approx(math.log(model.config.codebook_size), abs=0.2)
+    assert losses[-1] < 0.6 * losses[0]
+
+
+def test_save_and_load_round_trip(model, tmp_path):
+    model.setup_caches(2)
+    model.save_pretrained(tmp_path / "seq2seq")
+    loaded = Seq2Seq.from_pretrained(tmp_path / "seq2seq")
+    assert loaded.config == model.config and not loaded.training
+    text_ids, text_mask = text_batch(model.config, [4, 2])
+    image_ids = image_batch(model.config, 2)
+    torch.testing.assert_close(loaded(text_ids, text_mask, image_ids), model(text_ids, text_mask, image_ids),
+                               atol=0, rtol=0)
+    other = Seq2Seq(Seq2SeqConfig.from_preset("tiny", d_model=64))
+    other.save_pretrained(tmp_path / "other")
+    (tmp_path / "other" / "config.json").write_bytes((tmp_path / "seq2seq" / "config.json").read_bytes())
+    with pytest.raises(CheckpointError, match="seq2seq"):
+        Seq2Seq.from_pretrained(tmp_path / "other")
+
+
+def test_check_fits_names_the_part_that_does_not_fit(model):
+    config = model.config
+    model.check_fits(config.text_vocab_size, config.codebook_size, config.grid_size)
+    with pytest.raises(CheckpointError, match="^tokenizer does not fit"):
+        model.check_fits(config.text_vocab_size + 1, config.codebook_size, config.grid_size)
+    with pytest.raises(CheckpointError, match="^vqgan does not fit.*codes"):
+        model.check_fits(config.text_vocab_size, 2 * config.codebook_size, config.grid_size)
+    with pytest.raises(CheckpointError, match="^vqgan does not fit.*grids"):
+        model.check_fits(config.text_vocab_size, config.codebook_size, 2 * config.grid_size)
