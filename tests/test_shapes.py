@@ -147,16 +147,17 @@ def test_objects_lie_inside_the_canvas_and_never_touch(train_scenes, heldout_sce
     assert crowded > 20  # four large objects do get laid out
 
 
-def boundary_points(obj: Obj, per_edge: int = 200) -> np.ndarray:
+def boundary_points(obj: Obj, points: int = 800) -> np.ndarray:
+    """About `points` points spread along the outline (a circle's polygon has many short edges)."""
     corners = np.array(shape_vertices(obj.shape, obj.x, obj.y, SIZES[obj.size]))
-    t = np.linspace(0, 1, per_edge)[:, None, None]
+    t = np.linspace(0, 1, max(2, points // len(corners)))[:, None, None]
     return (corners + t * (np.roll(corners, -1, axis=0) - corners)).reshape(-1, 2)
 
 
 def test_object_gap_is_the_distance_between_outlines():
     rng = random.Random(5)
     checked = 0
-    for _ in range(300):
+    for _ in range(200):
         a, b = (Obj(rng.choice(SHAPES), "red", rng.choice(list(SIZES)), rng.uniform(0.2, 0.8), rng.uniform(0.2, 0.8))
                 for _ in range(2))
         pa, pb = boundary_points(a), boundary_points(b)
@@ -167,7 +168,7 @@ def test_object_gap_is_the_distance_between_outlines():
             checked += 1
         else:  # overlapping outlines cross or one lies inside the other, and then no gap is claimed
             assert gap <= 0
-    assert checked > 100
+    assert checked > 60
 
 
 def test_cell_of_and_relation_rule():
