@@ -1,0 +1,345 @@
+"""Stage 1, the VQGAN: quantizer round trip and restarts, losses, files, and the training stage."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from checkpoint import CheckpointError
+from vqgan import VQGAN, FactorizedQuantizer, VQGANConfig
+from vqgan.discriminator import DISCRIMINATOR_PRESETS, PatchDiscriminator
+from vqgan.losses import (
+    LossWeights,
+    adaptive_weight,
+    delayed_weight,
+    discriminator_loss,
+    feature_matching_loss,
+    generator_loss,
+    hinge_d_loss,
+    hinge_g_loss,
+    psnr,
+)
+
+
+def tiny_model(seed: int = 0, **overrides) -> VQGAN:
+    torch.manual_seed(seed)
+    return VQGAN(VQGANConfig.from_preset("tiny", **overrides))
+
+
+def blocks(batch: int, size: int = 32, seed: int = 0) -> torch.Tensor:
+    """White images with one coloured rectangle each, in [-1, 1]: a little like `shapes`."""
+    g = torch.Generator().manual_seed(seed)
+    images = torch.ones(batch, 3, size, size)
+    for b in range(batch):
+        x0, y0 = torch.randint(0, size // 2, (2,), generator=g).tolist()
+        w, h = torch.randint(size // 4, size // 2, (2,), generator=g).tolist()
+        images[b, :, y0:y0 + h, x0:x0 + w] = torch.rand(3, 1, 1, generator=g) * 2 - 1
+    return images
+
+
+# ---------------------------------------------------------------------- quantizer
+def test_quantizer_round_trip_is_exact():
+    model = tiny_model().eval()
+    images = blocks(4)
+    latents, ids = model.quantize_latents(images)
+    assert ids.dtype == torch.int64 and ids.shape == (4, 4, 4)
+    assert torch.equal(model.encode(images), ids)
+    assert torch.equal(model.ids_to_latents(ids), latents)
+    # The straight-through output of the training forward carries exactly the codes' values too.
+    reconstructions, quantized = model(images)
+    assert torch.equal(quantized.ids, ids)
+    assert torch.equal(quantized.latents, latents)
+    assert torch.equal(model.decode(ids), model.decode_latents(latents).clamp(-1, 1))
+    assert torch.allclose(model.decode(ids), reconstructions.clamp(-1, 1), atol=1e-6)
+
+
+def test_encode_touches_no_statistics_and_decode_is_in_range():
+    model = tiny_model().train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = model.encode(blocks(2))
+    images = model.decode(ids)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert images.shape == (2, 3, 32, 32) and images.min() >= -1 and images.max() <= 1
+    with pytest.raises(ValueError, match="ids must lie in"):
+        model.decode(torch.full((1, 4, 4), model.codebook_size))
+
+
+def test_straight_through_gradient_reaches_encoder():
+    model = tiny_model().train()
+    reconstructions, quantized = model(blocks(2))
+    (reconstructions.abs().mean() + quantized.loss).backward()
+    assert model.encoder.conv_in.weight.grad.abs().sum() > 0
+    assert model.quantizer.embedding.grad.abs().sum() > 0  # the codebook term moves the codes
+
+
+def test_dead_code_restart_revives_a_collapsed_codebook():
+    def run(restart: bool) -> list[float]:
+        torch.manual_seed(0)
+        quantizer = FactorizedQuantizer(32, 4, usage_window=3, restart_dead_codes=restart).train()
+        with torch.no_grad():
+            quantizer.embedding.copy_(torch.tensor([1.0, 0.0, 0.0, 0.0]).expand(32, 4))  # all codes equal
+        usage = []
+        for _ in range(8):
+            out = quantizer(torch.randn(4, 4, 4, 4))  # 64 latents spread over the sphere
+            usage.append(out.usage.item())
+        return usage
+
+    collapsed, revived = run(restart=False), run(restart=True)
+    assert collapsed[-1] == pytest.approx(1 / 32)  # ties all go to code 0: one code in use
+    assert revived[0] == pytest.approx(1 / 32)  # nothing is dead before a whole window has passed
+    assert revived[-1] >= 0.5
+
+
+def test_usage_counts_only_the_recent_window():
+    quantizer = FactorizedQuantizer(8, 2, usage_window=2, restart_dead_codes=False).train()
+    with torch.no_grad():
+        quantizer.embedding.copy_(torch.eye(2).repeat(4, 1) * torch.arange(1, 9).unsqueeze(1))
+        quantizer.embedding[2:] = -1.0  # codes 2..7 all point at (-1, -1) / sqrt(2)
+
+    def towards(vector: list[float]) -> torch.Tensor:
+        return torch.tensor(vector).view(1, 2, 1, 1)  # one latent (B=1, D=2, h=1, w=1)
+
+    assert quantizer(towards([1.0, 0.0])).usage.item() == pytest.approx(1 / 8)  # code 0
+    assert quantizer(towards([0.0, 1.0])).usage.item() == pytest.approx(2 / 8)  # codes 0, 1
+    assert quantizer(towards([0.0, 1.0])).usage.item() == pytest.approx(1 / 8)  # code 0 left the window
+
+
+def test_ema_codebook_moves_towards_its_latents_without_gradient():
+    torch.manual_seed(0)
+    quantizer = FactorizedQuantizer(4, 3, ema=True, ema_decay=0.5, restart_dead_codes=False).train()
+    target = torch.nn.functional.normalize(torch.tensor([1.0, 2.0, 3.0]), dim=0)
+    out = quantizer(target.view(1, 3, 1, 1).expand(2, 3, 2, 2))
+    code = out.ids.flatten()[0]
+    before = torch.nn.functional.cosine_similarity(out.latents[0, :, 0, 0], target, dim=0)
+    after = torch.nn.functional.cosine_similarity(quantizer.codebook()[code], target, dim=0)
+    assert out.codebook_loss.item() == 0.0
+    assert after > before
+    assert not isinstance(quantizer.embedding, torch.nn.Parameter)
+
+
+# ---------------------------------------------------------------------- losses
+def test_adaptive_weight_matches_hand_computation():
+    w = torch.tensor([[1.0, -2.0], [0.5, 3.0]], requires_grad=True)
+    reconstruction = (w**2).sum()  # gradient 2w, norm 2 * |w|
+    gan = (3.0 * w).sum()  # gradient 3 everywhere, norm 3 * 2
+    expected = (2 * w.detach().norm()) / (6.0 + 1e-4)
+    assert adaptive_weight(reconstruction, gan, w).item() == pytest.approx(expected.item(), rel=1e-6)
+    assert adaptive_weight(reconstruction, gan, w, max_weight=0.1).item() == pytest.approx(0.1)
+
+
+def test_small_loss_pieces():
+    real, fake = torch.tensor([2.0, 0.5]), torch.tensor([-2.0, 0.0])
+    assert hinge_d_loss(real, fake).item() == pytest.approx(0.5 * (0.25 + 0.5))
+    assert hinge_g_loss(fake).item() == pytest.approx(1.0)
+    assert delayed_weight(0.5, step=9, start=10) == 0.0 and delayed_weight(0.5, step=10, start=10) == 0.5
+    feats = [torch.ones(2, 3), torch.zeros(2, 1)]
+    assert feature_matching_loss(feats, feats).item() == 0.0
+    assert feature_matching_loss(feats, [f + 0.5 for f in feats]).item() == pytest.approx(0.5)
+    images = torch.zeros(2, 3, 4, 4)
+    assert psnr(images, images + 0.2).item() == pytest.approx(10 * torch.log10(torch.tensor(4 / 0.04)).item())
+
+
+def test_gan_terms_start_at_disc_start():
+    model = tiny_model().train()
+    disc = PatchDiscriminator(DISCRIMINATOR_PRESETS["tiny"])
+    images = blocks(2)
+    reconstructions, quantized = model(images)
+    weights = LossWeights(disc_start=5)
+    kwargs = dict(discriminator=disc, last_layer=model.last_layer, weights=weights)
+    _, early = generator_loss(images, reconstructions, quantized.loss, step=4, **kwargs)
+    _, late = generator_loss(images, reconstructions, quantized.loss, step=5, **kwargs)
+    assert "gan_loss" not in early and "feature_matching" not in early
+    assert {"gan_loss", "feature_matching", "adaptive_weight"} <= late.keys()
+    assert discriminator_loss(images, reconstructions, discriminator=disc, step=4, weights=weights) is None
+    assert discriminator_loss(images, reconstructions, discriminator=disc, step=5, weights=weights) is not None
+
+
+def test_a_few_training_steps_lower_the_loss():
+    model = tiny_model().train()
+    torch.manual_seed(0)
+    disc = PatchDiscriminator(DISCRIMINATOR_PRESETS["tiny"])
+    opt_g = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.5, 0.9))
+    opt_d = torch.optim.AdamW(disc.parameters(), lr=3e-3, betas=(0.5, 0.9))
+    weights = LossWeights(disc_start=10)
+    images = blocks(4)
+    l1 = []
+    for step in range(20):
+        reconstructions, quantized = model(images)
+        disc.requires_grad_(False)
+        loss, metrics = generator_loss(images, reconstructions, quantized.loss, discriminator=disc,
+                                       last_layer=model.last_layer, step=step, weights=weights)
+        opt_g.zero_grad()
+        loss.backward()
+        opt_g.step()
+        disc.requires_grad_(True)
+        d = discriminator_loss(images, reconstructions, discriminator=disc, step=step, weights=weights)
+        if d is not None:
+            opt_d.zero_grad()
+            d[0].backward()
+            opt_d.step()
+        l1.append(metrics["l1"].item())
+    assert all(torch.isfinite(torch.tensor(l1)))
+    assert sum(l1[-3:]) / 3 < 0.6 * sum(l1[:3]) / 3
+
+
+# ---------------------------------------------------------------------- LPIPS-style perceptual distance
+@pytest.fixture(scope="module")
+def vgg_file(tmp_path_factory):
+    """A VGG16 state dict in torchvision's layout (random weights: nothing is downloaded)."""
+    from safetensors.torch import save_file
+
+    from vqgan.lpips import vgg16_features
+
+    torch.manual_seed(0)
+    state = {f"features.{k}": v for k, v in vgg16_features().state_dict().items()}
+    state["classifier.0.weight"] = torch.zeros(4, 4)  # present in torchvision's file, ignored here
+    path = tmp_path_factory.mktemp("vgg") / "vgg16.safetensors"
+    save_file(state, str(path))
+    return path
+
+
+def test_vgg_perceptual_distance(vgg_file, tmp_path):
+    from safetensors.torch import load_file
+
+    from vqgan.lpips import VGGPerceptual
+
+    perceptual = VGGPerceptual.from_file(vgg_file)
+    images, other = blocks(2, size=16), blocks(2, size=16, seed=1)
+    assert perceptual(images, images).item() == 0.0
+    reconstructions = other.clone().requires_grad_(True)
+    distance = perceptual(images, reconstructions)
+    assert distance.item() > 0
+    distance.backward()
+    assert reconstructions.grad.abs().sum() > 0
+    assert all(p.grad is None for p in perceptual.parameters())
+    # A torch.save file of the `features` module alone loads to the same network.
+    features_only = {k.removeprefix("features."): v for k, v in load_file(str(vgg_file)).items() if "features" in k}
+    torch.save(features_only, tmp_path / "features.pt")
+    assert perceptual(images, other).item() == VGGPerceptual.from_file(tmp_path / "features.pt")(images, other).item()
+
+
+def test_vgg_weights_that_are_not_vgg16_are_refused(vgg_file, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from vqgan.lpips import VGGPerceptual
+
+    state = load_file(str(vgg_file))
+    del state["features.28.weight"]
+    save_file(state, str(tmp_path / "partial.safetensors"))
+    with pytest.raises(CheckpointError, match=r"^perceptual weights: .*features\.28\.weight"):
+        VGGPerceptual.from_file(tmp_path / "partial.safetensors")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="^perceptual weights: .*cannot be read"):
+        VGGPerceptual.from_file(tmp_path / "junk.pt")
+    with pytest.raises(CheckpointError, match="^perceptual weights: .*is missing"):
+        VGGPerceptual.from_file(tmp_path / "absent.safetensors")
+
+
+# ---------------------------------------------------------------------- configuration and files
+@pytest.mark.parametrize("downsample", [4, 8, 16])
+def test_downsample_sets_the_grid(downsample):
+    config = VQGANConfig.from_preset("tiny", downsample=downsample)
+    assert config.downsample == downsample
+    torch.manual_seed(0)
+    model = VQGAN(config).eval()
+    assert model.grid_size(32) == 32 // downsample
+    assert model.encode(blocks(1)).shape == (1, 32 // downsample, 32 // downsample)
+
+
+@pytest.mark.parametrize("preset", ["small", "base"])
+def test_presets_downsample_by_eight(preset):
+    assert VQGANConfig.from_preset(preset).downsample == 8
+
+
+@pytest.mark.parametrize("ema", [False, True])
+def test_save_and_load_give_identical_outputs(tmp_path, ema):
+    model = tiny_model(ema=ema).train()
+    for _ in range(2):  # move the usage statistics and (with EMA) the codes off their initial values
+        model(blocks(4))
+    model.eval()
+    model.save_pretrained(tmp_path / "vqgan")
+    loaded = VQGAN.from_pretrained(tmp_path / "vqgan")
+    assert loaded.config == model.config and not loaded.training
+    images = blocks(3, seed=1)
+    ids = model.encode(images)
+    assert torch.equal(loaded.encode(images), ids)
+    assert torch.equal(loaded.decode(ids), model.decode(ids))
+    assert torch.equal(loaded.quantizer.last_used, model.quantizer.last_used)
+
+
+def test_config_that_does_not_fit_the_weights_names_the_part(tmp_path):
+    tiny_model().save_pretrained(tmp_path / "vqgan")
+    config_path = tmp_path / "vqgan" / "config.json"
+    raw = json.loads(config_path.read_text())
+    raw["codebook_size"] = 128
+    config_path.write_text(json.dumps(raw))
+    with pytest.raises(CheckpointError, match=r"^vqgan: .*quantizer\.embedding"):
+        VQGAN.from_pretrained(tmp_path / "vqgan")
+    raw["codebook_size"], raw["ema"] = 64, True
+    config_path.write_text(json.dumps(raw))
+    with pytest.raises(CheckpointError, match=r"^vqgan: weights do not fit"):
+        VQGAN.from_pretrained(tmp_path / "vqgan")
+
+
+# ---------------------------------------------------------------------- the training stage
+def run_stage(out, *extra: str) -> None:
+    import argparse
+
+    from train import stage_vqgan
+
+    parser = argparse.ArgumentParser()
+    stage_vqgan.add_arguments(parser)
+    args = parser.parse_args([
+        "--data", "shapes", "--out", str(out), "--preset", "tiny", "--size", "32", "--batch-size", "4",
+        "--steps", "4", "--disc-start", "1", "--warmup", "1", "--lr", "1e-3", "--log-every", "1",
+        "--eval-every", "2", "--sample-every", "4", "--save-every", "2", "--heldout-examples", "4", *extra,
+    ])
+    stage_vqgan.main(args)
+
+
+def logged_losses(out) -> dict[int, float]:
+    lines = (out / "metrics" / "vqgan.jsonl").read_text().splitlines()
+    return {r["step"]: r["loss"] for r in map(json.loads, lines) if "loss" in r}
+
+
+def test_stage_trains_writes_the_run_and_resumes_exactly(tmp_path, monkeypatch, capsys):
+    from train import stage_vqgan
+
+    run_stage(tmp_path / "straight")
+    assert "held-out PSNR" in capsys.readouterr().out
+    straight = tmp_path / "straight"
+    assert (straight / "samples" / "vqgan" / "step-0000004.png").is_file()
+    records = [json.loads(line) for line in (straight / "metrics" / "vqgan.jsonl").read_text().splitlines()]
+    assert any("heldout_psnr" in r for r in records) and any("disc_loss" in r for r in records)
+    model = VQGAN.from_pretrained(straight / "vqgan")
+    assert model.config == VQGANConfig.from_preset("tiny")
+
+    # The same run, killed right after its step-2 checkpoint, then resumed.
+    original = stage_vqgan.VQGANTrainer.checkpoint
+
+    def checkpoint_then_die(self, step):
+        original(self, step)
+        if step == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(stage_vqgan.VQGANTrainer, "checkpoint", checkpoint_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run_stage(tmp_path / "resumed")
+    monkeypatch.setattr(stage_vqgan.VQGANTrainer, "checkpoint", original)
+    run_stage(tmp_path / "resumed", "--resume")
+    assert logged_losses(tmp_path / "resumed") == logged_losses(straight)
+    resumed = VQGAN.from_pretrained(tmp_path / "resumed" / "vqgan")
+    for key, value in model.state_dict().items():
+        assert torch.equal(resumed.state_dict()[key], value), key
+
+
+def test_stage_refuses_to_resume_with_another_model(tmp_path):
+    from checkpoint import UserError
+
+    run_stage(tmp_path, "--steps", "2")
+    with pytest.raises(UserError):
+        run_stage(tmp_path, "--steps", "4", "--resume", "--codebook-size", "32")
+    with pytest.raises(UserError, match="multiple of the VQGAN's downsampling factor"):
+        run_stage(tmp_path / "odd", "--size", "36")

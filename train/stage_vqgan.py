@@ -1,0 +1,314 @@
+"""``python -m train vqgan``: stage 1, the VQGAN (autoencoder + PatchGAN discriminator) -> RUN/vqgan/.
+
+Two optimizers, one step each per batch: the autoencoder on L1 + perceptual + quantizer loss (+ the
+adaptively weighted hinge GAN loss from --disc-start), then the discriminator on the hinge loss. AdamW
+with betas (0.5, 0.9) as in taming-transformers (a short memory suits a moving GAN target), linear
+warmup then cosine decay. The VQGAN runs in fp32 on every device. Held-out PSNR and codebook use are
+measured on a fixed batch of the "heldout" split; a grid of held-out originals above their
+reconstructions is saved every --sample-every steps.
+
+The default perceptual term is discriminator feature matching (no pretrained weights exist here);
+``--perceptual-weights PATH`` to a VGG16 state dict switches to the LPIPS-style VGG distance. See
+``vqgan/losses.py`` and ``vqgan/lpips.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import time
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import torch
+
+from checkpoint import UserError
+from train import dist
+from train.loop import Run, add_common_arguments, cosine_schedule, progress
+from vqgan import VQGAN, VQGANConfig
+from vqgan.discriminator import DISCRIMINATOR_PRESETS, PatchDiscriminator
+from vqgan.losses import LossWeights, discriminator_loss, generator_loss, psnr
+
+__all__ = ["VQGANOptions", "VQGANTrainer", "add_arguments", "main"]
+
+
+@dataclass
+class VQGANOptions:
+    data: str
+    out: str
+    steps: int = 2500
+    batch_size: int = 32
+    size: int = 64
+    lr: float = 1e-3
+    resume: bool = False
+    device: str = "auto"
+    seed: int = 0
+    workers: int = 0
+    image_column: str | None = None
+    text_column: str | None = None
+    log_every: int = 50
+    save_every: int = 500
+    sample_every: int = 500
+    preset: str = "small"
+    codebook_size: int | None = None  # None: the preset's
+    downsample: int | None = None  # None: the preset's (8)
+    ema: bool = False
+    disc_start: int = 1000
+    disc_weight: float = 0.1
+    perceptual_weight: float = 0.1
+    perceptual_weights: str | None = None
+    warmup: int = 100
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    eval_every: int = 250
+    heldout_examples: int = 64
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    o = VQGANOptions
+    add_common_arguments(parser, steps=o.steps, batch_size=o.batch_size, lr=o.lr)
+    parser.add_argument("--preset", default=o.preset, help="tiny | small (CPU) | base (GPU, real pictures)")
+    parser.add_argument("--codebook-size", type=int, default=None, help="codes in the codebook (preset: 1024)")
+    parser.add_argument("--downsample", type=int, default=None, choices=[4, 8, 16],
+                        help="pixels per code along a side (preset: 8, so 64 px -> 8x8 ids)")
+    parser.add_argument("--ema", action="store_true", help="EMA codebook updates instead of the codebook loss")
+    parser.add_argument("--disc-start", type=int, default=o.disc_start,
+                        help="step at which the discriminator (and feature matching) starts")
+    parser.add_argument("--disc-weight", type=float, default=o.disc_weight, help="GAN loss weight (0 = no GAN)")
+    parser.add_argument("--perceptual-weight", type=float, default=o.perceptual_weight,
+                        help="perceptual loss weight (0 = none)")
+    parser.add_argument("--perceptual-weights", default=None, metavar="PATH",
+                        help="VGG16 state dict (.safetensors or .pt) for the LPIPS-style perceptual loss; "
+                             "without it the perceptual term is discriminator feature matching")
+    parser.add_argument("--warmup", type=int, default=o.warmup, help="linear learning-rate warmup steps")
+    parser.add_argument("--weight-decay", type=float, default=o.weight_decay)
+    parser.add_argument("--grad-clip", type=float, default=o.grad_clip, help="max gradient norm (0 = off)")
+    parser.add_argument("--eval-every", type=int, default=o.eval_every, help="held-out PSNR every N steps")
+    parser.add_argument("--heldout-examples", type=int, default=o.heldout_examples,
+                        help="size of the fixed held-out batch")
+
+
+def options_from_args(args: argparse.Namespace) -> VQGANOptions:
+    names = {f.name for f in fields(VQGANOptions)}
+    return VQGANOptions(**{k: v for k, v in vars(args).items() if k in names})
+
+
+class VQGANTrainer:
+    """The stage's state and its explicit loop: batch, step, log, evaluate, sample, checkpoint."""
+
+    def __init__(self, options: VQGANOptions):
+        from train.data import batches, open_dataset
+
+        self.options = o = options
+        _check(o)
+        try:
+            overrides = {} if o.codebook_size is None else {"codebook_size": o.codebook_size}
+            overrides["ema"] = o.ema
+            self.config = VQGANConfig.from_preset(o.preset, downsample=o.downsample, **overrides)
+        except ValueError as e:
+            raise UserError(f"vqgan: {e}") from None
+        self.ctx = dist.setup(o.device)
+        self.device = self.ctx.device
+        self.run = Run(o.out, "vqgan")
+        torch.manual_seed(o.seed)
+        self.model = VQGAN(self.config).to(self.device)
+        self.model.grid_size(o.size)  # a --size the factor does not divide is a UserError here
+        self.discriminator = PatchDiscriminator(DISCRIMINATOR_PRESETS[o.preset]).to(self.device)
+        self.perceptual = None
+        if o.perceptual_weights is not None:
+            from vqgan.lpips import VGGPerceptual
+
+            self.perceptual = VGGPerceptual.from_file(o.perceptual_weights).to(self.device)
+        self.weights = LossWeights(perceptual=o.perceptual_weight, disc=o.disc_weight, disc_start=o.disc_start)
+
+        # The learning rate is a function of the step (set before every step), so the discriminator's
+        # schedule runs in step with the autoencoder's even while the discriminator waits for --disc-start.
+        self.optimizers = {
+            name: torch.optim.AdamW(module.parameters(), lr=o.lr, betas=(0.5, 0.9), weight_decay=o.weight_decay)
+            for name, module in (("generator", self.model), ("discriminator", self.discriminator))
+        }
+        self.train_model = dist.wrap(self.model, self.ctx)
+        self.train_discriminator = dist.wrap(self.discriminator, self.ctx)
+        self.modules = {"vqgan": self.model, "discriminator": self.discriminator}
+
+        self.step, self.position = 0, 0
+        if o.resume:
+            self.step, self.position, extra = self.run.load_checkpoint(self.modules, self.optimizers, self.device)
+            _check_same_config(extra.get("config", {}), dataclasses.asdict(self.config))
+        dataset = open_dataset(o.data, o.size, split="train", image_column=o.image_column,
+                               text_column=o.text_column, seed=o.seed)
+        self.batches = batches(dataset, o.batch_size, o.seed, start=self.position, rank=self.ctx.rank,
+                               world_size=self.ctx.world_size, workers=o.workers)
+        self.heldout = self._heldout_batch(open_dataset(o.data, o.size, split="heldout", image_column=o.image_column,
+                                                        text_column=o.text_column, seed=o.seed))
+        self.skipped = 0
+
+    def _heldout_batch(self, dataset) -> torch.Tensor:
+        """The first ``heldout_examples`` readable images of the held-out split: (N, 3, S, S)."""
+        from train.data import batches
+
+        count = self.options.heldout_examples
+        images = next(batches(dataset, count, self.options.seed))["image"]
+        if len(images) == 0:
+            raise UserError(f"vqgan: none of the first {count} held-out images of --data could be read")
+        return images.to(self.device)
+
+    def next_batch(self) -> torch.Tensor:
+        """This rank's images of the next global batch that has any readable image."""
+        while True:
+            batch = next(self.batches)
+            self.position += self.options.batch_size
+            self.skipped += batch["skipped"]
+            if len(batch["image"]):
+                return batch["image"].to(self.device, non_blocking=True)
+
+    def train_step(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One autoencoder step and (from --disc-start) one discriminator step; returns detached metrics."""
+        o = self.options
+        lr = o.lr * cosine_schedule(self.step, warmup=o.warmup, total=o.steps)
+        for optimizer in self.optimizers.values():
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+        self.model.train()
+        self.discriminator.train()
+        reconstructions, quantized = self.train_model(images)
+        # The autoencoder's loss calls the bare discriminator with frozen weights: no wasted weight
+        # gradients, and no DDP reduction for parameters that get none.
+        self.discriminator.requires_grad_(False)
+        loss, metrics = generator_loss(images, reconstructions, quantized.loss, discriminator=self.discriminator,
+                                       last_layer=self.model.last_layer, step=self.step, weights=self.weights,
+                                       perceptual=self.perceptual)
+        self.discriminator.requires_grad_(True)
+        if not math.isfinite(loss.item()):
+            return {"loss": loss.detach()}
+        _optimizer_step(loss, self.model, self.optimizers["generator"], o.grad_clip)
+        d = discriminator_loss(images, reconstructions, discriminator=self.train_discriminator, step=self.step,
+                               weights=self.weights)
+        if d is not None:
+            _optimizer_step(d[0], self.discriminator, self.optimizers["discriminator"], o.grad_clip)
+            metrics.update(d[1])
+        metrics.update(lr=torch.tensor(lr), loss=loss.detach(), perplexity=quantized.perplexity, codebook_usage=quantized.usage,
+                       restarted_codes=torch.tensor(float(quantized.restarted)))
+        return metrics
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """PSNR, L1 and the share of codes used, on the fixed held-out batch (decoded ids, clamped)."""
+        self.model.eval()
+        ids, reconstructions = [], []
+        for chunk in self.heldout.split(64):
+            chunk_ids = self.model.encode(chunk)
+            ids.append(chunk_ids)
+            reconstructions.append(self.model.decode(chunk_ids))
+        recon = torch.cat(reconstructions)
+        ids_all = torch.cat(ids)
+        return {
+            "heldout_psnr": psnr(self.heldout, recon).item(),
+            "heldout_l1": (self.heldout - recon).abs().mean().item(),
+            "heldout_codes_used": ids_all.unique().numel() / self.model.codebook_size,
+        }
+
+    @torch.no_grad()
+    def save_samples(self, step: int) -> None:
+        """Eight held-out originals above their reconstructions."""
+        self.model.eval()
+        originals = self.heldout[:8]
+        self.run.save_samples(step, torch.cat([originals, self.model.decode(self.model.encode(originals))]),
+                              nrow=len(originals))
+
+    def checkpoint(self, step: int) -> None:
+        self.run.save_checkpoint(step, self.modules, self.optimizers, data_position=self.position,
+                                 extra={"config": dataclasses.asdict(self.config)})
+        if self.run.is_main:
+            self.model.save_pretrained(Path(self.options.out) / "vqgan")
+
+    def fit(self) -> dict[str, float]:
+        o = self.options
+        bar = progress(o.steps, self.step, "vqgan")
+        sums: dict[str, torch.Tensor] = {}
+        summed, timed, timed_images, bad_steps = 0, 0.0, 0, 0
+        last: dict[str, float] = {}
+        while self.step < o.steps:
+            images = self.next_batch()
+            start = time.perf_counter()
+            metrics = self.train_step(images)
+            elapsed = time.perf_counter() - start
+            if not math.isfinite(metrics["loss"].item()):
+                bad_steps += 1
+                self.run.log(self.step, event="non-finite loss, step skipped", loss=metrics["loss"])
+                if bad_steps >= 5:
+                    raise UserError(f"vqgan: {bad_steps} non-finite losses in a row at step {self.step}; "
+                                    "lower --lr; the last good checkpoint is intact")
+                continue
+            bad_steps = 0
+            self.step += 1
+            if self.step > 2:  # the first steps carry allocation and warm-up cost
+                timed += elapsed
+                timed_images += len(images) * self.ctx.world_size
+            for key, value in metrics.items():
+                sums[key] = sums.get(key, 0.0) + value.float()
+            summed += 1
+            bar.update(1)
+            if self.step % o.log_every == 0 or self.step == o.steps:
+                last = {key: dist.mean_across_ranks((value / summed).item(), self.ctx) for key, value in sums.items()}
+                if timed:
+                    last["images_per_s"] = timed_images / timed
+                if self.skipped:
+                    last["skipped_images"] = self.skipped
+                sums, summed = {}, 0
+                bar.set_postfix(l1=f"{last['l1']:.4f}", usage=f"{last['codebook_usage']:.2f}")
+                self.run.log(self.step, **last)
+            if self.step % o.eval_every == 0 or self.step == o.steps:
+                evaluation = self.evaluate()
+                last.update(evaluation)
+                self.run.log(self.step, **evaluation)
+            if self.run.is_main and (self.step % o.sample_every == 0 or self.step == o.steps):
+                self.save_samples(self.step)
+            if self.step % o.save_every == 0 or self.step == o.steps:
+                self.checkpoint(self.step)
+        bar.close()
+        if "heldout_psnr" not in last:  # resumed at the end: nothing ran, measure anyway
+            last.update(self.evaluate())
+        return {"steps": self.step, **last}
+
+
+def _optimizer_step(loss: torch.Tensor, module: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    grad_clip: float) -> None:
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(module.parameters(), grad_clip)
+    optimizer.step()
+
+
+def _check(o: VQGANOptions) -> None:
+    """Option values the parser cannot judge alone."""
+    for name in ("disc_start", "warmup"):
+        if getattr(o, name) < 0:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(o, name)}")
+    for name in ("disc_weight", "perceptual_weight", "weight_decay", "grad_clip"):
+        value = getattr(o, name)
+        if not (value >= 0 and math.isfinite(value)):
+            raise UserError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
+    if o.codebook_size is not None and o.codebook_size < 2:
+        raise UserError(f"--codebook-size must be >= 2, got {o.codebook_size}")
+    if o.eval_every < 1 or o.heldout_examples < 1:
+        raise UserError("--eval-every and --heldout-examples must be >= 1")
+
+
+def _check_same_config(saved: dict, current: dict) -> None:
+    differs = sorted(k for k in current if saved.get(k) != current[k])
+    if differs:
+        raise UserError(f"vqgan: --resume with a different model ({', '.join(differs)} changed); "
+                        "pass the options the run started with")
+
+
+def main(args: argparse.Namespace) -> None:
+    trainer = VQGANTrainer(options_from_args(args))
+    summary = trainer.fit()
+    if trainer.run.is_main:
+        print(f"vqgan: {summary['steps']} steps, held-out PSNR {summary['heldout_psnr']:.2f} dB, "
+              f"codebook usage {summary.get('codebook_usage', float('nan')):.1%} "
+              f"-> {Path(trainer.options.out) / 'vqgan'}")
+    dist.teardown(trainer.ctx)
