@@ -1,0 +1,291 @@
+"""The CLIP-style scorer (scorer/model.py) and its training stage (train/stage_clip.py), on tiny configs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from checkpoint import CheckpointError, UserError
+from scorer import PRESETS, Scorer, ScorerConfig, contrastive_loss, retrieval_accuracy
+
+TINY = PRESETS["tiny"]
+
+
+def tiny_batch(batch: int = 6, length: int = 7, seed: int = 0):
+    """Random images in [-1, 1] and random right-padded captions of different lengths."""
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.rand(batch, 3, TINY.image_size, TINY.image_size, generator=generator) * 2 - 1
+    text_ids = torch.randint(4, TINY.text_vocab_size, (batch, length), generator=generator)
+    lengths = torch.arange(batch) % (length - 2) + 3  # (B,) between 3 and length
+    text_mask = torch.arange(length)[None, :] < lengths[:, None]  # (B, L)
+    return images, text_ids.masked_fill(~text_mask, 0), text_mask
+
+
+@pytest.fixture
+def model() -> Scorer:
+    torch.manual_seed(0)
+    return Scorer(TINY).eval()
+
+
+# ------------------------------------------------------------------------------------ the model
+
+
+def test_embeddings_are_unit_norm(model):
+    images, text_ids, text_mask = tiny_batch()
+    with torch.no_grad():
+        image_embeds = model.encode_image(images)
+        text_embeds = model.encode_text(text_ids, text_mask)
+    assert image_embeds.shape == text_embeds.shape == (6, TINY.embed_dim)
+    torch.testing.assert_close(image_embeds.norm(dim=-1), torch.ones(6))
+    torch.testing.assert_close(text_embeds.norm(dim=-1), torch.ones(6))
+
+
+def test_score_is_the_diagonal_of_the_cosine_matrix(model):
+    images, text_ids, text_mask = tiny_batch()
+    with torch.no_grad():
+        logits = model(images, text_ids, text_mask)
+        scores = model.score(images, text_ids, text_mask)
+    assert logits.shape == (6, 6) and scores.shape == (6,)
+    cosine = logits / model.scale
+    torch.testing.assert_close(scores, cosine.diagonal())
+    assert not torch.allclose(cosine, torch.diag_embed(cosine.diagonal()))  # off-diagonal pairs differ too
+    assert model.scale.item() == pytest.approx(1 / 0.07, rel=1e-5)
+
+
+def test_temperature_is_clamped_at_100(model):
+    with torch.no_grad():
+        model.logit_scale.fill_(10.0)
+    assert model.scale.item() == pytest.approx(100.0)
+
+
+def test_text_embedding_ignores_padding(model):
+    """Padding ids and extra padding columns, even past max_text_len, leave every embedding unchanged."""
+    _, text_ids, text_mask = tiny_batch()
+    with torch.no_grad():
+        reference = model.encode_text(text_ids, text_mask)
+        garbage = text_ids.masked_fill(~text_mask, 7)
+        torch.testing.assert_close(model.encode_text(garbage, text_mask), reference)
+        extra = TINY.max_text_len + 5 - text_ids.shape[1]
+        wide_ids = torch.cat([text_ids, torch.zeros(6, extra, dtype=torch.long)], dim=1)
+        wide_mask = torch.cat([text_mask, torch.zeros(6, extra, dtype=torch.bool)], dim=1)
+        torch.testing.assert_close(model.encode_text(wide_ids, wide_mask), reference)
+
+
+def test_text_longer_than_the_limit_and_wrong_image_size_are_errors(model):
+    too_long = torch.ones(2, TINY.max_text_len + 1, dtype=torch.long)
+    with pytest.raises(ValueError, match=f"{TINY.max_text_len} text tokens"):
+        model.encode_text(too_long, torch.ones_like(too_long, dtype=torch.bool))
+    with pytest.raises(ValueError, match="images must be"):
+        model.encode_image(torch.zeros(2, 3, 2 * TINY.image_size, 2 * TINY.image_size))
+
+
+def test_an_all_padding_row_gets_a_finite_embedding(model):
+    text_ids = torch.zeros(2, 4, dtype=torch.long)
+    text_mask = torch.tensor([[True, True, False, False], [False, False, False, False]])
+    with torch.no_grad():
+        embeds = model.encode_text(text_ids, text_mask)
+    assert torch.isfinite(embeds).all()
+
+
+def test_contrastive_loss_prefers_aligned_pairs():
+    embeds = torch.nn.functional.normalize(torch.randn(8, 16, generator=torch.Generator().manual_seed(1)), dim=-1)
+    aligned = contrastive_loss(20 * embeds @ embeds.t())
+    shuffled = contrastive_loss(20 * embeds @ embeds.roll(1, dims=0).t())
+    assert aligned < 0.1 < 2.0 < shuffled
+
+
+def test_contrastive_loss_is_symmetric_cross_entropy():
+    logits = torch.randn(5, 5, generator=torch.Generator().manual_seed(2))
+    target = torch.arange(5)
+    expected = (torch.nn.functional.cross_entropy(logits, target)
+                + torch.nn.functional.cross_entropy(logits.t(), target)) / 2
+    torch.testing.assert_close(contrastive_loss(logits), expected)
+    torch.testing.assert_close(contrastive_loss(logits, torch.eye(5, dtype=torch.bool)), expected)
+    assert contrastive_loss(logits) != contrastive_loss(logits.t().contiguous() * 2)
+
+
+def test_identical_captions_are_not_negatives():
+    """Two pictures of the same caption: the multi-positive loss does not push them apart."""
+    embeds = torch.nn.functional.normalize(torch.randn(4, 8, generator=torch.Generator().manual_seed(3)), dim=-1)
+    embeds[1] = embeds[0]  # rows 0 and 1: the same caption, the same picture
+    logits = 20 * embeds @ embeds.t()
+    positives = torch.eye(4, dtype=torch.bool)
+    positives[0, 1] = positives[1, 0] = True
+    assert contrastive_loss(logits, positives) < 0.01 < contrastive_loss(logits)
+
+
+def test_retrieval_accuracy_counts_rows_whose_best_text_is_a_match():
+    logits = torch.tensor([[1.0, 2.0, 0.0], [0.0, 1.0, 0.0], [0.0, 3.0, 1.0]])  # every row's best: column 1
+    assert retrieval_accuracy(logits) == pytest.approx(1 / 3)
+    positives = torch.eye(3, dtype=torch.bool)
+    positives[0, 1] = positives[1, 0] = True  # rows 0 and 1 share a caption
+    assert retrieval_accuracy(logits, positives) == pytest.approx(2 / 3)
+
+
+def test_a_few_steps_lower_the_loss_and_raise_the_accuracy():
+    torch.manual_seed(0)
+    model = Scorer(TINY)
+    images, text_ids, text_mask = tiny_batch(batch=8, seed=4)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.98))
+    with torch.no_grad():
+        first_logits = model(images, text_ids, text_mask)
+    for _ in range(40):
+        loss = contrastive_loss(model(images, text_ids, text_mask))
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+    with torch.no_grad():
+        last_logits = model(images, text_ids, text_mask)
+    assert contrastive_loss(last_logits) < 0.5 * contrastive_loss(first_logits)
+    assert retrieval_accuracy(last_logits) == 1.0 > retrieval_accuracy(first_logits)
+
+
+def test_save_and_load_round_trip(model, tmp_path):
+    images, text_ids, text_mask = tiny_batch()
+    with torch.no_grad():
+        model.logit_scale.add_(0.5)  # a trained value, not the initial one
+    model.save_pretrained(tmp_path / "clip")
+    loaded = Scorer.from_pretrained(tmp_path / "clip")
+    assert loaded.config == model.config and not loaded.training
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+    with torch.no_grad():
+        assert torch.equal(loaded(images, text_ids, text_mask), model(images, text_ids, text_mask))
+
+
+def test_loading_weights_of_another_config_names_the_part(model, tmp_path):
+    model.save_pretrained(tmp_path / "clip")
+    config = json.loads((tmp_path / "clip" / "config.json").read_text())
+    config["d_model"] = 64
+    (tmp_path / "clip" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="^clip: "):
+        Scorer.from_pretrained(tmp_path / "clip")
+    with pytest.raises(CheckpointError, match="^clip: "):
+        Scorer.from_pretrained(tmp_path / "missing")
+
+
+def test_check_fits(model):
+    model.check_fits(TINY.text_vocab_size, TINY.image_size)
+    with pytest.raises(CheckpointError, match=r"^clip: .*vocabulary of 512 .* tokenizer has 300"):
+        model.check_fits(300, TINY.image_size)
+    with pytest.raises(CheckpointError, match=r"^clip: .*32x32 pictures but gets 64x64"):
+        model.check_fits(TINY.text_vocab_size, 64)
+
+
+def test_config_validation_and_presets():
+    assert ScorerConfig.from_preset("small", text_vocab_size=300).text_vocab_size == 300
+    assert PRESETS["small"].grid_size == 8 and PRESETS["base"].grid_size == 16
+    with pytest.raises(ValueError, match="not divisible by 2"):
+        replace(TINY, image_size=34)
+    with pytest.raises(ValueError, match="not divisible by heads"):
+        replace(TINY, d_model=30, heads=4)
+    with pytest.raises(ValueError, match="unknown scorer preset"):
+        ScorerConfig.from_preset("huge")
+    assert ScorerConfig(image_widths=[8, 16]).image_widths == (8, 16)  # as config.json gives it back
+
+
+# ------------------------------------------------------------------------------- the training stage
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread, and the test machine's cores are shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tokenizer_file(tmp_path_factory) -> Path:
+    from tokenizer import TextTokenizer
+    from train.data import open_dataset, texts
+
+    path = tmp_path_factory.mktemp("tokenizer") / "tokenizer.model"
+    TextTokenizer.train(texts(open_dataset("shapes", size=32), 500), vocab_size=300).save(path)
+    return path
+
+
+def run_with_tokenizer(tmp_path: Path, tokenizer_file: Path, name: str) -> Path:
+    run = tmp_path / name
+    run.mkdir()
+    (run / "tokenizer.model").write_bytes(tokenizer_file.read_bytes())
+    return run
+
+
+def clip_args(run: Path, *extra: str) -> argparse.Namespace:
+    from train import stage_clip
+
+    parser = argparse.ArgumentParser()
+    stage_clip.add_arguments(parser)
+    return parser.parse_args(["--out", str(run), "--data", "shapes", "--size", "32", "--preset", "tiny",
+                              "--batch-size", "8", "--device", "cpu", "--heldout-examples", "16",
+                              "--warmup", "2", "--lr", "1e-3", *extra])
+
+
+def read_metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics" / "clip.jsonl").read_text().splitlines()]
+
+
+def test_stage_trains_and_writes_the_scorer(tmp_path, tokenizer_file):
+    from tokenizer import TextTokenizer
+    from train import stage_clip
+
+    run = run_with_tokenizer(tmp_path, tokenizer_file, "run")
+    stage_clip.main(clip_args(run, "--steps", "3", "--log-every", "1", "--eval-every", "3"))
+    scorer = Scorer.from_pretrained(run / "clip")
+    scorer.check_fits(TextTokenizer.load(run / "tokenizer.model").vocab_size, 32)
+    assert scorer.config.max_text_len == PRESETS["tiny"].max_text_len
+    metrics = read_metrics(run)
+    losses = [m for m in metrics if "loss" in m]
+    assert [m["step"] for m in losses] == [1, 2, 3]
+    assert all(0 <= m["accuracy"] <= 1 and m["loss"] > 0 for m in losses)
+    heldout = [m for m in metrics if "heldout_accuracy" in m]
+    assert [m["step"] for m in heldout] == [3] and 0 <= heldout[0]["heldout_accuracy"] <= 1
+    assert json.loads((run / "state" / "clip" / "latest.json").read_text())["step"] == 3
+
+
+def test_resume_gives_the_same_steps_as_an_uninterrupted_run(tmp_path, tokenizer_file, monkeypatch):
+    from safetensors.torch import load_file
+
+    from train import stage_clip
+
+    options = ("--steps", "4", "--save-every", "2", "--log-every", "1", "--eval-every", "100")
+    straight = run_with_tokenizer(tmp_path, tokenizer_file, "straight")
+    stage_clip.main(clip_args(straight, *options))
+
+    resumed = run_with_tokenizer(tmp_path, tokenizer_file, "resumed")
+    train_step = stage_clip.ClipTrainer.train_step
+
+    def killed_after_step_2(self, batch):
+        if self.step == 2:
+            raise KeyboardInterrupt
+        return train_step(self, batch)
+
+    monkeypatch.setattr(stage_clip.ClipTrainer, "train_step", killed_after_step_2)
+    with pytest.raises(KeyboardInterrupt):
+        stage_clip.main(clip_args(resumed, *options))
+    monkeypatch.setattr(stage_clip.ClipTrainer, "train_step", train_step)
+    stage_clip.main(clip_args(resumed, *options, "--resume"))
+
+    def losses(run: Path) -> dict[int, float]:
+        return {m["step"]: m["loss"] for m in read_metrics(run) if "loss" in m}
+
+    assert losses(resumed) == losses(straight)
+    assert sorted(losses(resumed)) == [1, 2, 3, 4]
+    a = load_file(str(straight / "clip" / "model.safetensors"))
+    b = load_file(str(resumed / "clip" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_stage_without_a_tokenizer_says_which_stage_to_run_first(tmp_path):
+    from train import stage_clip
+
+    with pytest.raises(UserError, match="python -m train tokenizer"):
+        stage_clip.main(clip_args(tmp_path / "empty", "--steps", "1"))

@@ -1,0 +1,319 @@
+"""``python -m train clip``: the CLIP-style scorer that sampling reranks candidates with, saved as RUN/clip/.
+
+Symmetric InfoNCE over the image-text pairs of each global batch with a learned temperature (CLIP,
+Radford et al., 2021); AdamW, linear warmup then cosine, gradient clipping, bf16 autocast on CUDA (fp32
+on CPU). Under torchrun every process embeds its slice and the embeddings are gathered, with gradients,
+so the negatives are the whole global batch, as with one process. Identical captions in a batch count as
+matches, not negatives (small vocabularies repeat them: "a red circle" twice).
+
+Negatives. On `shapes` the pairs of a random batch already differ in one attribute at a time often enough
+(same shape, other colour; same object, other cell), so in-batch negatives alone teach colour, shape,
+size and position. The hard case is a relation with its objects swapped ("a red circle above a blue
+square" against "a blue square above a red circle"), which a random batch rarely holds: the held-out
+retrieval accuracy is the figure to watch for it, and mined hard negatives the next step if it lags.
+
+Logged to RUN/metrics/clip.jsonl: loss, accuracy (image-to-text top-1 within the batch), images_per_s,
+and every --eval-every steps the loss and accuracy of retrieval within a fixed batch of
+--heldout-examples pictures from the held-out split (for `shapes`: colour-shape pairs and relations never
+seen in training).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import math
+import time
+import warnings
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.distributed as torch_dist
+import torch.nn.functional as F
+from torch import nn
+
+from checkpoint import UserError
+from scorer import Scorer, ScorerConfig, contrastive_loss, retrieval_accuracy
+from train import dist
+from train.loop import Run, add_common_arguments, cosine_schedule, progress
+
+
+@dataclass
+class ClipOptions:
+    """The stage's options, one per command-line flag (``add_arguments``)."""
+
+    data: str
+    out: str
+    steps: int = 1500
+    batch_size: int = 128
+    size: int = 64
+    lr: float = 5e-4
+    resume: bool = False
+    device: str = "auto"
+    seed: int = 0
+    workers: int = 0
+    image_column: str | None = None
+    text_column: str | None = None
+    log_every: int = 50
+    save_every: int = 500
+    preset: str = "small"
+    heldout_examples: int = 256
+    heldout_split: str = "heldout"
+    warmup: int = 100
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    eval_every: int = 250
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_common_arguments(parser, steps=ClipOptions.steps, batch_size=ClipOptions.batch_size, lr=ClipOptions.lr)
+    parser.add_argument("--preset", default=ClipOptions.preset, help="tiny | small | base (scorer/model.py PRESETS)")
+    parser.add_argument("--heldout-examples", type=int, default=ClipOptions.heldout_examples,
+                        help="pictures in the fixed held-out retrieval batch")
+    parser.add_argument("--heldout-split", default=ClipOptions.heldout_split,
+                        help="split the held-out batch comes from (default heldout)")
+    parser.add_argument("--warmup", type=int, default=ClipOptions.warmup, help="linear warmup steps")
+    parser.add_argument("--weight-decay", type=float, default=ClipOptions.weight_decay)
+    parser.add_argument("--grad-clip", type=float, default=ClipOptions.grad_clip)
+    parser.add_argument("--eval-every", type=int, default=ClipOptions.eval_every,
+                        help="steps between held-out retrieval evaluations")
+
+
+def caption_keys(texts: list[str]) -> torch.Tensor:
+    """A stable 63-bit key per caption (B,), so processes can tell identical captions apart without strings."""
+    digests = [hashlib.blake2b(t.encode("utf-8"), digest_size=8).digest() for t in texts]
+    return torch.tensor([int.from_bytes(d, "little") >> 1 for d in digests], dtype=torch.long)
+
+
+class _AllGather(torch.autograd.Function):
+    """Every process's equally sized ``x`` stacked in rank order; backward sums the gradients of all processes.
+
+    Each process computes the loss of the whole global batch, so the gradient reaching a process's rows is
+    the sum over processes; DDP's averaging of the weight gradients then gives the one-process gradient.
+    (Written out with public collectives: torch.distributed.nn.functional.all_gather is deprecated and its
+    replacement is private.)
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        ctx.rank, ctx.rows = torch_dist.get_rank(), x.shape[0]
+        parts = [torch.empty_like(x) for _ in range(torch_dist.get_world_size())]
+        torch_dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts)  # (world_size * rows, ...)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous()
+        torch_dist.all_reduce(grad)
+        return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows]
+
+
+def _gather_rows(x: torch.Tensor, ctx: dist.Context) -> torch.Tensor:
+    """Concatenate every process's rows of ``x`` in rank order (itself with one process); sizes may differ."""
+    if ctx.world_size == 1:
+        return x
+    size = torch.tensor([x.shape[0]], device=x.device)
+    sizes = [torch.zeros_like(size) for _ in range(ctx.world_size)]
+    torch_dist.all_gather(sizes, size)
+    sizes = [int(s) for s in sizes]
+    padded = F.pad(x, (0, 0) * (x.dim() - 1) + (0, max(sizes) - x.shape[0]))  # (max_rows, ...)
+    parts = _AllGather.apply(padded).chunk(ctx.world_size)  # world_size x (max_rows, ...)
+    return torch.cat([part[:n] for part, n in zip(parts, sizes)])
+
+
+class _Embed(nn.Module):
+    """The training forward: both embeddings and the scale, so that several processes can gather them."""
+
+    def __init__(self, scorer: Scorer):
+        super().__init__()
+        self.scorer = scorer
+
+    def forward(self, images: torch.Tensor, text_ids: torch.Tensor, text_mask: torch.Tensor):
+        return self.scorer.encode_image(images), self.scorer.encode_text(text_ids, text_mask), self.scorer.scale
+
+
+class ClipTrainer:
+    """The stage's state and its explicit loop: batch, step, log, evaluate, checkpoint."""
+
+    def __init__(self, options: ClipOptions):
+        from tokenizer import TextTokenizer
+        from train.data import batches, open_dataset
+
+        self.options = o = options
+        for name in ("heldout_examples", "warmup", "eval_every"):
+            if getattr(o, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(o, name)}")
+        if o.weight_decay < 0 or o.grad_clip <= 0:
+            raise UserError("--weight-decay must be >= 0 and --grad-clip > 0")
+        out = Path(o.out)
+        if not (out / "tokenizer.model").is_file():
+            raise UserError(f"{out / 'tokenizer.model'} is missing; run `python -m train tokenizer --out {out}` first")
+        self.ctx = dist.setup(o.device)
+        self.device = self.ctx.device
+        self.run = Run(out, "clip")
+        self.tokenizer = TextTokenizer.load(out / "tokenizer.model")
+        try:
+            self.config = ScorerConfig.from_preset(o.preset, text_vocab_size=self.tokenizer.vocab_size, image_size=o.size)
+        except ValueError as e:
+            raise UserError(f"clip: {e}") from None
+        if o.batch_size % self.ctx.world_size:
+            raise UserError(f"--batch-size {o.batch_size} must be divisible by the {self.ctx.world_size} processes")
+
+        torch.manual_seed(o.seed)
+        self.model = Scorer(self.config).to(self.device)
+        decay = [p for p in self.model.parameters() if p.dim() >= 2]
+        no_decay = [p for p in self.model.parameters() if p.dim() < 2]  # norms, biases, temperature
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=o.lr, betas=(0.9, 0.98), eps=1e-6, fused=self.device.type == "cuda",
+        )
+        self.schedule = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: cosine_schedule(s, warmup=o.warmup, total=o.steps))
+        self.train_model = dist.wrap(_Embed(self.model), self.ctx)
+        self.step, self.skipped, self.warned_truncation = 0, 0, False
+        self.modules = {"model": self.model}
+        self.optimizers = {"optimizer": self.optimizer, "schedule": self.schedule}
+        if o.resume:
+            self.step, _, _ = self.run.load_checkpoint(self.modules, self.optimizers, self.device)
+
+        data_options = dict(size=o.size, image_column=o.image_column, text_column=o.text_column, seed=o.seed)
+        self.dataset = open_dataset(o.data, split="train", **data_options)
+        self.batches = batches(self.dataset, o.batch_size, o.seed, start=self.step * o.batch_size,
+                               rank=self.ctx.rank, world_size=self.ctx.world_size, workers=o.workers)
+        self.heldout_images, self.heldout_texts = self._heldout_batch(open_dataset(o.data, split=o.heldout_split,
+                                                                                  **data_options))
+
+    def _heldout_batch(self, dataset) -> tuple[torch.Tensor, list[str]]:
+        """The first --heldout-examples readable pictures of the held-out split, the same at every evaluation."""
+        from train.data import batches
+
+        wanted = min(self.options.heldout_examples, len(dataset))  # batches() wraps around a short split
+        images, texts, read = [], [], 0
+        for batch in batches(dataset, min(256, wanted), seed=self.options.seed):
+            images.append(batch["image"])
+            texts += batch["text"]
+            read += len(batch["text"]) + batch["skipped"]
+            if read >= wanted:
+                break
+        if len(texts) < 2:
+            raise UserError(f"--data {self.options.data}: the {self.options.heldout_split} split has fewer than "
+                            "2 readable pictures; retrieval needs at least 2")
+        n = min(len(texts), wanted)
+        return torch.cat(images)[:n], texts[:n]
+
+    def text_batch(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Captions to (ids, mask) on the device; over-long ones are cut, with one warning per run, not per batch."""
+        from tokenizer import TruncationWarning
+
+        limit = self.config.max_text_len
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", TruncationWarning)
+            ids, mask = self.tokenizer.batch(texts, max_length=limit)
+        if any(issubclass(w.category, TruncationWarning) for w in caught) and not self.warned_truncation:
+            self.warned_truncation = True
+            warnings.warn(f"clip: captions longer than the scorer's {limit} text tokens are truncated", stacklevel=2)
+        return ids.to(self.device), mask.to(self.device)
+
+    def train_step(self, batch: dict) -> tuple[float, float]:
+        """One optimizer step on this process's slice of a global batch: (loss, in-batch accuracy)."""
+        o = self.options
+        images = batch["image"].to(self.device)
+        text_ids, text_mask = self.text_batch(batch["text"])
+        self.model.train()
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+            image_embeds, text_embeds, scale = self.train_model(images, text_ids, text_mask)
+        image_embeds = _gather_rows(image_embeds.float(), self.ctx)  # (B, E)
+        text_embeds = _gather_rows(text_embeds.float(), self.ctx)  # (B, E)
+        keys = _gather_rows(caption_keys(batch["text"]).to(self.device), self.ctx)  # (B,)
+        positives = keys[:, None] == keys[None, :]  # (B, B)
+        logits = scale.float() * image_embeds @ text_embeds.t()  # (B, B)
+        loss = contrastive_loss(logits, positives)
+        loss.backward()
+        loss_value, accuracy = loss.item(), retrieval_accuracy(logits, positives)
+        if not math.isfinite(loss_value):
+            self.optimizer.zero_grad(set_to_none=True)
+            return loss_value, accuracy
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), o.grad_clip)
+        self.optimizer.step()
+        self.schedule.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss_value, accuracy
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Loss and image-to-text top-1 accuracy of retrieval within the fixed held-out batch."""
+        self.model.eval()
+        image_embeds, text_embeds = [], []
+        for start in range(0, len(self.heldout_texts), 256):
+            images = self.heldout_images[start:start + 256].to(self.device)
+            text_ids, text_mask = self.text_batch(self.heldout_texts[start:start + 256])
+            image_embeds.append(self.model.encode_image(images).float())
+            text_embeds.append(self.model.encode_text(text_ids, text_mask).float())
+        logits = self.model.scale.float() * torch.cat(image_embeds) @ torch.cat(text_embeds).t()  # (N, N)
+        keys = caption_keys(self.heldout_texts).to(self.device)
+        positives = keys[:, None] == keys[None, :]  # (N, N)
+        return {"heldout_loss": contrastive_loss(logits, positives).item(),
+                "heldout_accuracy": retrieval_accuracy(logits, positives)}
+
+    def checkpoint(self, step: int) -> None:
+        self.run.save_checkpoint(step, self.modules, self.optimizers, data_position=step * self.options.batch_size)
+        if self.run.is_main:
+            self.model.save_pretrained(Path(self.options.out) / "clip")
+
+    def fit(self) -> dict:
+        o = self.options
+        bar = progress(o.steps, self.step, "clip")
+        timed, timed_images, bad_steps, last = 0.0, 0, 0, {}
+        while self.step < o.steps:
+            start = time.perf_counter()
+            batch = next(self.batches)
+            self.skipped += batch["skipped"]
+            loss, accuracy = self.train_step(batch)
+            elapsed = time.perf_counter() - start
+            if not math.isfinite(loss):
+                bad_steps += 1
+                self.run.log(self.step, event="non-finite loss, step skipped", loss=loss)
+                if bad_steps >= 5:
+                    raise UserError(f"clip: {bad_steps} non-finite losses in a row at step {self.step}; "
+                                    "lower --lr; the last good checkpoint is intact")
+                continue
+            bad_steps = 0
+            self.step += 1
+            if self.step > 2:  # the first steps carry allocation and warm-up cost
+                timed += elapsed
+                timed_images += o.batch_size
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}", acc=f"{accuracy:.2f}")
+            if self.step % o.log_every == 0 or self.step == o.steps:
+                last = {"loss": loss, "accuracy": accuracy, "lr": self.schedule.get_last_lr()[0],
+                        "scale": self.model.scale.item()}
+                if timed_images:
+                    last["images_per_s"] = timed_images / timed
+                skipped = round(dist.mean_across_ranks(float(self.skipped), self.ctx) * self.ctx.world_size)
+                if skipped:  # unreadable images so far, all processes together
+                    last["skipped_images"] = skipped
+                self.run.log(self.step, **last)
+            if self.step % o.eval_every == 0 or self.step == o.steps:
+                heldout = self.evaluate()
+                last.update(heldout)
+                self.run.log(self.step, **heldout)
+            if self.step % o.save_every == 0 or self.step == o.steps:
+                self.checkpoint(self.step)
+        bar.close()
+        return {"steps": self.step, **last}
+
+
+def options_from_args(args: argparse.Namespace) -> ClipOptions:
+    """The stage's options from its parsed command line (the common --sample-every does not apply: no pictures)."""
+    names = {f.name for f in fields(ClipOptions)}
+    return ClipOptions(**{k: v for k, v in vars(args).items() if k in names})
+
+
+def main(args: argparse.Namespace) -> None:
+    trainer = ClipTrainer(options_from_args(args))
+    summary = trainer.fit()
+    if trainer.run.is_main:
+        print("clip: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items())
+              + f" -> {Path(trainer.options.out) / 'clip'}")
+    dist.teardown(trainer.ctx)
