@@ -21,7 +21,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--prompts-file", help="one prompt a line, generated in one batch")
     parser.add_argument("--checkpoint", help="a run directory (default: the shipped demo run)")
     parser.add_argument("--n", type=int, default=16, help="candidates per prompt (default 16)")
-    parser.add_argument("--keep", type=int, default=4, help="pictures kept per prompt, best by the scorer (default 4)")
+    parser.add_argument("--keep", type=int, default=None,
+                        help="pictures kept per prompt, best by the scorer (default: 4, or --n if fewer)")
     parser.add_argument("--top-k", type=int, default=None, help="sample among the K likeliest tokens")
     parser.add_argument("--top-p", type=float, default=None, help="sample among the smallest set with mass P")
     parser.add_argument("--temperature", type=float, default=1.0)
@@ -55,7 +56,8 @@ def run(args: argparse.Namespace) -> list[dict]:
     from sample.pipeline import Pipeline, SamplingSettings
 
     prompts = read_prompts(args)
-    settings = SamplingSettings(n=args.n, keep=args.keep, top_k=args.top_k, top_p=args.top_p,
+    keep = args.keep if args.keep is not None else min(4, max(args.n, 1))
+    settings = SamplingSettings(n=args.n, keep=keep, top_k=args.top_k, top_p=args.top_p,
                                 temperature=args.temperature, cfg=args.cfg, seed=args.seed,
                                 rerank=not args.no_rerank)
     out = prepare_out_dir(args.out)

@@ -83,14 +83,13 @@ class Pipeline:
         self.model.check_fits(self.tokenizer.vocab_size, self.vqgan.codebook_size, self.model.config.grid_size)
         self.scorer = None
         if reranker is not None:
-            from sample.hf_clip import HFClipScorer
+            from sample.rerank import HFClipScorer
 
             self.scorer = HFClipScorer(reranker, self.device)
         elif rerank:
-            from scorer import Scorer
+            from sample.rerank import RunScorer
 
-            self.scorer = Scorer.from_pretrained(run / "clip").to(self.device)
-            self.scorer.check_fits(self.tokenizer.vocab_size, self.scorer.config.image_size)
+            self.scorer = RunScorer(run, self.tokenizer, self.device)
 
     def encode_prompts(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Prompts to (ids, mask); an over-long prompt is truncated with a one-line warning naming the limit."""
@@ -119,15 +118,12 @@ class Pipeline:
             cfg_scale=settings.cfg, progress=progress,
         )  # (P*n, h, w)
         images = self.vqgan.decode(image_ids).float()  # (P*n, 3, H, W) in [-1, 1]
-        scores = self._score(images, text_ids.repeat_interleave(settings.n, 0), text_mask.repeat_interleave(settings.n, 0))
+        scores = None
+        if self.scorer is not None:  # every candidate of every prompt in one batch
+            scores = self.scorer.score(images, [p for p in prompts for _ in range(settings.n)])
         return [self._rank(prompt, images[i * settings.n:(i + 1) * settings.n],
                            None if scores is None else scores[i * settings.n:(i + 1) * settings.n], settings)
                 for i, prompt in enumerate(prompts)]
-
-    def _score(self, images: torch.Tensor, text_ids: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor | None:
-        if self.scorer is None:
-            return None
-        return self.scorer.score(images, text_ids, text_mask).float().cpu()
 
     def _rank(self, prompt: str, images: torch.Tensor, scores: torch.Tensor | None,
               settings: SamplingSettings) -> list[Picture]:
@@ -158,6 +154,7 @@ def generate_images(
     cfg: float = 3.0,
     seed: int = 0,
     rerank: bool = True,
+    reranker: str | Path | None = None,
     device: str = "auto",
     pipeline: Pipeline | None = None,
 ) -> list[list[Picture]]:
@@ -165,10 +162,13 @@ def generate_images(
 
     >>> best = generate_images("a large red circle", n=8, keep=2)[0]
     >>> best[0].image.save("circle.png"); best[0].score
+
+    ``reranker`` names a local directory holding a transformers ``CLIPModel`` to score with instead of
+    the run's own scorer. Pass a ``Pipeline`` to reuse loaded weights across calls.
     """
     if isinstance(prompts, str):
         prompts = [prompts]
     settings = SamplingSettings(n=n, keep=keep, top_k=top_k, top_p=top_p, temperature=temperature, cfg=cfg,
                                 seed=seed, rerank=rerank)
-    pipeline = pipeline or Pipeline(checkpoint, device=device, rerank=rerank)
+    pipeline = pipeline or Pipeline(checkpoint, device=device, rerank=rerank, reranker=reranker)
     return [[p for p in candidates if p.kept] for candidates in pipeline(prompts, settings)]

@@ -1,0 +1,187 @@
+"""The user's path: `python -m train all` on shapes, then `python -m sample`, and every bad input on the way
+answered with one line and exit status 2."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import sample.__main__ as sample_cli
+import train.__main__ as train_cli
+from sample import generate_images
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("run")
+    assert train_cli.main(["all", "--preset", "tiny", "--data", "shapes", "--size", "32", "--out", str(run),
+                           "--device", "cpu"]) == 0
+    return run
+
+
+def test_train_all_writes_every_part(tiny_run):
+    for part in ("tokenizer.model", "vqgan/model.safetensors", "vqgan/config.json", "seq2seq/model.safetensors",
+                 "seq2seq/config.json", "clip/model.safetensors", "clip/config.json"):
+        assert (tiny_run / part).is_file(), part
+    assert sorted(json.loads((tiny_run / "all.json").read_text())["finished"]) == ["clip", "seq2seq", "tokenizer", "vqgan"]
+    metrics = [json.loads(line) for line in (tiny_run / "metrics" / "seq2seq.jsonl").read_text().splitlines()]
+    assert any("heldout_bits_per_token" in m for m in metrics)
+    assert list((tiny_run / "samples" / "seq2seq").glob("step-*.png"))
+
+
+def test_sample_writes_kept_pictures_grid_and_metadata(tiny_run, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert sample_cli.main(["a large red circle", "--checkpoint", str(tiny_run), "--n", "4", "--keep", "2",
+                            "--out", str(out), "--device", "cpu", "--top-k", "50", "--top-p", "0.95"]) == 0
+    kept = sorted(out.glob("a-large-red-circle-s0-[0-9].png"))
+    assert len(kept) == 2
+    grid = out / "a-large-red-circle-s0-grid.png"
+    assert grid.is_file()
+    info = Image.open(kept[0]).info
+    assert info["prompt"] == "a large red circle" and json.loads(info["settings"])["top_k"] == 50
+    records = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert [r["file"] for r in records] == [k.name for k in kept]
+    assert records[0]["score"] >= records[1]["score"]
+
+    # Running again never overwrites: new names, the old files untouched.
+    before = {p.name: p.read_bytes() for p in out.glob("*.png")}
+    assert sample_cli.main(["a large red circle", "--checkpoint", str(tiny_run), "--n", "4", "--keep", "2",
+                            "--out", str(out), "--device", "cpu", "--top-k", "50", "--top-p", "0.95"]) == 0
+    assert all((out / name).read_bytes() == data for name, data in before.items())
+    assert (out / "a-large-red-circle-s0-0-1.png").is_file()
+    # ... and the same seed gives the same picture.
+    assert (out / "a-large-red-circle-s0-0-1.png").read_bytes() == (out / "a-large-red-circle-s0-0.png").read_bytes()
+
+
+def test_python_api_returns_kept_pictures_best_first(tiny_run):
+    results = generate_images(["two blue squares", "a small green triangle"], checkpoint=tiny_run, n=3, keep=2,
+                              device="cpu")
+    assert [len(r) for r in results] == [2, 2]
+    for pictures in results:
+        assert pictures[0].score >= pictures[1].score
+        assert all(p.kept and p.image.size == (32, 32) for p in pictures)
+
+
+def test_candidate_does_not_depend_on_the_other_prompts(tiny_run):
+    alone = generate_images("a purple diamond", checkpoint=tiny_run, n=2, keep=2, rerank=False, device="cpu")[0]
+    batched = generate_images(["three red circles", "a purple diamond"], checkpoint=tiny_run, n=2, keep=2,
+                              rerank=False, device="cpu")[1]
+    for a, b in zip(alone, batched):
+        assert a.seed == b.seed
+        assert a.image.tobytes() == b.image.tobytes()
+
+
+def _one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["", "--n", "2"], "prompt is empty"),
+    (["x", "--n", "0"], "--n must be >= 1"),
+    (["x", "--n", "2", "--keep", "3"], "--keep must be between 1 and --n"),
+    (["x", "--top-k", "0"], "--top-k must be >= 1"),
+    (["x", "--top-p", "0"], "--top-p must be in (0, 1]"),
+    (["x", "--top-p", "1.5"], "--top-p must be in (0, 1]"),
+    (["x", "--temperature", "0"], "--temperature must be > 0"),
+    ([], "no prompt given"),
+    (["x", "--prompts-file", "/nonexistent/prompts.txt"], "cannot read --prompts-file"),
+])
+def test_sample_bad_settings(tiny_run, tmp_path, capsys, argv, message):
+    code = sample_cli.main(argv + ["--checkpoint", str(tiny_run), "--out", str(tmp_path), "--device", "cpu"])
+    assert code == 2
+    assert message in _one_line_error(capsys)
+
+
+def test_sample_checkpoint_missing_a_part_names_it(tiny_run, tmp_path, capsys):
+    broken = tmp_path / "run"
+    shutil.copytree(tiny_run, broken)
+    shutil.rmtree(broken / "clip")
+    assert sample_cli.main(["x", "--checkpoint", str(broken), "--out", str(tmp_path / "o"), "--device", "cpu"]) == 2
+    assert _one_line_error(capsys).startswith("error: clip:")
+
+
+def test_sample_unwritable_out(tiny_run, tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert sample_cli.main(["x", "--checkpoint", str(tiny_run), "--out", str(blocker / "sub"), "--device", "cpu"]) == 2
+    assert "--out" in _one_line_error(capsys)
+
+
+def test_sample_long_and_unusual_prompts_work(tiny_run, tmp_path, capsys):
+    prompt = "a red circle " * 200 + "🔥\x00\u202e日本"
+    with pytest.warns(UserWarning, match=r"longer than the model's \d+ text tokens; it was truncated"):
+        assert sample_cli.main([prompt, "--checkpoint", str(tiny_run), "--n", "1", "--keep", "1",
+                                "--out", str(tmp_path), "--device", "cpu"]) == 0
+    names = [p.name for p in tmp_path.glob("*.png")]
+    assert names and all(len(n) < 90 and n.isascii() for n in names)
+
+
+def test_train_bad_data_is_one_line_exit_2(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "train", "tokenizer", "--data", str(tmp_path / "missing"),
+                             "--out", str(tmp_path / "run")], capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.startswith("error: ") and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_resume_of_finished_run_skips_stages(tiny_run, capsys):
+    assert train_cli.main(["all", "--preset", "tiny", "--size", "32", "--out", str(tiny_run), "--resume",
+                           "--device", "cpu"]) == 0
+    assert capsys.readouterr().out.count("already finished, skipped") == 4
+
+
+def _tiny_hf_clip(directory: Path) -> None:
+    """A randomly initialized transformers CLIPModel and a word-level tokenizer, saved locally (no downloads)."""
+    transformers = pytest.importorskip("transformers")
+    tokenizers = pytest.importorskip("tokenizers")
+    words = ["[PAD]", "[UNK]", "a", "large", "small", "red", "blue", "circle", "square"]
+    word_level = tokenizers.Tokenizer(tokenizers.models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    word_level.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=word_level, unk_token="[UNK]", pad_token="[PAD]")
+    config = transformers.CLIPConfig(
+        text_config=dict(vocab_size=len(words), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=16, pad_token_id=0, eos_token_id=1),
+        vision_config=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                           num_attention_heads=2),
+        projection_dim=16)
+    torch.manual_seed(0)
+    transformers.CLIPModel(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+
+
+def test_transformers_clip_from_a_local_directory_reranks(tiny_run, tmp_path):
+    _tiny_hf_clip(tmp_path / "clip")
+    from transformers import AutoTokenizer, CLIPModel
+
+    model = CLIPModel.from_pretrained(tmp_path / "clip").eval()
+    hf_tokenizer = AutoTokenizer.from_pretrained(tmp_path / "clip")
+    prompt = "a large red circle"
+    kept = generate_images([prompt], checkpoint=tiny_run, n=4, keep=2, reranker=tmp_path / "clip", device="cpu")[0]
+    assert len(kept) == 2 and kept[0].score >= kept[1].score
+
+    # The score is CLIP's cosine similarity, computed here independently from the saved picture.
+    pixels = torch.from_numpy(np.asarray(kept[0].image.convert("RGB"), dtype=np.float32) / 255).permute(2, 0, 1)[None]
+    pixels = torch.nn.functional.interpolate(pixels, size=32, mode="bicubic", antialias=True)
+    mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
+    std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        output = model(input_ids=hf_tokenizer([prompt], return_tensors="pt").input_ids, pixel_values=(pixels - mean) / std)
+    expected = torch.nn.functional.cosine_similarity(output.image_embeds, output.text_embeds).item()
+    assert kept[0].score == pytest.approx(expected, abs=0.02)  # the saved PNG is 8-bit
+
+
+def test_reranker_directory_without_a_model_is_one_line(tiny_run, tmp_path, capsys):
+    pytest.importorskip("transformers")
+    assert sample_cli.main(["x", "--checkpoint", str(tiny_run), "--n", "1", "--out", str(tmp_path / "o"),
+                            "--reranker", str(tmp_path), "--device", "cpu"]) == 2
+    assert "holds no config.json" in _one_line_error(capsys)
