@@ -7,12 +7,12 @@ model is randomly initialized: speed does not depend on the weights.
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import torch
 
 from bench.flops import synchronize
+from checkpoint import ArgumentParser
 from seq2seq import Seq2Seq, Seq2SeqConfig, generate
 
 __all__ = ["time_generate", "main"]
@@ -29,7 +29,7 @@ def time_generate(model: Seq2Seq, text_ids: torch.Tensor, text_mask: torch.Tenso
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench.decode_cache", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m bench.decode_cache", description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="small", help="seq2seq preset (default small)")
     parser.add_argument("--grid", type=int, default=16, help="grid side: grid**2 image tokens (default 16)")
     parser.add_argument("--batch", type=int, default=8, help="prompts generated together (default 8)")

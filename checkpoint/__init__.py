@@ -7,9 +7,11 @@ state only through ``torch.load(weights_only=True)``: nothing user-supplied is u
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, TypeVar
@@ -21,6 +23,7 @@ from safetensors.torch import load_file, save_file
 __all__ = [
     "UserError",
     "CheckpointError",
+    "ArgumentParser",
     "atomic_write",
     "write_json",
     "read_json",
@@ -44,6 +47,14 @@ class UserError(Exception):
 
 class CheckpointError(UserError):
     """A checkpoint that is missing, damaged or does not fit; the message says which part and what to do."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line, like every other bad input: ``error: ...``, exit status 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        print(f"error: {message}; see {self.prog} --help", file=sys.stderr)
+        sys.exit(2)
 
 
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
@@ -84,10 +95,14 @@ def read_json(path: str | Path, part: str) -> dict:
         raise CheckpointError(f"{part}: {path} is not valid JSON ({e.msg if hasattr(e, 'msg') else e})") from None
 
 
-def save_pretrained(model: torch.nn.Module, config: Any, directory: str | Path) -> None:
-    """Write ``config`` (a dataclass) as config.json and the model's weights as model.safetensors."""
+def save_pretrained(model: torch.nn.Module, config: Any, directory: str | Path, state: dict | None = None) -> None:
+    """Write ``config`` (a dataclass) as config.json and the model's weights as model.safetensors.
+
+    ``state`` replaces ``model.state_dict()`` where the module's own holds shards (FSDP2).
+    """
     directory = Path(directory)
-    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    state = model.state_dict() if state is None else state
+    state = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
     # Tied weights share storage; safetensors refuses shared tensors, so store independent copies.
     seen: set[int] = set()
     for name, tensor in state.items():

@@ -12,11 +12,11 @@ import sys
 import warnings
 from pathlib import Path
 
-from checkpoint import UserError
+from checkpoint import ArgumentParser, UserError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m sample", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="python -m sample", description=__doc__.splitlines()[0])
     parser.add_argument("prompt", nargs="?", help="what to draw")
     parser.add_argument("--prompts-file", help="one prompt a line, generated in one batch")
     parser.add_argument("--checkpoint", help="a run directory (default: the shipped demo run)")

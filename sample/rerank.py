@@ -59,13 +59,13 @@ class HFClipScorer:
             raise UserError("--reranker needs transformers: pip install 'tilecraft[hf-clip]'") from None
         directory = Path(directory)
         if not (directory / "config.json").is_file():
-            raise CheckpointError(f"reranker: {directory} holds no config.json; pass a directory saved by "
+            raise CheckpointError(f"--reranker {directory} holds no config.json; pass a directory saved by "
                                   "CLIPModel.save_pretrained")
         try:
             self.model = CLIPModel.from_pretrained(directory, local_files_only=True).to(device).eval()
             self.tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
         except (OSError, ValueError) as e:
-            raise CheckpointError(f"reranker: cannot load a CLIPModel and tokenizer from {directory}: "
+            raise CheckpointError(f"--reranker: cannot load a CLIPModel and tokenizer from {directory}: "
                                   f"{str(e).splitlines()[0]}") from None
         self.image_size = self.model.config.vision_config.image_size
         self.max_length = self.model.config.text_config.max_position_embeddings

@@ -10,7 +10,7 @@ import argparse
 import importlib
 import sys
 
-from checkpoint import UserError
+from checkpoint import ArgumentParser, UserError
 
 STAGES = {
     "tokenizer": "train the sentencepiece text tokenizer -> RUN/tokenizer.model",
@@ -19,11 +19,12 @@ STAGES = {
     "clip": "train the CLIP-style reranking scorer -> RUN/clip/",
     "all": "every stage, one after another, sized for this machine",
     "export": "write N examples of a --data source as an imagefolder (PNG + metadata.jsonl)",
+    "pack": "copy the parts sampling needs, float weights in float16, into a small run directory",
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m train", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="python -m train", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="stage", required=True, metavar="{" + ",".join(STAGES) + "}")
     for name, help_text in STAGES.items():
         stage_parser = sub.add_parser(name, help=help_text, description=help_text)

@@ -18,7 +18,7 @@ from checkpoint import UserError
 from train.loop import resolve_device
 
 __all__ = ["Context", "setup", "teardown", "wrap", "micro_batches", "no_sync_unless_last", "main_first",
-           "mean_across_ranks"]
+           "mean_across_ranks", "FullModelState", "FullOptimizerState"]
 
 
 @dataclass(frozen=True)
@@ -62,8 +62,12 @@ def wrap(model: torch.nn.Module, ctx: Context) -> torch.nn.Module:
     if ctx.fsdp:
         from torch.distributed.fsdp import fully_shard
 
-        for block in getattr(model, "blocks", lambda: [])():
-            fully_shard(block)
+        # Every transformer block is its own unit (gathered just before it runs, freed after), then the
+        # rest (embeddings, norms, head) is the root's. Parameters become DTensor shards in place.
+        for stack in model.modules():
+            if isinstance(stack, torch.nn.ModuleList):
+                for block in stack:
+                    fully_shard(block)
         return fully_shard(model)
     from torch.nn.parallel import DistributedDataParallel
 
@@ -110,3 +114,58 @@ def mean_across_ranks(value: float, ctx: Context) -> float:
     tensor = torch.tensor([value], dtype=torch.float64, device=ctx.device)
     torch_dist.all_reduce(tensor)
     return tensor.item() / ctx.world_size
+
+
+def _full_options(**kwargs):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, **kwargs)
+
+
+class FullModelState:
+    """An FSDP2-sharded model seen through ``state_dict`` / ``load_state_dict`` as its whole, unsharded state.
+
+    ``gather()`` is a collective (every rank calls it); rank 0 then holds the full tensors on the CPU,
+    the others an empty dict, which is all ``Run.save_checkpoint`` (rank 0 writes) needs. Loading takes
+    the full state on every rank and shards it back.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+        self.state: dict = {}
+
+    def gather(self) -> FullModelState:
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        self.state = get_model_state_dict(self.model, options=_full_options(cpu_offload=True))
+        return self
+
+    def state_dict(self) -> dict:
+        return self.state
+
+    def load_state_dict(self, state: dict, strict: bool = True) -> None:
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+        set_model_state_dict(self.model, state, options=_full_options(strict=strict))
+
+
+class FullOptimizerState:
+    """The optimizer of an FSDP2 model, its state gathered whole (keyed by parameter name) like FullModelState."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
+        self.model, self.optimizer = model, optimizer
+        self.state: dict = {}
+
+    def gather(self) -> FullOptimizerState:
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        self.state = get_optimizer_state_dict(self.model, self.optimizer, options=_full_options(cpu_offload=True))
+        return self
+
+    def state_dict(self) -> dict:
+        return self.state
+
+    def load_state_dict(self, state: dict) -> None:
+        from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+        set_optimizer_state_dict(self.model, self.optimizer, state, options=_full_options())

@@ -244,7 +244,26 @@ class Run:
         for name, optimizer in optimizers.items():
             optimizer.load_state_dict(state["optimizers"][name])
         _set_rng_state(state["rng"])
-        return int(state["step"]), int(state["data_position"]), state["extra"]
+        step = int(state["step"])
+        if self.is_main:
+            self._forget_after(step)
+            self.log(step, event="resumed from checkpoint")
+        return step, int(state["data_position"]), state["extra"]
+
+    def _forget_after(self, step: int) -> None:
+        """Tidy up after a killed run: drop its metrics past ``step`` and the temporary files it left."""
+        path = self.out / "metrics" / f"{self.stage}.jsonl"
+        if path.is_file():
+            kept = []
+            for line in path.read_text(encoding="utf-8").splitlines():
+                try:
+                    if json.loads(line)["step"] <= step:
+                        kept.append(line + "\n")
+                except (ValueError, KeyError, TypeError):  # a line cut short by the kill
+                    continue
+            atomic_write(path, lambda tmp: Path(tmp).write_text("".join(kept), encoding="utf-8"))
+        for tmp in self.out.rglob(".*.tmp"):  # atomic_write's temporaries, never renamed into place
+            tmp.unlink(missing_ok=True)
 
 
 def _unwrap(module: torch.nn.Module) -> torch.nn.Module:

@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from checkpoint import UserError
+from checkpoint import UserError, save_pretrained
 from train import dist
-from train.loop import Run, add_common_arguments, cosine_schedule, progress, resolve_device
+from train.loop import Run, add_common_arguments, cosine_schedule, progress
 
 
 @dataclass
@@ -52,6 +52,7 @@ class Seq2SeqOptions:
     eval_every: int = 250
     sample_cfg: float = 3.0
     compile: bool = False
+    fsdp: bool = False
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -70,6 +71,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-every", type=int, default=Seq2SeqOptions.eval_every)
     parser.add_argument("--sample-cfg", type=float, default=Seq2SeqOptions.sample_cfg)
     parser.add_argument("--compile", action="store_true", help="torch.compile the training model")
+    parser.add_argument("--fsdp", action="store_true",
+                        help="under torchrun, shard weights, gradients and optimizer state over the processes "
+                             "(FSDP2 fully_shard) instead of copying the model to each (DDP)")
 
 
 def options_from_args(cls, args: argparse.Namespace):
@@ -95,8 +99,10 @@ class Seq2SeqTrainer:
             raise UserError(f"--caption-dropout must be in [0, 1), got {options.caption_dropout}")
         if not 0 <= options.ema < 1:
             raise UserError(f"--ema must be in [0, 1), got {options.ema}")
+        if options.fsdp and options.ema:
+            raise UserError("--ema keeps a whole copy of the model on every process; drop it or --fsdp")
         self.options = o = options
-        self.ctx = dist.setup(o.device)
+        self.ctx = dist.setup(o.device, fsdp=o.fsdp)
         self.device = self.ctx.device
         self.run = Run(o.out, "seq2seq")
         out = Path(o.out)
@@ -118,6 +124,8 @@ class Seq2SeqTrainer:
         torch.manual_seed(o.seed)
         self.model = Seq2Seq(self.config).to(self.device)
         self.ema = copy.deepcopy(self.model).requires_grad_(False) if o.ema else None
+        # Wrapped before the optimizer is built: FSDP2 replaces the parameters with their shards.
+        self.train_model = dist.wrap(self.model, self.ctx)
         decay, no_decay = [], []
         for p in self.model.parameters():
             (decay if p.dim() >= 2 else no_decay).append(p)
@@ -127,19 +135,22 @@ class Seq2SeqTrainer:
         )
         self.schedule = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: cosine_schedule(s, warmup=o.warmup, total=o.steps))
-        self.train_model = dist.wrap(self.model, self.ctx)
         if o.compile:
             self.train_model = torch.compile(self.train_model)
         self.micro_batches = dist.micro_batches(o.batch_size, o.micro_batch_size, self.ctx)
         self.step = 0
         modules = {"model": self.model, **({"ema": self.ema} if self.ema is not None else {})}
         self.modules, self.optimizers = modules, {"optimizer": self.optimizer, "schedule": self.schedule}
+        if self.ctx.fsdp:  # checkpoints hold whole tensors, the same files as without --fsdp
+            self.modules = {"model": dist.FullModelState(self.model)}
+            self.optimizers = {"optimizer": dist.FullOptimizerState(self.model, self.optimizer),
+                               "schedule": self.schedule}
         if o.resume:
             self.step, _, _ = self.run.load_checkpoint(self.modules, self.optimizers, self.device)
 
-    def text_batch(self, texts: list[str], generator: torch.Generator | None = None):
-        if generator is not None and self.options.caption_dropout > 0:
-            drop = torch.rand(len(texts), generator=generator) < self.options.caption_dropout
+    def text_batch(self, texts: list[str], drop: torch.Tensor | None = None):
+        """Token ids and mask for ``texts``; captions where ``drop`` is True become empty (caption dropout)."""
+        if drop is not None:
             texts = ["" if d else t for t, d in zip(texts, drop.tolist())]
         ids, mask = self.tokenizer.batch(texts, max_length=self.config.max_text_len)
         return ids.to(self.device), mask.to(self.device)
@@ -157,8 +168,10 @@ class Seq2SeqTrainer:
     def train_step(self, step: int) -> float:
         o = self.options
         texts, image_ids = self.global_batch(step)
+        # Drawn for the whole global batch, then sliced like it: the same captions drop at any world size.
         dropout = torch.Generator().manual_seed(o.seed * 7919 + step)
-        text_ids, text_mask = self.text_batch(texts, dropout)
+        drop = (torch.rand(o.batch_size, generator=dropout) < o.caption_dropout)[self.ctx.rank::self.ctx.world_size]
+        text_ids, text_mask = self.text_batch(texts, drop)
         image_ids = image_ids.to(self.device)
         self.model.train()
         total = 0.0
@@ -199,11 +212,26 @@ class Seq2SeqTrainer:
             n += len(texts)
         return bits / n
 
+    def whole_model(self):
+        """The model to sample from and save: under --fsdp a whole copy gathered on rank 0 (None elsewhere)."""
+        if not self.ctx.fsdp:
+            return self.ema or self.model
+        from seq2seq import Seq2Seq
+
+        state = dist.FullModelState(self.model).gather().state_dict()  # every rank takes part
+        if not self.run.is_main:
+            return None
+        whole = Seq2Seq(self.config).to(self.device)
+        whole.load_state_dict(state)
+        return whole
+
     @torch.no_grad()
     def save_samples(self, step: int) -> None:
         from seq2seq import generate
 
-        model = self.ema or self.model
+        model = self.whole_model()
+        if model is None:
+            return
         model.eval()
         grid = self.config.grid_size
         texts = self.heldout_codes.texts[:8]
@@ -233,9 +261,17 @@ class Seq2SeqTrainer:
         return flops
 
     def checkpoint(self, step: int) -> None:
+        for state in self.modules.values():  # under --fsdp: gather the whole tensors, every rank taking part
+            getattr(state, "gather", lambda: None)()
+        for state in self.optimizers.values():
+            getattr(state, "gather", lambda: None)()
         self.run.save_checkpoint(step, self.modules, self.optimizers, data_position=step * self.options.batch_size)
         if self.run.is_main:
-            (self.ema or self.model).save_pretrained(Path(self.options.out) / "seq2seq")
+            directory = Path(self.options.out) / "seq2seq"
+            if self.ctx.fsdp:
+                save_pretrained(self.model, self.config, directory, state=self.modules["model"].state_dict())
+            else:
+                (self.ema or self.model).save_pretrained(directory)
 
     def fit(self) -> dict:
         from bench.flops import matmul_peak_flops
@@ -272,7 +308,7 @@ class Seq2SeqTrainer:
             if self.step % o.eval_every == 0 or self.step == o.steps:
                 last["heldout_bits_per_token"] = self.evaluate()
                 self.run.log(self.step, heldout_bits_per_token=last["heldout_bits_per_token"])
-            if self.run.is_main and (self.step % o.sample_every == 0 or self.step == o.steps):
+            if (self.run.is_main or self.ctx.fsdp) and (self.step % o.sample_every == 0 or self.step == o.steps):
                 self.save_samples(self.step)
             if self.step % o.save_every == 0 or self.step == o.steps:
                 self.checkpoint(self.step)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,11 +42,17 @@ def train_tokenizer(options: TokenizerOptions) -> Path:
         raise UserError(f"--vocab-size {options.vocab_size} is too small: byte fallback alone needs 260; use >= 300")
     if options.max_texts < 1:
         raise UserError(f"--max-texts must be >= 1, got {options.max_texts}")
+    path = Path(options.out) / "tokenizer.model"
+    try:  # find out now, not after training, that --out cannot be written
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if not os.access(path.parent, os.W_OK):
+            raise PermissionError(13, "Permission denied")
+    except OSError as e:
+        raise UserError(f"cannot write {path}: {e.strerror}; pass a writable --out") from None
     dataset = open_dataset(options.data, size=32, split="train", image_column=options.image_column,
                            text_column=options.text_column, seed=options.seed)
     captions = texts(dataset, options.max_texts)
     tokenizer = TextTokenizer.train(captions, vocab_size=options.vocab_size)
-    path = Path(options.out) / "tokenizer.model"
     try:
         tokenizer.save(path)
     except OSError as e:

@@ -1,0 +1,189 @@
+"""Every command line answers bad input with one line and exit status 2, never a traceback: the catalogue.
+
+Each case prepares what it needs in a temporary directory (a corrupt file, a run with a part missing or
+from another run, a truncated weights file), runs the command in-process and checks the one line. A
+property test feeds `sample` random Unicode, control characters and very long prompts: it never crashes.
+"""
+
+import json
+import shutil
+import string
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import bench.__main__ as bench_cli
+import sample.__main__ as sample_cli
+import train.__main__ as train_cli
+from checkpoint import UserError
+
+
+def _copy_run(tiny_run: Path, to: Path, without: str | None = None) -> Path:
+    shutil.copytree(tiny_run, to, ignore=shutil.ignore_patterns("state", "cache", "samples", "metrics"))
+    if without:
+        target = to / without
+        shutil.rmtree(target) if target.is_dir() else target.unlink()
+    return to
+
+
+def _other_vocab_run(tiny_run: Path, to: Path) -> Path:
+    """A run whose tokenizer is another run's: 40 more ids than seq2seq was trained with."""
+    from tokenizer import TextTokenizer
+
+    run = _copy_run(tiny_run, to)
+    vocab = TextTokenizer.load(run / "tokenizer.model").vocab_size
+    texts = [f"word{i} {string.ascii_lowercase[i % 26] * (1 + i % 5)}" for i in range(3000)]
+    TextTokenizer.train(texts, vocab_size=vocab + 40).save(run / "tokenizer.model")
+    return run
+
+
+def _truncated_weights(tiny_run: Path, to: Path) -> Path:
+    run = _copy_run(tiny_run, to)
+    weights = run / "vqgan" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    return run
+
+
+def _write(path: Path, data: str | bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data if isinstance(data, bytes) else data.encode())
+    return path
+
+
+def _folder_without_metadata(tmp: Path) -> Path:
+    from PIL import Image
+
+    (tmp / "pics").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp / "pics" / "a.png")
+    return tmp / "pics"
+
+
+def _jsonl_without_caption(tmp: Path) -> Path:
+    return _write(tmp / "rows.jsonl", "\n".join(json.dumps({"image": "a.png", "label": "x"}) for _ in range(20)))
+
+
+# (tool, argv with {tmp} and {run} placeholders, what to prepare, the words the one line must hold)
+CASES = [
+    # train: paths and data
+    ("train", "tokenizer --data {tmp}/missing --out {tmp}/out", None, "no such file or folder"),
+    ("train", "vqgan --data {tmp}/pics --out {tmp}/out", _folder_without_metadata, "has no metadata.jsonl"),
+    ("train", "vqgan --data {tmp}/rows.jsonl --out {tmp}/out", _jsonl_without_caption, "its columns are"),
+    ("train", "vqgan --data {tmp}/empty.jsonl --out {tmp}/out", lambda t: _write(t / "empty.jsonl", ""), "empty"),
+    ("train", "vqgan --data {tmp}/bad.parquet --out {tmp}/out", lambda t: _write(t / "bad.parquet", b"\x00junk" * 50),
+     "cannot read"),
+    ("train", "vqgan --data {tmp}/notes.txt --out {tmp}/out", lambda t: _write(t / "notes.txt", "hello"), "cannot read"),
+    ("train", "tokenizer --data shapes --out /proc/tilecraft-run", None, "cannot write"),
+    # train: numbers and types
+    ("train", "vqgan --data shapes --out {tmp}/out --steps -1", None, "--steps: must be >= 1"),
+    ("train", "vqgan --data shapes --out {tmp}/out --steps many", None, "invalid"),
+    ("train", "vqgan --data shapes --out {tmp}/out --lr -0.1", None, "--lr"),
+    ("train", "vqgan --data shapes --out {tmp}/out --batch-size 0", None, "--batch-size"),
+    ("train", "vqgan --data shapes --out {tmp}/out --size 36 --preset tiny", None, "--size"),
+    ("train", "vqgan --data shapes --out {tmp}/out --downsample 3", None, "--downsample"),
+    ("train", "vqgan --data shapes --out {tmp}/out --codebook-size 1", None, "--codebook-size"),
+    ("train", "vqgan --data shapes --out {tmp}/out --disc-weight -1", None, "--disc-weight"),
+    ("train", "vqgan --data shapes --out {tmp}/out --preset huge", None, "preset"),
+    ("train", "seq2seq --data shapes --out {tmp}/out", None, "tokenizer.model is missing"),
+    ("train", "seq2seq --data shapes --out {tmp}/out --caption-dropout 1.5", None, "--caption-dropout"),
+    ("train", "vqgan --data shapes --out {tmp}/out --device cuda", None, "no CUDA device", ),
+    ("train", "vqgan --data shapes --out {tmp}/out --resume", None, "no checkpoint"),
+    ("train", "all --data shapes --out {tmp}/out --preset enormous", None, "--preset"),
+    ("train", "pack --run {tmp}/missing --out {tmp}/out", None, "lacks tokenizer.model"),
+    ("train", "export --data shapes --n 0 --out {tmp}/out", None, "--n must be >= 1"),
+    ("train", "nonsense", None, "invalid choice"),
+    # sample: settings
+    ("sample", '"" --checkpoint {run}', None, "prompt is empty"),
+    ("sample", '"   " --checkpoint {run}', None, "prompt is empty"),
+    ("sample", "--checkpoint {run}", None, "no prompt given"),
+    ("sample", "x --checkpoint {run} --n 0", None, "--n must be >= 1"),
+    ("sample", "x --checkpoint {run} --n 2 --keep 3", None, "--keep must be between 1 and --n"),
+    ("sample", "x --checkpoint {run} --top-k 0", None, "--top-k must be >= 1"),
+    ("sample", "x --checkpoint {run} --top-p 0", None, "--top-p must be in (0, 1]"),
+    ("sample", "x --checkpoint {run} --top-p 1.01", None, "--top-p must be in (0, 1]"),
+    ("sample", "x --checkpoint {run} --temperature -1", None, "--temperature must be > 0"),
+    ("sample", "x --checkpoint {run} --cfg -2", None, "--cfg must be >= 0"),
+    ("sample", "x --checkpoint {run} --n two", None, "invalid int value"),
+    ("sample", "x --checkpoint {run} --prompts-file {tmp}/none.txt", None, "cannot read --prompts-file"),
+    ("sample", "--checkpoint {run} --prompts-file {tmp}/blank.txt", lambda t: _write(t / "blank.txt", "\n  \n"),
+     "has no prompts"),
+    ("sample", "x --checkpoint {run} --out /proc/tilecraft-out", None, "--out"),
+    # sample: checkpoints
+    ("sample", "x --checkpoint {tmp}/missing", None, "is not a directory"),
+    ("sample", "x --checkpoint {tmp}/run", lambda t, r: _copy_run(r, t / "run", without="clip"), "clip"),
+    ("sample", "x --checkpoint {tmp}/run", lambda t, r: _copy_run(r, t / "run", without="seq2seq"), "seq2seq"),
+    ("sample", "x --checkpoint {tmp}/run", lambda t, r: _copy_run(r, t / "run", without="tokenizer.model"), "tokenizer"),
+    ("sample", "x --checkpoint {tmp}/run", lambda t, r: _other_vocab_run(r, t / "run"), "tokenizer does not fit seq2seq"),
+    ("sample", "x --checkpoint {tmp}/run", lambda t, r: _truncated_weights(r, t / "run"), "damaged or truncated"),
+    ("sample", "x --checkpoint {run} --reranker {tmp}", None, "--reranker"),
+    # bench
+    ("bench", "--checkpoint {tmp}/missing", None, "is not a directory"),
+    ("bench", "--checkpoint {run} --candidates 0", None, "must be >= 1"),
+]
+TOOLS = {"train": train_cli.main, "sample": sample_cli.main, "bench": bench_cli.main}
+
+
+def _argv(template: str, tmp: Path, run: Path) -> list[str]:
+    import shlex
+
+    return shlex.split(template.format(tmp=tmp, run=run))
+
+
+@pytest.mark.parametrize("tool, template, prepare, words", CASES, ids=[f"{c[0]} {c[1][:48]}" for c in CASES])
+def test_bad_input_gets_one_line_and_status_2(tool, template, prepare, words, tiny_run, tmp_path, capsys):
+    if prepare is not None:
+        prepare(tmp_path, tiny_run) if prepare.__code__.co_argcount == 2 else prepare(tmp_path)
+    capsys.readouterr()
+    try:
+        code = TOOLS[tool](_argv(template, tmp_path, tiny_run) + (["--device", "cpu"] if tool == "sample" else []))
+    except SystemExit as e:  # argparse's own errors
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and err.strip().splitlines()[-1] == lines[0], err
+    assert words in lines[0]
+
+
+def test_the_catalogue_is_large():
+    assert len(CASES) >= 45
+
+
+# ------------------------------------------------------------------------------------- sample fuzzing
+
+@pytest.fixture(scope="module")
+def pipeline(tiny_run):
+    from sample.pipeline import Pipeline
+
+    return Pipeline(tiny_run, device="cpu")
+
+
+prompts = st.one_of(
+    st.text(max_size=300),  # any Unicode, control characters and all
+    st.text(alphabet=st.characters(codec="utf-8"), min_size=500, max_size=5000),  # far past the text length
+    st.lists(st.sampled_from(["a", "red", "circle", "\x00", "\u202e", "🔥", "\n", "日本", "𝕏", "\ufeff"]),
+             max_size=400).map(" ".join),
+)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(prompt=prompts)
+def test_sample_never_crashes_on_any_prompt(pipeline, prompt, tmp_path_factory):
+    from sample.output import prepare_out_dir, write_prompt_results
+    from sample.pipeline import SamplingSettings
+
+    settings_ = SamplingSettings(n=2, keep=1, cfg=1.5, seed=0)
+    try:
+        candidates = pipeline([prompt], settings_)[0]
+    except UserError as e:  # only an empty prompt is refused, with one line
+        assert not prompt.strip() and "\n" not in str(e)
+        return
+    assert prompt.strip() and len(candidates) == 2 and sum(p.kept for p in candidates) == 1
+    out = prepare_out_dir(tmp_path_factory.mktemp("out"))
+    written = write_prompt_results(out, candidates)
+    for record in written:
+        name = record["file"]
+        assert (out / name).is_file() and name.isascii() and "/" not in name and len(name) < 120
+        assert not name.startswith(".")

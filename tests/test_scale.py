@@ -1,0 +1,144 @@
+"""Scale out and survive: two gloo processes under torchrun train like one process with the same global
+batch, and every training stage killed with SIGKILL resumes from its last checkpoint to the same end."""
+
+import json
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--size", "32", "--device", "cpu", "--preset", "tiny"]
+STAGE_ARGS = {
+    "vqgan": ["--batch-size", "8", "--eval-every", "1000", "--sample-every", "1000", "--heldout-examples", "8"],
+    "seq2seq": ["--batch-size", "8", "--cache-examples", "64", "--heldout-examples", "16", "--eval-every", "1000",
+                "--sample-every", "1000", "--warmup", "2"],
+    "clip": ["--batch-size", "8", "--eval-every", "1000", "--heldout-examples", "16"],
+}
+
+
+def _run_dir(tiny_run: Path, path: Path, parts=("tokenizer.model", "vqgan")) -> Path:
+    """A fresh run directory holding copies of the earlier stages' outputs."""
+    path.mkdir(parents=True)
+    for part in parts:
+        source = tiny_run / part
+        (shutil.copytree if source.is_dir() else shutil.copyfile)(source, path / part)
+    return path
+
+
+def _train_argv(stage: str, out: Path, steps: int, *extra: str) -> list[str]:
+    return ["-m", "train", stage, "--data", "shapes", "--out", str(out), "--steps", str(steps), "--log-every", "1",
+            *TINY, *STAGE_ARGS[stage], *extra]
+
+
+def _metrics(out: Path, stage: str) -> list[dict]:
+    path = out / "metrics" / f"{stage}.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def _losses(out: Path, stage: str) -> dict[int, float]:
+    return {m["step"]: m["loss"] for m in _metrics(out, stage) if "loss" in m}
+
+
+def _check(result: subprocess.CompletedProcess) -> None:
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def _train_in_two_legs(out: Path, launcher: list[str], *extra: str) -> float:
+    """Train seq2seq 4 steps, then resume it to 6: the second leg loads what the first saved. Wall seconds."""
+    start = time.perf_counter()
+    for steps, resume in ((4, []), (6, ["--resume"])):
+        argv = _train_argv("seq2seq", out, steps, "--micro-batch-size", "4", "--save-every", "1000", *resume, *extra)
+        _check(subprocess.run([*launcher, *argv], capture_output=True, text=True, cwd=ROOT))
+    return time.perf_counter() - start
+
+
+@pytest.fixture(scope="module")
+def one_process_run(tiny_run, tmp_path_factory) -> tuple[Path, float]:
+    """The baseline: one process making two micro-batches of 4 per step."""
+    out = _run_dir(tiny_run, tmp_path_factory.mktemp("single") / "run")
+    return out, _train_in_two_legs(out, [sys.executable])
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_processes_train_like_one_with_the_same_global_batch(mode, one_process_run, tiny_run, tmp_path):
+    single, one_s = one_process_run
+    double = _run_dir(tiny_run, tmp_path / "double")
+    # Two processes make one micro-batch of 4 each: the same global batch of 8 as the baseline.
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    two_s = _train_in_two_legs(double, launcher, *(["--fsdp"] if mode == "fsdp" else []))
+    a, b = _losses(single, "seq2seq"), _losses(double, "seq2seq")
+    assert sorted(a) == sorted(b) == list(range(1, 7))
+    difference = max(abs(a[s] - b[s]) for s in a)
+    print(f"\n{mode}: loss difference over 6 steps (a resume after step 4): {difference:.2e}; wall time "
+          f"1 process {one_s:.1f} s, 2 processes {two_s:.1f} s (two launches each, start-up included)")
+    assert difference < 1e-4
+    # The weights the two runs end with agree too (gradients averaged over ranks == summed micro-batches).
+    wa, wb = load_file(single / "seq2seq" / "model.safetensors"), load_file(double / "seq2seq" / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        torch.testing.assert_close(wa[name], wb[name], rtol=1e-4, atol=1e-5)
+    # Only rank 0 wrote: one metrics line per step, not two.
+    assert [r["step"] for r in _metrics(double, "seq2seq") if "loss" in r] == list(range(1, 7))
+
+
+def _kill_after_checkpoint(argv: list[str], out: Path, stage: str, rng: random.Random) -> tuple[int, int]:
+    """Start a stage, SIGKILL it at a random moment after its first checkpoint; (checkpoint step, last step run)."""
+    process = subprocess.Popen([sys.executable, *argv], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    latest = out / "state" / stage / "latest.json"
+    deadline = time.monotonic() + 120
+    while not latest.is_file():
+        assert process.poll() is None, process.stderr.read().decode()[-3000:]
+        assert time.monotonic() < deadline, "no checkpoint within 120 s"
+        time.sleep(0.01)
+    time.sleep(rng.uniform(0.0, 0.3))
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    process.stderr.close()
+    assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed; give it more steps"
+    checkpoint = json.loads(latest.read_text())["step"]
+    return checkpoint, max(_losses(out, stage), default=0)
+
+
+@pytest.mark.parametrize("stage", ["vqgan", "seq2seq", "clip"])
+def test_a_killed_stage_resumes_from_its_last_checkpoint_to_the_same_end(stage, tiny_run, tmp_path):
+    steps, save_every = 40, 5
+    parts = ("tokenizer.model",) if stage in ("vqgan", "clip") else ("tokenizer.model", "vqgan")
+    whole = _run_dir(tiny_run, tmp_path / "whole", parts)
+    killed = _run_dir(tiny_run, tmp_path / "killed", parts)
+    _check(subprocess.run([sys.executable, *_train_argv(stage, whole, steps, "--save-every", str(save_every))],
+                          capture_output=True, text=True, cwd=ROOT))
+
+    argv = _train_argv(stage, killed, steps, "--save-every", str(save_every))
+    checkpoint, reached = _kill_after_checkpoint(argv, killed, stage, random.Random(stage))
+    assert save_every <= checkpoint < steps and checkpoint % save_every == 0
+    # Nothing half-written: every weights file the kill left behind loads whole.
+    for path in killed.rglob("*.safetensors"):
+        load_file(path)
+
+    result = subprocess.run([sys.executable, *argv, "--resume"], capture_output=True, text=True, cwd=ROOT)
+    _check(result)
+    print(f"\n{stage}: killed at step {reached}, resumed from checkpoint {checkpoint}: "
+          f"{reached - checkpoint} steps lost of {steps}")
+    records = _metrics(killed, stage)
+    assert {"step": checkpoint, "event": "resumed from checkpoint"}.items() <= next(
+        r for r in records if "event" in r).items(), "the resumed run did not continue from the last checkpoint"
+    # The log reads like one run: the killed run's steps past the checkpoint were dropped, each step once.
+    assert [r["step"] for r in records if "loss" in r] == list(range(1, steps + 1))
+    assert not list(killed.rglob("*.tmp")), "a temporary file of the killed run was left behind"
+
+    # The resumed run ends where the uninterrupted one did: the same losses after the checkpoint, the same weights.
+    a, b = _losses(whole, stage), _losses(killed, stage)
+    for s in range(checkpoint + 1, steps + 1):
+        assert b[s] == pytest.approx(a[s], rel=1e-5, abs=1e-6), s
+    final_a = load_file(whole / stage / "model.safetensors")
+    final_b = load_file(killed / stage / "model.safetensors")
+    for name in final_a:
+        torch.testing.assert_close(final_b[name], final_a[name], rtol=1e-5, atol=1e-6)
