@@ -17,14 +17,6 @@ import train.__main__ as train_cli
 from sample import generate_images
 
 
-@pytest.fixture(scope="session")
-def tiny_run(tmp_path_factory) -> Path:
-    run = tmp_path_factory.mktemp("run")
-    assert train_cli.main(["all", "--preset", "tiny", "--data", "shapes", "--size", "32", "--out", str(run),
-                           "--device", "cpu"]) == 0
-    return run
-
-
 def test_train_all_writes_every_part(tiny_run):
     for part in ("tokenizer.model", "vqgan/model.safetensors", "vqgan/config.json", "seq2seq/model.safetensors",
                  "seq2seq/config.json", "clip/model.safetensors", "clip/config.json"):
@@ -185,3 +177,27 @@ def test_reranker_directory_without_a_model_is_one_line(tiny_run, tmp_path, caps
     assert sample_cli.main(["x", "--checkpoint", str(tiny_run), "--n", "1", "--out", str(tmp_path / "o"),
                             "--reranker", str(tmp_path), "--device", "cpu"]) == 2
     assert "holds no config.json" in _one_line_error(capsys)
+
+
+def test_pack_halves_the_weights_and_the_packed_run_samples(tiny_run, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    packed = tmp_path / "packed"
+    assert train_cli.main(["pack", "--run", str(tiny_run), "--out", str(packed)]) == 0
+    assert not (packed / "state").exists() and (packed / "tokenizer.model").read_bytes() == (tiny_run / "tokenizer.model").read_bytes()
+    for part in ("vqgan", "seq2seq", "clip"):
+        full, half = load_file(tiny_run / part / "model.safetensors"), load_file(packed / part / "model.safetensors")
+        assert full.keys() == half.keys()
+        for name, tensor in full.items():
+            if tensor.is_floating_point():
+                assert half[name].dtype == torch.float16
+                torch.testing.assert_close(half[name].float(), tensor, rtol=1e-3, atol=1e-4)
+            else:
+                assert torch.equal(half[name], tensor)
+    kept = generate_images("a large red circle", checkpoint=packed, n=2, keep=1, device="cpu")[0]
+    assert len(kept) == 1 and kept[0].score is not None
+
+
+def test_pack_of_an_incomplete_run_names_what_is_missing(tmp_path, capsys):
+    assert train_cli.main(["pack", "--run", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    assert "lacks tokenizer.model, vqgan/model.safetensors" in _one_line_error(capsys)

@@ -32,9 +32,9 @@ PRESETS: dict[str, dict[str, list[str]]] = {
     },
     "cpu": {
         "tokenizer": ["--vocab-size", "1024"],
-        "vqgan": ["--preset", "small", "--steps", "2500", "--batch-size", "32"],
-        "seq2seq": ["--preset", "small", "--steps", "3000", "--batch-size", "64", "--cache-examples", "30000"],
-        "clip": ["--preset", "small", "--steps", "1500", "--batch-size", "128"],
+        "vqgan": ["--preset", "small", "--steps", "2000", "--batch-size", "32"],
+        "seq2seq": ["--preset", "small", "--steps", "1500", "--batch-size", "64", "--cache-examples", "30000"],
+        "clip": ["--preset", "small", "--steps", "600", "--batch-size", "128", "--eval-every", "200"],
     },
     "gpu": {
         "tokenizer": ["--vocab-size", "1024"],

@@ -1,0 +1,236 @@
+"""``python -m bench``: how fast and how good, measured, as a markdown table and a JSON file.
+
+    python -m bench                              # the shipped demo run, speed and quality
+    python -m bench --checkpoint runs/mine --only quality
+    python -m bench --only speed --device cuda --compile
+
+Speed (bench/speed.py) times random weights at the run's sizes: decoding at ``--grid`` x ``--grid``
+image tokens (default 16: 256 tokens), the VQGAN, the scorer and a training step of each trained model,
+all in one process after measuring the matmul peak. Quality (bench/quality.py) scores the run's own
+pictures of held-out `shapes` prompts with the oracle. Writes OUT/bench.json and OUT/bench.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from checkpoint import ArgumentParser, UserError
+
+GOALS = {"cache_speedup": 10.0, "cpu_share_of_peak": 0.5, "gpu_bandwidth_share": 0.6, "gpu_mfu": 0.35,
+         "single": 0.95, "relation": 0.85, "count": 0.80}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", help="a run directory (default: the shipped demo run)")
+    parser.add_argument("--only", choices=["speed", "quality"], help="run one half")
+    parser.add_argument("--out", default="bench_results", help="where bench.json and bench.md go")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--grid", type=int, default=16, help="decoding benchmark grid side (default 16: 256 tokens)")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 16], help="decoding batch sizes")
+    parser.add_argument("--compile", action="store_true", help="compile the decode step (CUDA graphs on a GPU)")
+    parser.add_argument("--bandwidth", type=float, default=None, help="the card's memory bandwidth in GB/s")
+    parser.add_argument("--prompts-per-kind", type=int, default=32, help="held-out prompts per kind of scene")
+    parser.add_argument("--candidates", type=int, default=16, help="candidates per prompt")
+    parser.add_argument("--vqgan-pictures", type=int, default=256, help="held-out renders the VQGAN reconstructs")
+    parser.add_argument("--data-batches", type=int, default=20, help="batches of 64 timed from the data layer")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def machine(device: torch.device) -> dict:
+    info = {"device": device.type, "torch": torch.__version__, "python": platform.python_version(),
+            "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def speed(run: Path, device: torch.device, args: argparse.Namespace) -> dict:
+    from bench.speed import (card_bandwidth, decode_figures, peak_figure, scorer_figures, training_figures,
+                             vqgan_figures)
+    from scorer import Scorer
+    from seq2seq import Seq2Seq
+    from vqgan import VQGAN
+
+    seq2seq_config = _load_config(run, "seq2seq")
+    vqgan_config = _load_config(run, "vqgan")
+    scorer_config = _load_config(run, "clip")
+    size = scorer_config.image_size
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    result = {"peak_flops": peak_figure(device, dtype), "peak_dtype": str(dtype).removeprefix("torch.")}
+    print(f"bench: matmul peak {result['peak_flops'] / 1e9:.0f} GFLOP/s ({result['peak_dtype']})", file=sys.stderr)
+
+    from bench.speed import data_figures
+
+    result["data"] = data_figures(size=size, batches=args.data_batches)
+    torch.manual_seed(args.seed)
+    decoder = Seq2Seq(replace(seq2seq_config, grid_size=args.grid)).to(device).eval()
+    if device.type == "cuda":
+        decoder = decoder.to(torch.bfloat16)
+    result["decode_model"] = {"parameters": decoder.num_parameters(), "image_tokens": decoder.config.image_len}
+    result["decode"] = decode_figures(decoder, batches=args.batches, compile=args.compile,
+                                      bandwidth=card_bandwidth(device, args.bandwidth))
+    del decoder
+    print("bench: decoding done", file=sys.stderr)
+    vqgan = VQGAN(vqgan_config).to(device).eval()
+    result["vqgan"] = vqgan_figures(vqgan, size=size)
+    result["scorer"] = scorer_figures(Scorer(scorer_config).to(device).eval())
+    seq2seq = Seq2Seq(seq2seq_config).to(device)
+    result["training"] = training_figures(seq2seq, vqgan, peak=result["peak_flops"], size=size,
+                                          amp=device.type == "cuda")
+    print("bench: training done", file=sys.stderr)
+    return result
+
+
+def _load_config(run: Path, part: str):
+    from scorer import ScorerConfig
+    from seq2seq import Seq2SeqConfig
+    from vqgan import VQGANConfig
+
+    cls = {"seq2seq": Seq2SeqConfig, "vqgan": VQGANConfig, "clip": ScorerConfig}[part]
+    path = run / part / "config.json"
+    try:
+        return cls(**json.loads(path.read_text()))
+    except (OSError, ValueError, TypeError) as e:
+        raise UserError(f"--checkpoint {run} has no readable {part}/config.json ({e}); "
+                        "pass a run made by `python -m train all`") from None
+
+
+def quality(run: Path, device: torch.device, args: argparse.Namespace) -> dict:
+    from bench.quality import composition_scores, heldout_bits, vqgan_scores
+
+    size = _load_config(run, "clip").image_size
+    result = {"composition": composition_scores(run, prompts_per_kind=args.prompts_per_kind,
+                                                candidates=args.candidates, seed=args.seed, device=str(device)),
+              "candidates": args.candidates}
+    print("bench: composition done", file=sys.stderr)
+    result["vqgan"] = vqgan_scores(run, n=args.vqgan_pictures, size=size, device=str(device), seed=args.seed)
+    result["heldout_bits_per_token"] = heldout_bits(run)
+    return result
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def _goal(value: float, goal: float) -> str:
+    return f"{_pct(value) if goal < 1 else f'{value:.1f}x'} (goal {_pct(goal) if goal < 1 else f'{goal:.0f}x'}: " \
+           f"{'met' if value >= goal else 'not met'})"
+
+
+def markdown(report: dict) -> str:
+    lines = [f"Run: `{report['checkpoint']}` · {report['machine']['device']} · torch {report['machine']['torch']} · "
+             f"{report['machine'].get('gpu', report['machine']['cpu'])}, {report['machine']['threads']} threads · "
+             f"{report['seconds']:.0f} s", ""]
+    s = report.get("speed")
+    if s:
+        gpu = report["machine"]["device"] == "cuda"
+        lines += [f"Matmul peak measured in this run: **{s['peak_flops'] / 1e9:.0f} GFLOP/s** ({s['peak_dtype']}).", "",
+                  f"Decoding, {s['decode_model']['image_tokens']} image tokens, "
+                  f"{s['decode_model']['parameters'] / 1e6:.1f} M parameters:", "",
+                  "| batch | guidance | method | image tokens/s | ms/step | prefill ms | outside model | vs recompute |"
+                  + (" bandwidth |" if gpu else ""),
+                  "|---|---|---|---|---|---|---|---|" + ("---|" if gpu else "")]
+        for r in s["decode"]:
+            cells = [str(r["batch"]), f"cfg {r['cfg']:g}" if r["cfg"] != 1 else "off", r["method"],
+                     f"{r['image_tokens_per_s']:.0f}", f"{r['ms_per_step']:.2f}",
+                     f"{r['prefill_ms']:.1f}" if "prefill_ms" in r else "",
+                     _pct(r["outside_model_share"]) if "outside_model_share" in r else "",
+                     f"cache {r['cache_speedup']:.1f}x faster" if "cache_speedup" in r else ""]
+            if gpu:
+                cells.append(_pct(r["bandwidth_share"]) if "bandwidth_share" in r else "")
+            lines.append("| " + " | ".join(cells) + " |")
+        speedups = [r["cache_speedup"] for r in s["decode"] if "cache_speedup" in r]
+        if speedups:
+            lines += ["", f"Cache against recompute: {_goal(min(speedups), GOALS['cache_speedup'])} "
+                          f"(the smaller of the batch sizes' ratios)."]
+        t = s["training"]
+        share_goal = GOALS["gpu_mfu"] if gpu else GOALS["cpu_share_of_peak"]
+        lines += ["", "| component | throughput | achieved FLOP/s | share of peak |", "|---|---|---|---|",
+                  f"| seq2seq training, batch {t['seq2seq']['batch']} | {t['seq2seq']['image_tokens_per_s']:.0f} "
+                  f"image tokens/s | {t['seq2seq']['achieved_flops'] / 1e9:.1f} G | "
+                  f"{_goal(t['seq2seq']['share_of_peak'], share_goal)} |",
+                  f"| VQGAN training, batch {t['vqgan']['batch']} | {t['vqgan']['pictures_per_s']:.1f} pictures/s | "
+                  f"{t['vqgan']['achieved_flops'] / 1e9:.1f} G | {_pct(t['vqgan']['share_of_peak'])} |",
+                  f"| VQGAN encode, batch {s['vqgan']['batch']} | {s['vqgan']['encode_pictures_per_s']:.0f} pictures/s | | |",
+                  f"| VQGAN decode, batch {s['vqgan']['batch']} | {s['vqgan']['decode_pictures_per_s']:.0f} pictures/s | | |",
+                  f"| scorer, batch {s['scorer']['batch']} | {s['scorer']['pictures_per_s']:.0f} pictures/s | | |"]
+        lines += [f"| `shapes` data, {r['size']} px, {r['workers']} workers | {r['examples_per_s']:.0f} examples/s | | |"
+                  for r in s["data"]]
+    q = report.get("quality")
+    if q:
+        c = q["composition"]
+        lines += ["", f"Oracle score on held-out prompts ({q['candidates']} candidates each):", "",
+                  "| kind | prompts | any candidate | keep 1 at random | keep 1 by the scorer | goal (scorer) |",
+                  "|---|---|---|---|---|---|"]
+        for kind, r in c.items():
+            goal = GOALS.get(kind)
+            lines.append(f"| {kind} | {r['prompts']} | {_pct(r['any'])} | {_pct(r['random1'])} | {_pct(r['clip1'])} | "
+                         + (f"{_pct(goal)}: {'met' if r['clip1'] >= goal else 'not met'} |" if goal else "– |"))
+        ks = list(next(iter(c.values()))["clip1_of_first"])
+        lines += ["", "Keeping the scorer's best of the first k candidates:", "",
+                  "| kind | " + " | ".join(f"k={k}" for k in ks) + " |", "|---|" + "---|" * len(ks)]
+        for kind, r in c.items():
+            lines.append(f"| {kind} | " + " | ".join(_pct(r["clip1_of_first"][k]) for k in ks) + " |")
+        v = q["vqgan"]
+        bits = q["heldout_bits_per_token"]
+        lines += ["", f"VQGAN on {v['pictures']} held-out renders: PSNR **{v['psnr_db']:.2f} dB**, oracle reads the "
+                      f"reconstruction like the original on **{_pct(v['oracle_agreement'])}**. Held-out bits per image "
+                      f"token: {'n/a' if bits is None else f'{bits:.3f}'}."]
+    return "\n".join(lines) + "\n"
+
+
+def run(args: argparse.Namespace) -> dict:
+    from checkpoint import write_json
+    from sample.pipeline import DEMO_RUN
+    from train.loop import resolve_device
+
+    checkpoint = Path(args.checkpoint) if args.checkpoint else DEMO_RUN
+    if not checkpoint.is_dir():
+        raise UserError(f"--checkpoint {checkpoint} is not a directory; pass a run made by `python -m train all`")
+    if min(args.grid, *args.batches, args.prompts_per_kind, args.candidates, args.vqgan_pictures, args.data_batches) < 1:
+        raise UserError("--grid, --batches, --prompts-per-kind, --candidates, --vqgan-pictures and --data-batches "
+                        "must be >= 1")
+    device = resolve_device(args.device)
+    out = Path(args.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot write --out {out}: {e.strerror}") from None
+    start = time.perf_counter()
+    report = {"checkpoint": str(checkpoint), "machine": machine(device), "command": "python -m bench " + " ".join(
+        sys.argv[1:] if args.argv is None else args.argv)}
+    if args.only in (None, "speed"):
+        report["speed"] = speed(checkpoint, device, args)
+    if args.only in (None, "quality"):
+        report["quality"] = quality(checkpoint, device, args)
+    report["seconds"] = time.perf_counter() - start
+    write_json(out / "bench.json", report)
+    text = markdown(report)
+    (out / "bench.md").write_text(text)
+    print(text)
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    args.argv = argv
+    try:
+        run(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
