@@ -109,6 +109,9 @@ class Pipeline:
         """All candidates of every prompt, each list sorted best first, the first ``keep`` marked kept."""
         from seq2seq import generate
 
+        # Text that is not valid Unicode (lone surrogates, as from undecodable command-line bytes) is
+        # repaired with U+FFFD rather than refused: no prompt should stop the tool.
+        prompts = [p.encode("utf-8", "surrogatepass").decode("utf-8", "replace") for p in prompts]
         text_ids, text_mask = self.encode_prompts(prompts)
         seeds = torch.arange(settings.n, dtype=torch.long) + settings.seed
         seeds = seeds.repeat(len(prompts)).to(self.device)  # candidate j of every prompt has seed + j

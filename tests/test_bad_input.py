@@ -161,11 +161,18 @@ def pipeline(tiny_run):
 
 
 prompts = st.one_of(
-    st.text(max_size=300),  # any Unicode, control characters and all
+    st.text(max_size=300),  # any code points: control characters, lone surrogates and all
     st.text(alphabet=st.characters(codec="utf-8"), min_size=500, max_size=5000),  # far past the text length
     st.lists(st.sampled_from(["a", "red", "circle", "\x00", "\u202e", "🔥", "\n", "日本", "𝕏", "\ufeff"]),
              max_size=400).map(" ".join),
 )
+
+
+def test_sample_repairs_text_that_is_not_unicode(pipeline):
+    from sample.pipeline import SamplingSettings
+
+    pictures = pipeline(["a red circle \udcff\ud800"], SamplingSettings(n=1, keep=1))[0]
+    assert pictures[0].prompt == "a red circle \ufffd\ufffd\ufffd\ufffd\ufffd\ufffd"
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -84,7 +84,7 @@ def test_round_trip_named(tok: TextTokenizer, text: str) -> None:
 
 
 @settings(max_examples=300, deadline=None)
-@given(text=st.text())
+@given(text=st.text(st.characters(codec="utf-8")))  # valid Unicode: lone surrogates are refused
 def test_round_trip_any_text(tok: TextTokenizer, text: str) -> None:
     ids = tok.encode(text)
     assert tok.unk_id not in ids
@@ -93,7 +93,7 @@ def test_round_trip_any_text(tok: TextTokenizer, text: str) -> None:
 
 
 # Text dense in the characters that tokenizers get wrong: spaces, sentencepiece's "▁", line ends.
-TRICKY_TEXT = st.text(alphabet=st.one_of(st.sampled_from(" \u2581\t\n\r\x00ab"), st.characters()))
+TRICKY_TEXT = st.text(alphabet=st.one_of(st.sampled_from(" \u2581\t\n\r\x00ab"), st.characters(codec="utf-8")))
 
 
 @settings(max_examples=300, deadline=None)
