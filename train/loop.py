@@ -17,6 +17,7 @@ import os
 import random
 import shutil
 import time
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,33 @@ __all__ = [
     "progress",
     "Run",
 ]
+
+
+@dataclass
+class StageOptions:
+    """The options every training stage takes (:func:`add_common_arguments`); a stage's dataclass extends it
+    with its own and may give ``steps``, ``batch_size`` and ``lr`` other defaults."""
+
+    data: str
+    out: str
+    steps: int = 1000
+    batch_size: int = 32
+    size: int = 64
+    lr: float = 1e-3
+    resume: bool = False
+    device: str = "auto"
+    seed: int = 0
+    workers: int = 0
+    image_column: str | None = None
+    text_column: str | None = None
+    log_every: int = 50
+    save_every: int = 500
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace):
+        """The options from a parsed command line; flags the stage does not use are left out."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in vars(args).items() if k in names})
 
 
 def add_common_arguments(

@@ -25,7 +25,7 @@ import hashlib
 import math
 import time
 import warnings
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -36,27 +36,16 @@ from torch import nn
 from checkpoint import UserError
 from scorer import Scorer, ScorerConfig, contrastive_loss, retrieval_accuracy
 from train import dist
-from train.loop import Run, add_common_arguments, cosine_schedule, progress
+from train.loop import Run, StageOptions, add_common_arguments, cosine_schedule, progress
 
 
 @dataclass
-class ClipOptions:
+class ClipOptions(StageOptions):
     """The stage's options, one per command-line flag (``add_arguments``)."""
 
-    data: str
-    out: str
     steps: int = 1500
     batch_size: int = 128
-    size: int = 64
     lr: float = 5e-4
-    resume: bool = False
-    device: str = "auto"
-    seed: int = 0
-    workers: int = 0
-    image_column: str | None = None
-    text_column: str | None = None
-    log_every: int = 50
-    save_every: int = 500
     preset: str = "small"
     heldout_examples: int = 256
     heldout_split: str = "heldout"
@@ -304,14 +293,8 @@ class ClipTrainer:
         return {"steps": self.step, **last}
 
 
-def options_from_args(args: argparse.Namespace) -> ClipOptions:
-    """The stage's options from its parsed command line (the common --sample-every does not apply: no pictures)."""
-    names = {f.name for f in fields(ClipOptions)}
-    return ClipOptions(**{k: v for k, v in vars(args).items() if k in names})
-
-
 def main(args: argparse.Namespace) -> None:
-    trainer = ClipTrainer(options_from_args(args))
+    trainer = ClipTrainer(ClipOptions.from_args(args))
     summary = trainer.fit()
     if trainer.run.is_main:
         print("clip: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items())

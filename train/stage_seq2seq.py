@@ -12,7 +12,7 @@ import argparse
 import copy
 import math
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -20,25 +20,14 @@ import torch.nn.functional as F
 
 from checkpoint import UserError, save_pretrained
 from train import dist
-from train.loop import Run, add_common_arguments, cosine_schedule, progress
+from train.loop import Run, StageOptions, add_common_arguments, cosine_schedule, progress
 
 
 @dataclass
-class Seq2SeqOptions:
-    data: str
-    out: str
+class Seq2SeqOptions(StageOptions):
     steps: int = 3000
     batch_size: int = 64
-    size: int = 64
     lr: float = 1e-3
-    resume: bool = False
-    device: str = "auto"
-    seed: int = 0
-    workers: int = 0
-    image_column: str | None = None
-    text_column: str | None = None
-    log_every: int = 50
-    save_every: int = 500
     sample_every: int = 500
     preset: str = "small"
     micro_batch_size: int | None = None
@@ -74,11 +63,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fsdp", action="store_true",
                         help="under torchrun, shard weights, gradients and optimizer state over the processes "
                              "(FSDP2 fully_shard) instead of copying the model to each (DDP)")
-
-
-def options_from_args(cls, args: argparse.Namespace):
-    names = {f.name for f in fields(cls)}
-    return cls(**{k: v for k, v in vars(args).items() if k in names})
 
 
 def bits_per_token(model, text_ids, text_mask, image_ids) -> float:
@@ -323,7 +307,7 @@ class Seq2SeqTrainer:
 
 
 def main(args: argparse.Namespace) -> None:
-    options = options_from_args(Seq2SeqOptions, args)
+    options = Seq2SeqOptions.from_args(args)
     trainer = Seq2SeqTrainer(options)
     summary = trainer.fit()
     if trainer.run.is_main:

@@ -18,14 +18,14 @@ import argparse
 import dataclasses
 import math
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from checkpoint import UserError
 from train import dist
-from train.loop import Run, add_common_arguments, cosine_schedule, progress
+from train.loop import Run, StageOptions, add_common_arguments, cosine_schedule, progress
 from vqgan import VQGAN, VQGANConfig
 from vqgan.discriminator import DISCRIMINATOR_PRESETS, PatchDiscriminator
 from vqgan.losses import LossWeights, discriminator_loss, generator_loss, psnr
@@ -34,21 +34,10 @@ __all__ = ["VQGANOptions", "VQGANTrainer", "add_arguments", "main"]
 
 
 @dataclass
-class VQGANOptions:
-    data: str
-    out: str
+class VQGANOptions(StageOptions):
     steps: int = 2500
     batch_size: int = 32
-    size: int = 64
     lr: float = 1e-3
-    resume: bool = False
-    device: str = "auto"
-    seed: int = 0
-    workers: int = 0
-    image_column: str | None = None
-    text_column: str | None = None
-    log_every: int = 50
-    save_every: int = 500
     sample_every: int = 500
     preset: str = "small"
     codebook_size: int | None = None  # None: the preset's
@@ -87,11 +76,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-every", type=int, default=o.eval_every, help="held-out PSNR every N steps")
     parser.add_argument("--heldout-examples", type=int, default=o.heldout_examples,
                         help="size of the fixed held-out batch")
-
-
-def options_from_args(args: argparse.Namespace) -> VQGANOptions:
-    names = {f.name for f in fields(VQGANOptions)}
-    return VQGANOptions(**{k: v for k, v in vars(args).items() if k in names})
 
 
 class VQGANTrainer:
@@ -305,7 +289,7 @@ def _check_same_config(saved: dict, current: dict) -> None:
 
 
 def main(args: argparse.Namespace) -> None:
-    trainer = VQGANTrainer(options_from_args(args))
+    trainer = VQGANTrainer(VQGANOptions.from_args(args))
     summary = trainer.fit()
     if trainer.run.is_main:
         print(f"vqgan: {summary['steps']} steps, held-out PSNR {summary['heldout_psnr']:.2f} dB, "
