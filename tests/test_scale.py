@@ -3,6 +3,7 @@ batch, and every training stage killed with SIGKILL resumes from its last checkp
 
 import json
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -142,3 +143,31 @@ def test_a_killed_stage_resumes_from_its_last_checkpoint_to_the_same_end(stage, 
     final_b = load_file(killed / stage / "model.safetensors")
     for name in final_a:
         torch.testing.assert_close(final_b[name], final_a[name], rtol=1e-5, atol=1e-6)
+
+
+def test_non_finite_losses_are_skipped_then_stop_the_run_with_the_checkpoint_intact(tiny_run, tmp_path, capsys,
+                                                                                    monkeypatch):
+    import train.__main__ as train_cli
+    from train.stage_vqgan import VQGANTrainer
+
+    out = _run_dir(tiny_run, tmp_path / "run", ("tokenizer.model",))
+    real_step, calls = VQGANTrainer.train_step, []
+
+    def step_then_diverge(self, images):
+        calls.append(self.step)
+        metrics = real_step(self, images)
+        if len(calls) == 4:  # one bad step among good ones is skipped and training goes on
+            return {"loss": torch.tensor(float("nan"))}
+        return metrics if len(calls) < 8 else {"loss": torch.tensor(float("inf"))}
+
+    monkeypatch.setattr(VQGANTrainer, "train_step", step_then_diverge)
+    argv = ["vqgan", "--data", "shapes", "--out", str(out), "--steps", "40", "--save-every", "3", "--log-every", "1",
+            *TINY, *STAGE_ARGS["vqgan"]]
+    assert train_cli.main(argv) == 2
+    err = re.findall(r"error: .*", capsys.readouterr().err)  # after the unfinished progress bar
+    assert err == ["error: vqgan: 5 non-finite losses in a row at step 6; lower --lr; the last good checkpoint is intact"]
+    events = [r for r in _metrics(out, "vqgan") if "event" in r]
+    assert [r["step"] for r in events] == [3, 6, 6, 6, 6, 6]  # logged at the steps done so far
+    assert [r["step"] for r in _metrics(out, "vqgan") if "l1" in r] == [1, 2, 3, 4, 5, 6]
+    assert json.loads((out / "state" / "vqgan" / "latest.json").read_text())["step"] == 6
+    load_file(out / "vqgan" / "model.safetensors")

@@ -37,6 +37,9 @@ __all__ = [
 ]
 
 
+MAX_NON_FINITE = 5  # non-finite losses in a row that stop a stage
+
+
 @dataclass
 class StageOptions:
     """The options every training stage takes (:func:`add_common_arguments`); a stage's dataclass extends it
@@ -175,6 +178,7 @@ class Run:
         self.state_dir = self.out / "state" / stage
         self.is_main = _rank() == 0
         self._start = time.time()
+        self._non_finite = 0  # non-finite losses in a row
         if self.is_main:
             try:
                 self.out.mkdir(parents=True, exist_ok=True)
@@ -196,6 +200,19 @@ class Run:
         with open(path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
         tqdm.write(" ".join(f"{k}={_fmt(v)}" for k, v in record.items()))
+
+    def non_finite(self, step: int, loss: float) -> bool:
+        """True when ``loss`` is not finite, logged, so that the caller skips the step; a UserError after
+        ``MAX_NON_FINITE`` in a row (the last checkpoint stays as it was)."""
+        if math.isfinite(loss):
+            self._non_finite = 0
+            return False
+        self._non_finite += 1
+        self.log(step, event="non-finite loss, step skipped", loss=loss)
+        if self._non_finite >= MAX_NON_FINITE:
+            raise UserError(f"{self.stage}: {self._non_finite} non-finite losses in a row at step {step}; "
+                            "lower --lr; the last good checkpoint is intact")
+        return True
 
     def save_samples(self, step: int, images: torch.Tensor, nrow: int) -> Path | None:
         """Write a PNG grid of ``images`` (N,3,H,W) in [-1,1] to RUN/samples/<stage>/step-N.png."""

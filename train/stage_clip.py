@@ -253,21 +253,15 @@ class ClipTrainer:
     def fit(self) -> dict:
         o = self.options
         bar = progress(o.steps, self.step, "clip")
-        timed, timed_images, bad_steps, last = 0.0, 0, 0, {}
+        timed, timed_images, last = 0.0, 0, {}
         while self.step < o.steps:
             start = time.perf_counter()
             batch = next(self.batches)
             self.skipped += batch["skipped"]
             loss, accuracy = self.train_step(batch)
             elapsed = time.perf_counter() - start
-            if not math.isfinite(loss):
-                bad_steps += 1
-                self.run.log(self.step, event="non-finite loss, step skipped", loss=loss)
-                if bad_steps >= 5:
-                    raise UserError(f"clip: {bad_steps} non-finite losses in a row at step {self.step}; "
-                                    "lower --lr; the last good checkpoint is intact")
+            if self.run.non_finite(self.step, loss):
                 continue
-            bad_steps = 0
             self.step += 1
             if self.step > 2:  # the first steps carry allocation and warm-up cost
                 timed += elapsed

@@ -263,21 +263,15 @@ class Seq2SeqTrainer:
         o = self.options
         tokens_per_step = o.batch_size * self.config.grid_size**2
         bar = progress(o.steps, self.step, "seq2seq")
-        flops_per_step, timed, timed_steps, bad_steps, last = None, 0.0, 0, 0, {}
+        flops_per_step, timed, timed_steps, last = None, 0.0, 0, {}
         while self.step < o.steps:
             if flops_per_step is None:
                 flops_per_step = self.count_step_flops()
             start = time.perf_counter()
             loss = self.train_step(self.step)
             elapsed = time.perf_counter() - start
-            if not math.isfinite(loss):
-                bad_steps += 1
-                self.run.log(self.step, event="non-finite loss, step skipped", loss=loss)
-                if bad_steps >= 5:
-                    raise UserError(f"seq2seq: {bad_steps} non-finite losses in a row at step {self.step}; "
-                                    "lower --lr; the last good checkpoint is intact")
+            if self.run.non_finite(self.step, loss):
                 continue
-            bad_steps = 0
             self.step += 1
             if self.step > 2:  # the first steps carry allocation and warm-up cost
                 timed += elapsed

@@ -211,21 +211,15 @@ class VQGANTrainer:
         o = self.options
         bar = progress(o.steps, self.step, "vqgan")
         sums: dict[str, torch.Tensor] = {}
-        summed, timed, timed_images, bad_steps = 0, 0.0, 0, 0
+        summed, timed, timed_images = 0, 0.0, 0
         last: dict[str, float] = {}
         while self.step < o.steps:
             images = self.next_batch()
             start = time.perf_counter()
             metrics = self.train_step(images)
             elapsed = time.perf_counter() - start
-            if not math.isfinite(metrics["loss"].item()):
-                bad_steps += 1
-                self.run.log(self.step, event="non-finite loss, step skipped", loss=metrics["loss"])
-                if bad_steps >= 5:
-                    raise UserError(f"vqgan: {bad_steps} non-finite losses in a row at step {self.step}; "
-                                    "lower --lr; the last good checkpoint is intact")
+            if self.run.non_finite(self.step, metrics["loss"].item()):
                 continue
-            bad_steps = 0
             self.step += 1
             if self.step > 2:  # the first steps carry allocation and warm-up cost
                 timed += elapsed
