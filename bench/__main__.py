@@ -13,7 +13,6 @@ pictures of held-out `shapes` prompts with the oracle. Writes OUT/bench.json and
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import time
@@ -22,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from checkpoint import ArgumentParser, UserError
+from checkpoint import ArgumentParser, UserError, load_config, run_command
 
 GOALS = {"cache_speedup": 10.0, "cpu_share_of_peak": 0.5, "gpu_bandwidth_share": 0.6, "gpu_mfu": 0.35,
          "single": 0.95, "relation": 0.85, "count": 0.80}
@@ -55,8 +54,8 @@ def machine(device: torch.device) -> dict:
 
 
 def speed(run: Path, device: torch.device, args: argparse.Namespace) -> dict:
-    from bench.speed import (card_bandwidth, decode_figures, peak_figure, scorer_figures, training_figures,
-                             vqgan_figures)
+    from bench.speed import (card_bandwidth, data_figures, decode_figures, peak_figure, scorer_figures,
+                             training_figures, vqgan_figures)
     from scorer import Scorer
     from seq2seq import Seq2Seq
     from vqgan import VQGAN
@@ -68,8 +67,6 @@ def speed(run: Path, device: torch.device, args: argparse.Namespace) -> dict:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     result = {"peak_flops": peak_figure(device, dtype), "peak_dtype": str(dtype).removeprefix("torch.")}
     print(f"bench: matmul peak {result['peak_flops'] / 1e9:.0f} GFLOP/s ({result['peak_dtype']})", file=sys.stderr)
-
-    from bench.speed import data_figures
 
     result["data"] = data_figures(size=size, batches=args.data_batches)
     torch.manual_seed(args.seed)
@@ -92,17 +89,12 @@ def speed(run: Path, device: torch.device, args: argparse.Namespace) -> dict:
 
 
 def _load_config(run: Path, part: str):
+    """A part's config from the run, a CheckpointError naming the part where it is missing or broken."""
     from scorer import ScorerConfig
     from seq2seq import Seq2SeqConfig
     from vqgan import VQGANConfig
 
-    cls = {"seq2seq": Seq2SeqConfig, "vqgan": VQGANConfig, "clip": ScorerConfig}[part]
-    path = run / part / "config.json"
-    try:
-        return cls(**json.loads(path.read_text()))
-    except (OSError, ValueError, TypeError) as e:
-        raise UserError(f"--checkpoint {run} has no readable {part}/config.json ({e}); "
-                        "pass a run made by `python -m train all`") from None
+    return load_config({"seq2seq": Seq2SeqConfig, "vqgan": VQGANConfig, "clip": ScorerConfig}[part], run / part, part)
 
 
 def quality(run: Path, device: torch.device, args: argparse.Namespace) -> dict:
@@ -224,12 +216,7 @@ def run(args: argparse.Namespace) -> dict:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = argv
-    try:
-        run(args)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_command(lambda: run(args))
 
 
 if __name__ == "__main__":

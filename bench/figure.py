@@ -14,7 +14,7 @@ import sys
 
 from PIL import Image, ImageDraw
 
-from checkpoint import ArgumentParser, UserError
+from checkpoint import ArgumentParser, run_command
 
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="python -m bench.figure", description=__doc__.splitlines()[0])
@@ -55,20 +55,18 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     chosen = [p for kind in KINDS for p in evaluation_prompts(kind, args.per_kind, seed=args.seed)]
-    try:
+    out = Path(args.out)
+
+    def draw() -> None:
         kept = generate_images([text for text, _ in chosen], checkpoint=args.checkpoint, n=args.n, keep=args.keep,
                                seed=args.seed, device=args.device)
         rows = [(text, [(p.image, check(scene, p.image)) for p in pictures])
                 for (text, scene), pictures in zip(chosen, kept)]
-        out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         figure(rows, args.scale).save(out)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"figure: {len(rows)} prompts x {args.keep} kept of {args.n} -> {out}")
-    return 0
+        print(f"figure: {len(rows)} prompts x {args.keep} kept of {args.n} -> {out}")
 
+    return run_command(draw)
 
 if __name__ == "__main__":
     sys.exit(main())

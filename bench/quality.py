@@ -65,15 +65,14 @@ def vqgan_scores(run: Path, *, n: int = 256, size: int = 64, device: str = "cpu"
     from train.oracle import check
     from train.shapes import Scene, example
     from vqgan import VQGAN
+    from vqgan.losses import psnr
 
     vqgan = VQGAN.from_pretrained(run / "vqgan").to(device)
     examples = [example(seed, "heldout", i, size) for i in range(n)]
     images = torch.stack([from_pil(e["image"], size) for e in examples]).to(device)
     recon = torch.cat([vqgan.decode(vqgan.encode(chunk)) for chunk in images.split(64)])
-    mse = ((recon - images) / 2).pow(2).flatten(1).mean(1).clamp_min(1e-10)  # in [0,1] units
-    psnr = (10 * torch.log10(1 / mse)).mean().item()
     agree = sum(check(Scene.from_dict(e["scene"]), to_pil(r.cpu())) for e, r in zip(examples, recon)) / n
-    return {"psnr_db": psnr, "oracle_agreement": agree, "pictures": n}
+    return {"psnr_db": psnr(images, recon).item(), "oracle_agreement": agree, "pictures": n}
 
 
 def heldout_bits(run: Path) -> float | None:

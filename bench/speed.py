@@ -29,18 +29,16 @@ BANDWIDTH_GBS = {"H200": 4800.0, "H100 PCIe": 2000.0, "H100": 3350.0, "A100-SXM4
                  "L40S": 864.0, "4090": 1008.0}
 
 
-def timed(fn: Callable[[], object], device: torch.device, repeat: int = 3, min_seconds: float = 0.0) -> float:
+def timed(fn: Callable[[], object], device: torch.device, repeat: int = 3) -> float:
     """The best of ``repeat`` timings of ``fn()`` (after one warm-up call), in seconds."""
     fn()
     synchronize(device)
-    best, start_all = float("inf"), time.perf_counter()
-    runs = 0
-    while runs < repeat or time.perf_counter() - start_all < min_seconds:
+    best = float("inf")
+    for _ in range(repeat):
         start = time.perf_counter()
         fn()
         synchronize(device)
         best = min(best, time.perf_counter() - start)
-        runs += 1
     return best
 
 

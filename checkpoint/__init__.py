@@ -24,6 +24,7 @@ __all__ = [
     "UserError",
     "CheckpointError",
     "ArgumentParser",
+    "run_command",
     "atomic_write",
     "write_json",
     "read_json",
@@ -47,6 +48,16 @@ class UserError(Exception):
 
 class CheckpointError(UserError):
     """A checkpoint that is missing, damaged or does not fit; the message says which part and what to do."""
+
+
+def run_command(body: Callable[[], object]) -> int:
+    """Run a command line's work: 0 when it ends, 2 with its one ``error: ...`` line when it raises UserError."""
+    try:
+        body()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
 
 
 class ArgumentParser(argparse.ArgumentParser):

@@ -12,7 +12,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from checkpoint import ArgumentParser, UserError
+from checkpoint import ArgumentParser, UserError, run_command
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -75,12 +75,7 @@ def run(args: argparse.Namespace) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     warnings.formatwarning = lambda message, *rest: f"warning: {message}\n"
-    try:
-        run(args)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_command(lambda: run(args))
 
 
 if __name__ == "__main__":

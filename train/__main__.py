@@ -10,7 +10,7 @@ import argparse
 import importlib
 import sys
 
-from checkpoint import ArgumentParser, UserError
+from checkpoint import ArgumentParser, run_command
 
 STAGES = {
     "tokenizer": "train the sentencepiece text tokenizer -> RUN/tokenizer.model",
@@ -35,14 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        importlib.import_module(f"train.stage_{args.stage}").main(args)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return run_command(lambda: importlib.import_module(f"train.stage_{args.stage}").main(args))
     except KeyboardInterrupt:
         print("interrupted: resume with --resume", file=sys.stderr)
         return 130
-    return 0
 
 
 if __name__ == "__main__":

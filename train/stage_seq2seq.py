@@ -245,10 +245,9 @@ class Seq2SeqTrainer:
         return flops
 
     def checkpoint(self, step: int) -> None:
-        for state in self.modules.values():  # under --fsdp: gather the whole tensors, every rank taking part
-            getattr(state, "gather", lambda: None)()
-        for state in self.optimizers.values():
-            getattr(state, "gather", lambda: None)()
+        if self.ctx.fsdp:  # gather the whole tensors, every rank taking part
+            self.modules["model"].gather()
+            self.optimizers["optimizer"].gather()
         self.run.save_checkpoint(step, self.modules, self.optimizers, data_position=step * self.options.batch_size)
         if self.run.is_main:
             directory = Path(self.options.out) / "seq2seq"
