@@ -16,7 +16,8 @@ import torch
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--size", "32", "--device", "cpu", "--preset", "tiny"]
+# fp32: two processes match one only up to rounding, and bf16 (auto on an AMX CPU) rounds each micro-batch.
+TINY = ["--size", "32", "--device", "cpu", "--preset", "tiny", "--precision", "fp32"]
 STAGE_ARGS = {
     "vqgan": ["--batch-size", "8", "--eval-every", "1000", "--sample-every", "1000", "--heldout-examples", "8"],
     "seq2seq": ["--batch-size", "8", "--cache-examples", "64", "--heldout-examples", "16", "--eval-every", "1000",
@@ -171,3 +172,20 @@ def test_non_finite_losses_are_skipped_then_stop_the_run_with_the_checkpoint_int
     assert [r["step"] for r in _metrics(out, "vqgan") if "l1" in r] == [1, 2, 3, 4, 5, 6]
     assert json.loads((out / "state" / "vqgan" / "latest.json").read_text())["step"] == 6
     load_file(out / "vqgan" / "model.safetensors")
+
+
+def test_precision_auto_is_bf16_only_where_the_hardware_multiplies_it():
+    from checkpoint import UserError
+    from train.loop import autocast, autocast_dtype, native_bf16
+
+    cpu = torch.device("cpu")
+    assert autocast_dtype(cpu, "fp32") is None
+    assert autocast_dtype(cpu, "bf16") is torch.bfloat16
+    assert autocast_dtype(cpu, "auto") is (torch.bfloat16 if native_bf16(cpu) else None)
+    with pytest.raises(UserError, match="--precision"):
+        autocast_dtype(cpu, "fp16")
+    layer, x = torch.nn.Linear(4, 4), torch.randn(2, 4)
+    with autocast(cpu, None):
+        assert layer(x).dtype == torch.float32
+    with autocast(cpu, torch.bfloat16):
+        assert layer(x).dtype == torch.bfloat16

@@ -329,3 +329,13 @@ def test_check_fits_names_the_part_that_does_not_fit(model):
         model.check_fits(config.text_vocab_size, 2 * config.codebook_size, config.grid_size)
     with pytest.raises(CheckpointError, match="^vqgan does not fit.*grids"):
         model.check_fits(config.text_vocab_size, config.codebook_size, 2 * config.grid_size)
+
+
+def test_compile_without_a_cxx_compiler_trains_uncompiled(monkeypatch, capsys):
+    import shutil
+
+    from train.stage_seq2seq import _can_compile
+
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    assert not _can_compile(torch.device("cpu"))
+    assert "training uncompiled" in capsys.readouterr().out

@@ -31,6 +31,9 @@ from checkpoint import CheckpointError, UserError, atomic_write, load_torch, sav
 __all__ = [
     "add_common_arguments",
     "resolve_device",
+    "autocast_dtype",
+    "autocast",
+    "native_bf16",
     "cosine_schedule",
     "progress",
     "Run",
@@ -59,6 +62,7 @@ class StageOptions:
     text_column: str | None = None
     log_every: int = 50
     save_every: int = 500
+    precision: str = "auto"
 
     @classmethod
     def from_args(cls, args: argparse.Namespace):
@@ -87,6 +91,9 @@ def add_common_arguments(
     parser.add_argument("--lr", type=_positive_float, default=lr, help=f"peak learning rate (default {lr})")
     parser.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                        help="bf16 autocast or fp32; auto: bf16 where the device multiplies bf16 matrices natively "
+                             "(CUDA with bf16, a CPU with AMX), fp32 elsewhere")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=_nonnegative_int, default=0, help="DataLoader worker processes")
     parser.add_argument("--image-column", default=None, help="image column of a file or hub dataset")
@@ -124,6 +131,29 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for but no CUDA device is visible; use --device cpu")
     return torch.device(name)
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` multiplies bf16 matrices in hardware: CUDA with bf16 support, or a CPU with AMX tiles
+    (elsewhere CPU bf16 is emulated and slower than fp32)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return device.type == "cpu" and amx is not None and bool(amx())
+
+
+def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
+    """The autocast dtype for ``--precision`` on ``device``: bfloat16, or None for plain fp32."""
+    if precision not in ("auto", "fp32", "bf16"):
+        raise UserError(f"--precision must be auto, fp32 or bf16, got {precision!r}")
+    if precision == "auto":
+        precision = "bf16" if native_bf16(device) else "fp32"
+    return torch.bfloat16 if precision == "bf16" else None
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> torch.autocast:
+    """Mixed precision in ``dtype`` on ``device`` (weights, optimizer and losses stay fp32), or off for None."""
+    return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
 
 
 def cosine_schedule(step: int, *, warmup: int, total: int, min_ratio: float = 0.1) -> float:

@@ -32,8 +32,9 @@ PRESETS: dict[str, dict[str, list[str]]] = {
     },
     "cpu": {
         "tokenizer": ["--vocab-size", "1024"],
-        "vqgan": ["--preset", "small", "--steps", "2000", "--batch-size", "32"],
-        "seq2seq": ["--preset", "small", "--steps", "1500", "--batch-size", "64", "--cache-examples", "30000"],
+        "vqgan": ["--preset", "small", "--steps", "3500", "--batch-size", "32", "--disc-start", "2500"],
+        "seq2seq": ["--preset", "small", "--steps", "2500", "--batch-size", "64", "--cache-examples", "30000",
+                    "--compile"],
         "clip": ["--preset", "small", "--steps", "600", "--batch-size", "128", "--eval-every", "200"],
     },
     "gpu": {

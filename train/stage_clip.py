@@ -1,9 +1,10 @@
 """``python -m train clip``: the CLIP-style scorer that sampling reranks candidates with, saved as RUN/clip/.
 
 Symmetric InfoNCE over the image-text pairs of each global batch with a learned temperature (CLIP,
-Radford et al., 2021); AdamW, linear warmup then cosine, gradient clipping, bf16 autocast on CUDA (fp32
-on CPU). Under torchrun every process embeds its slice and the embeddings are gathered, with gradients,
-so the negatives are the whole global batch, as with one process. Identical captions in a batch count as
+Radford et al., 2021); AdamW, linear warmup then cosine, gradient clipping, bf16 autocast where the
+device multiplies bf16 natively (``--precision auto``: CUDA, or a CPU with AMX; fp32 elsewhere). Under
+torchrun every process embeds its slice and the embeddings are gathered, with gradients, so the
+negatives are the whole global batch, as with one process. Identical captions in a batch count as
 matches, not negatives (small vocabularies repeat them: "a red circle" twice).
 
 Negatives. On `shapes` the pairs of a random batch already differ in one attribute at a time often enough
@@ -36,7 +37,7 @@ from torch import nn
 from checkpoint import UserError
 from scorer import Scorer, ScorerConfig, contrastive_loss, retrieval_accuracy
 from train import dist
-from train.loop import Run, StageOptions, add_common_arguments, cosine_schedule, progress
+from train.loop import Run, StageOptions, add_common_arguments, autocast, autocast_dtype, cosine_schedule, progress
 
 
 @dataclass
@@ -140,6 +141,7 @@ class ClipTrainer:
             raise UserError(f"{out / 'tokenizer.model'} is missing; run `python -m train tokenizer --out {out}` first")
         self.ctx = dist.setup(o.device)
         self.device = self.ctx.device
+        self.amp_dtype = autocast_dtype(self.device, o.precision)
         self.run = Run(out, "clip")
         self.tokenizer = TextTokenizer.load(out / "tokenizer.model")
         try:
@@ -210,7 +212,7 @@ class ClipTrainer:
         images = batch["image"].to(self.device)
         text_ids, text_mask = self.text_batch(batch["text"])
         self.model.train()
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+        with autocast(self.device, self.amp_dtype):
             image_embeds, text_embeds, scale = self.train_model(images, text_ids, text_mask)
         image_embeds = _gather_rows(image_embeds.float(), self.ctx)  # (B, E)
         text_embeds = _gather_rows(text_embeds.float(), self.ctx)  # (B, E)

@@ -2,8 +2,9 @@
 
 Teacher forcing with cross-entropy over the VQGAN's grid ids in raster order; captions dropped to the
 empty text about 10% of the time so classifier-free guidance has an unconditional model to push against.
-AdamW, linear warmup then cosine, gradient clipping, bf16 autocast on CUDA (fp32 on CPU), an optional EMA
-of the weights. Held-out loss is reported in bits per image token.
+AdamW, linear warmup then cosine, gradient clipping, bf16 autocast where the device multiplies bf16
+natively (``--precision auto``: CUDA, or a CPU with AMX; fp32 elsewhere), an optional EMA of the
+weights. Held-out loss is reported in bits per image token.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch.nn.functional as F
 
 from checkpoint import UserError, save_pretrained
 from train import dist
-from train.loop import Run, StageOptions, add_common_arguments, cosine_schedule, progress
+from train.loop import Run, StageOptions, add_common_arguments, autocast, autocast_dtype, cosine_schedule, progress
 
 
 @dataclass
@@ -39,7 +40,7 @@ class Seq2SeqOptions(StageOptions):
     grad_clip: float = 1.0
     ema: float = 0.0
     eval_every: int = 250
-    sample_cfg: float = 3.0
+    sample_cfg: float = 1.5  # python -m sample's default
     compile: bool = False
     fsdp: bool = False
 
@@ -65,6 +66,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(FSDP2 fully_shard) instead of copying the model to each (DDP)")
 
 
+def _can_compile(device: torch.device) -> bool:
+    """torch.compile needs a C++ compiler to build CPU kernels; without one, say so and train uncompiled."""
+    import shutil
+
+    if device.type == "cpu" and not any(shutil.which(cxx) for cxx in ("c++", "g++", "clang++", "cl")):
+        print("seq2seq: --compile needs a C++ compiler for CPU kernels and none is on PATH; training uncompiled")
+        return False
+    return True
+
+
 def bits_per_token(model, text_ids, text_mask, image_ids) -> float:
     logits = model(text_ids, text_mask, image_ids)  # (B, T, V)
     return F.cross_entropy(logits.flatten(0, 1).float(), image_ids.flatten()).item() / math.log(2)
@@ -88,6 +99,7 @@ class Seq2SeqTrainer:
         self.options = o = options
         self.ctx = dist.setup(o.device, fsdp=o.fsdp)
         self.device = self.ctx.device
+        self.amp_dtype = autocast_dtype(self.device, o.precision)
         self.run = Run(o.out, "seq2seq")
         out = Path(o.out)
         if not (out / "tokenizer.model").is_file():
@@ -119,7 +131,7 @@ class Seq2SeqTrainer:
         )
         self.schedule = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: cosine_schedule(s, warmup=o.warmup, total=o.steps))
-        if o.compile:
+        if o.compile and _can_compile(self.device):
             self.train_model = torch.compile(self.train_model)
         self.micro_batches = dist.micro_batches(o.batch_size, o.micro_batch_size, self.ctx)
         self.step = 0
@@ -163,7 +175,7 @@ class Seq2SeqTrainer:
                           image_ids.tensor_split(self.micro_batches)))
         for i, (t_ids, t_mask, i_ids) in enumerate(chunks):
             with dist.no_sync_unless_last(self.train_model, i == len(chunks) - 1, self.ctx):
-                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+                with autocast(self.device, self.amp_dtype):
                     logits = self.train_model(t_ids, t_mask, i_ids)  # (b, T, V)
                 loss = F.cross_entropy(logits.flatten(0, 1).float(), i_ids.flatten())
                 (loss * len(i_ids) / len(image_ids)).backward()
@@ -292,7 +304,7 @@ class Seq2SeqTrainer:
         bar.close()
         summary = {"steps": self.step, **last}
         if timed_steps:
-            peak = matmul_peak_flops(self.device, torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+            peak = matmul_peak_flops(self.device, self.amp_dtype or torch.float32)
             achieved = flops_per_step * timed_steps / timed
             summary.update(achieved_flops=achieved, peak_flops=peak, share_of_peak=achieved / peak)
             self.run.log(self.step, **{k: summary[k] for k in ("achieved_flops", "peak_flops", "share_of_peak")})

@@ -3,9 +3,11 @@
 Two optimizers, one step each per batch: the autoencoder on L1 + perceptual + quantizer loss (+ the
 adaptively weighted hinge GAN loss from --disc-start), then the discriminator on the hinge loss. AdamW
 with betas (0.5, 0.9) as in taming-transformers (a short memory suits a moving GAN target), linear
-warmup then cosine decay. The VQGAN runs in fp32 on every device. Held-out PSNR and codebook use are
-measured on a fixed batch of the "heldout" split; a grid of held-out originals above their
-reconstructions is saved every --sample-every steps.
+warmup then cosine decay. Convolutions run in bf16 autocast where the device multiplies bf16 natively
+(``--precision auto``: CUDA, or a CPU with AMX), fp32 elsewhere; the quantizer, the losses, the weights and
+the optimizer state are fp32 always (bf16 has fp32's range, so fp16's overflow NaNs cannot happen).
+Held-out PSNR and codebook use are measured on a fixed batch of the "heldout" split; a grid of held-out
+originals above their reconstructions is saved every --sample-every steps.
 
 The default perceptual term is discriminator feature matching (no pretrained weights exist here);
 ``--perceptual-weights PATH`` to a VGG16 state dict switches to the LPIPS-style VGG distance. See
@@ -25,7 +27,7 @@ import torch
 
 from checkpoint import UserError
 from train import dist
-from train.loop import Run, StageOptions, add_common_arguments, cosine_schedule, progress
+from train.loop import Run, StageOptions, add_common_arguments, autocast, autocast_dtype, cosine_schedule, progress
 from vqgan import VQGAN, VQGANConfig
 from vqgan.discriminator import DISCRIMINATOR_PRESETS, PatchDiscriminator
 from vqgan.losses import LossWeights, discriminator_loss, generator_loss, psnr
@@ -35,7 +37,7 @@ __all__ = ["VQGANOptions", "VQGANTrainer", "add_arguments", "main"]
 
 @dataclass
 class VQGANOptions(StageOptions):
-    steps: int = 2500
+    steps: int = 3500
     batch_size: int = 32
     lr: float = 1e-3
     sample_every: int = 500
@@ -43,7 +45,7 @@ class VQGANOptions(StageOptions):
     codebook_size: int | None = None  # None: the preset's
     downsample: int | None = None  # None: the preset's (8)
     ema: bool = False
-    disc_start: int = 1000
+    disc_start: int = 2500
     disc_weight: float = 0.1
     perceptual_weight: float = 0.1
     perceptual_weights: str | None = None
@@ -94,6 +96,7 @@ class VQGANTrainer:
             raise UserError(f"vqgan: {e}") from None
         self.ctx = dist.setup(o.device)
         self.device = self.ctx.device
+        self.amp_dtype = autocast_dtype(self.device, o.precision)
         self.run = Run(o.out, "vqgan")
         torch.manual_seed(o.seed)
         self.model = VQGAN(self.config).to(self.device)
@@ -156,19 +159,21 @@ class VQGANTrainer:
                 group["lr"] = lr
         self.model.train()
         self.discriminator.train()
-        reconstructions, quantized = self.train_model(images)
-        # The autoencoder's loss calls the bare discriminator with frozen weights: no wasted weight
-        # gradients, and no DDP reduction for parameters that get none.
-        self.discriminator.requires_grad_(False)
-        loss, metrics = generator_loss(images, reconstructions, quantized.loss, discriminator=self.discriminator,
-                                       last_layer=self.model.last_layer, step=self.step, weights=self.weights,
-                                       perceptual=self.perceptual)
-        self.discriminator.requires_grad_(True)
+        with autocast(self.device, self.amp_dtype):
+            reconstructions, quantized = self.train_model(images)
+            # The autoencoder's loss calls the bare discriminator with frozen weights: no wasted weight
+            # gradients, and no DDP reduction for parameters that get none.
+            self.discriminator.requires_grad_(False)
+            loss, metrics = generator_loss(images, reconstructions, quantized.loss, discriminator=self.discriminator,
+                                           last_layer=self.model.last_layer, step=self.step, weights=self.weights,
+                                           perceptual=self.perceptual)
+            self.discriminator.requires_grad_(True)
         if not math.isfinite(loss.item()):
             return {"loss": loss.detach()}
         _optimizer_step(loss, self.model, self.optimizers["generator"], o.grad_clip)
-        d = discriminator_loss(images, reconstructions, discriminator=self.train_discriminator, step=self.step,
-                               weights=self.weights)
+        with autocast(self.device, self.amp_dtype):
+            d = discriminator_loss(images, reconstructions, discriminator=self.train_discriminator, step=self.step,
+                                   weights=self.weights)
         if d is not None:
             _optimizer_step(d[0], self.discriminator, self.optimizers["discriminator"], o.grad_clip)
             metrics.update(d[1])

@@ -48,12 +48,12 @@ class LossWeights:
 # ---------------------------------------------------------------------- pure pieces
 def hinge_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
     """Discriminator hinge loss: 0.5 * (mean(relu(1 - real)) + mean(relu(1 + fake)))."""
-    return 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())
+    return 0.5 * (F.relu(1.0 - logits_real.float()).mean() + F.relu(1.0 + logits_fake.float()).mean())
 
 
 def hinge_g_loss(logits_fake: torch.Tensor) -> torch.Tensor:
     """Generator loss of the hinge GAN: -mean(fake logits)."""
-    return -logits_fake.mean()
+    return -logits_fake.float().mean()
 
 
 def adaptive_weight(
@@ -82,7 +82,7 @@ def feature_matching_loss(real_features: list[torch.Tensor], fake_features: list
     """Mean over layers of the L1 distance between fake and (detached) real activations."""
     if len(real_features) != len(fake_features) or not real_features:
         raise ValueError(f"need matching, non-empty feature lists, got {len(real_features)} and {len(fake_features)}")
-    losses = [F.l1_loss(fake, real.detach()) for real, fake in zip(real_features, fake_features)]
+    losses = [F.l1_loss(fake.float(), real.detach().float()) for real, fake in zip(real_features, fake_features)]
     return torch.stack(losses).mean()
 
 

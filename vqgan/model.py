@@ -2,13 +2,13 @@
 
 Esser et al., 2021 ("Taming Transformers for High-Resolution Image Synthesis") with the factorized,
 l2-normalized codebook of ViT-VQGAN / LlamaGen. Encoder -> 1x1 projection to ``code_dim`` ->
-quantizer -> 1x1 projection back -> decoder. The model always runs in fp32: autocast is switched off
-inside it, since the quantizer's distances and the decoder's output are fragile in half precision.
+quantizer -> 1x1 projection back -> decoder. The encoder and decoder follow the caller's autocast (training
+uses bf16 where the hardware has it); the quantizer always works in fp32, since nearest-code distances are
+fragile in half precision, and latents and images are returned in fp32.
 """
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 
 import torch
@@ -80,16 +80,14 @@ class VQGAN(nn.Module):
     # ------------------------------------------------------------------ training forward
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, QuantizerOutput]:
         """Reconstruct ``images`` (B, C, H, W): (reconstructions, not clamped; the quantizer's output)."""
-        with _fp32(images):
-            quantized = self.quantizer(self.encode_latents(images))
-            return self.decode_latents(quantized.latents), quantized
+        quantized = self.quantizer(self.encode_latents(images))
+        return self.decode_latents(quantized.latents), quantized
 
     # ------------------------------------------------------------------ the latents in between
     def encode_latents(self, images: torch.Tensor) -> torch.Tensor:
         """Continuous latents (B, code_dim, h, w) before quantization."""
         self._check_images(images)
-        with _fp32(images):
-            return self.quant_proj(self.encoder(images.float()))
+        return self.quant_proj(self.encoder(images.float())).float()
 
     @torch.no_grad()
     def quantize_latents(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -108,8 +106,7 @@ class VQGAN(nn.Module):
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Quantized latents (B, code_dim, h, w) -> images (B, C, H, W), not clamped."""
-        with _fp32(latents):
-            return self.decoder(self.post_quant_proj(latents.float()))
+        return self.decoder(self.post_quant_proj(latents.float())).float()
 
     # ------------------------------------------------------------------ ids
     @torch.no_grad()
@@ -139,8 +136,3 @@ class VQGAN(nn.Module):
             )
         for side in images.shape[2:]:
             self.grid_size(side)
-
-
-def _fp32(tensor: torch.Tensor) -> contextlib.AbstractContextManager:
-    """Switch autocast off for the tensor's device type."""
-    return torch.autocast(tensor.device.type, enabled=False)
