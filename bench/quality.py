@@ -19,16 +19,20 @@ from pathlib import Path
 
 import torch
 
+from sample.pipeline import SamplingSettings
+
 __all__ = ["composition_scores", "vqgan_scores", "heldout_bits"]
 
 KINDS = ("single", "position", "relation", "count")
 
 
-def composition_scores(run: Path, *, prompts_per_kind: int = 32, candidates: int = 16, cfg: float = 3.0,
-                       top_k: int | None = None, top_p: float | None = None, temperature: float = 1.0,
+def composition_scores(run: Path, *, prompts_per_kind: int = 32, candidates: int = 16,
+                       cfg: float = SamplingSettings.cfg, top_k: int | None = SamplingSettings.top_k,
+                       top_p: float | None = SamplingSettings.top_p, temperature: float = SamplingSettings.temperature,
                        seed: int = 0, device: str = "auto", kinds=KINDS, batch_prompts: int = 8) -> dict:
-    """{kind: {"any", "random1", "clip1", "prompts"}} over held-out prompts of each kind."""
-    from sample.pipeline import Pipeline, SamplingSettings
+    """{kind: {"any", "random1", "clip1", "prompts"}} over held-out prompts of each kind, with the sampling
+    defaults of ``python -m sample`` unless told otherwise."""
+    from sample.pipeline import Pipeline
     from train.oracle import check
     from train.shapes import evaluation_prompts
 

@@ -16,6 +16,8 @@ from checkpoint import ArgumentParser, UserError, run_command
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from sample.pipeline import SamplingSettings
+
     parser = ArgumentParser(prog="python -m sample", description=__doc__.splitlines()[0])
     parser.add_argument("prompt", nargs="?", help="what to draw")
     parser.add_argument("--prompts-file", help="one prompt a line, generated in one batch")
@@ -23,10 +25,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--n", type=int, default=16, help="candidates per prompt (default 16)")
     parser.add_argument("--keep", type=int, default=None,
                         help="pictures kept per prompt, best by the scorer (default: 4, or --n if fewer)")
-    parser.add_argument("--top-k", type=int, default=None, help="sample among the K likeliest tokens")
-    parser.add_argument("--top-p", type=float, default=None, help="sample among the smallest set with mass P")
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale (1 = off)")
+    defaults = SamplingSettings
+    parser.add_argument("--top-k", type=int, default=defaults.top_k,
+                        help=f"sample among the K likeliest tokens (default {defaults.top_k or 'off'})")
+    parser.add_argument("--top-p", type=float, default=defaults.top_p,
+                        help=f"sample among the smallest set with mass P (default {defaults.top_p or 'off'})")
+    parser.add_argument("--temperature", type=float, default=defaults.temperature,
+                        help=f"divides the logits (default {defaults.temperature:g})")
+    parser.add_argument("--cfg", type=float, default=defaults.cfg,
+                        help=f"classifier-free guidance scale, 1 = off (default {defaults.cfg:g})")
     parser.add_argument("--seed", type=int, default=0, help="candidate j has seed SEED+j")
     parser.add_argument("--out", default="samples", help="output directory (default ./samples)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])

@@ -30,7 +30,7 @@ class SamplingSettings:
     top_k: int | None = None
     top_p: float | None = None
     temperature: float = 1.0
-    cfg: float = 3.0
+    cfg: float = 1.5  # measured best on held-out `shapes` prompts of another seed than the benchmark's
     seed: int = 0
     rerank: bool = True
 
@@ -151,10 +151,10 @@ def generate_images(
     *,
     n: int = 16,
     keep: int = 4,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    temperature: float = 1.0,
-    cfg: float = 3.0,
+    top_k: int | None = SamplingSettings.top_k,
+    top_p: float | None = SamplingSettings.top_p,
+    temperature: float = SamplingSettings.temperature,
+    cfg: float = SamplingSettings.cfg,
     seed: int = 0,
     rerank: bool = True,
     reranker: str | Path | None = None,
