@@ -87,11 +87,11 @@ def speed(run: Path, device: torch.device, args: argparse.Namespace) -> dict:
     result["scorer"] = scorer_figures(Scorer(scorer_config).to(device).eval())
     seq2seq = Seq2Seq(seq2seq_config).to(device)
     result["training"] = training_figures(seq2seq, vqgan, peak=result["peak_flops"], size=size,
-                                          amp=train_dtype is not None)
+                                          amp_dtype=train_dtype)
     if train_dtype is not None and device.type == "cpu":  # the same steps in fp32, against the fp32 peak
         fp32_peak = peak_figure(device, torch.float32)
         result["training_fp32"] = {"peak_flops": fp32_peak,
-                                   **training_figures(seq2seq, vqgan, peak=fp32_peak, size=size, amp=False)}
+                                   **training_figures(seq2seq, vqgan, peak=fp32_peak, size=size)}
     print("bench: training done", file=sys.stderr)
     return result
 

@@ -19,6 +19,7 @@ from typing import Callable
 import torch
 
 from bench.flops import count_flops, matmul_peak_flops, synchronize
+from train.loop import autocast
 
 __all__ = ["timed", "data_figures", "decode_figures", "vqgan_figures", "scorer_figures", "training_figures",
            "BANDWIDTH_GBS"]
@@ -166,9 +167,9 @@ def _train_step_fn(model: torch.nn.Module, loss_fn: Callable[[], torch.Tensor]) 
 
 
 def training_figures(seq2seq, vqgan, *, peak: float, seq2seq_batch: int = 64, vqgan_batch: int = 32, size: int = 64,
-                     text_len: int = 16, amp: bool = False) -> dict:
+                     text_len: int = 16, amp_dtype: torch.dtype | None = None) -> dict:
     """Seq2seq image tokens/s and VQGAN pictures/s, each with achieved FLOP/s over the measured ``peak``;
-    ``amp`` runs both under bf16 autocast, as training does on hardware with native bf16.
+    both run under autocast in ``amp_dtype`` (None: fp32), as training does (``train.loop.autocast``).
 
     A step is forward, backward and the AdamW update on random data at the stage's default batch; its
     FLOPs are counted over one real step (FlopCounterMode). The VQGAN step is the autoencoder's
@@ -181,7 +182,7 @@ def training_figures(seq2seq, vqgan, *, peak: float, seq2seq_batch: int = 64, vq
     image_ids = torch.randint(0, config.codebook_size, (seq2seq_batch, config.image_len), device=device)
 
     def seq2seq_loss() -> torch.Tensor:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+        with autocast(device, amp_dtype):
             logits = seq2seq(text_ids, text_mask, image_ids)
         return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), image_ids.flatten())
 
@@ -196,7 +197,7 @@ def training_figures(seq2seq, vqgan, *, peak: float, seq2seq_batch: int = 64, vq
     images = torch.rand(vqgan_batch, 3, size, size, device=device) * 2 - 1
 
     def vqgan_loss() -> torch.Tensor:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+        with autocast(device, amp_dtype):
             reconstructions, quantized = vqgan(images)
         return (reconstructions - images).abs().mean() + quantized.loss
 
