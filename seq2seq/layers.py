@@ -21,6 +21,7 @@ __all__ = [
     "RMSNorm",
     "rope_table",
     "apply_rope",
+    "attention_product",
     "GatedMLP",
     "Attention",
     "SelfAttention",
@@ -59,6 +60,20 @@ def apply_rope(x: Tensor, table: Tensor) -> Tensor:
     return rotated.flatten(-2).type_as(x)  # (B, H, T, D)
 
 
+def attention_product(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, dropout: float = 0.0) -> Tensor:
+    """``softmax(q k^T / sqrt(D))`` over the keys ``mask`` allows (softmax in fp32), times ``v``: (B, H, T, D).
+
+    Attention as two products, for the CPU: at this model's lengths (64 image tokens, a few dozen text
+    tokens) PyTorch's fused CPU kernel spent over a third of a training step in its backward pass, while
+    these plain products let torch.compile fuse the mask and softmax; a compiled bf16 `small` step on a
+    2-core CPU went from 0.47 s to 0.30 s. A row with no allowed key attends evenly instead of giving NaN.
+    """
+    scores = (q @ k.transpose(-2, -1)).float() * q.shape[-1] ** -0.5  # (B, H, T, S)
+    scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    weights = F.dropout(scores.softmax(-1), dropout, training=dropout > 0).to(v.dtype)
+    return weights @ v
+
+
 class GatedMLP(nn.Module):
     """SwiGLU feed-forward (Shazeer 2020): ``w2(silu(w1 x) * w3 x)``."""
 
@@ -76,9 +91,9 @@ class GatedMLP(nn.Module):
 class Attention(nn.Module):
     """Multi-head attention math shared by every attention in the model.
 
-    Subclasses decide where queries, keys and values come from; :meth:`attend` runs
-    ``F.scaled_dot_product_attention`` with an explicit boolean mask (True = may attend) and the output
-    projection.
+    Subclasses decide where queries, keys and values come from; :meth:`attend` applies an explicit
+    boolean mask (True = may attend) with ``F.scaled_dot_product_attention``, or on the CPU with
+    :func:`attention_product`, then the output projection.
     """
 
     def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0):
@@ -100,7 +115,10 @@ class Attention(nn.Module):
         """Queries (B, H, T, D) over keys and values (B, H, S, D); ``mask`` broadcasts to (B, H, T, S)."""
         dropout = self.attn_dropout if self.training else 0.0
         k, v = k.to(q.dtype), v.to(q.dtype)  # a cache may hold another dtype than autocast computes in
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+        if q.device.type == "cpu":
+            y = attention_product(q, k, v, mask, dropout)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
         y = rearrange(y, "b h t d -> b t (h d)")  # (B, T, C)
         return self.resid_dropout(self.wo(y))
 

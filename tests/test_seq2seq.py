@@ -19,6 +19,7 @@ from seq2seq import (
     generate,
     sample_from_probs,
 )
+from seq2seq.layers import attention_product
 
 # ------------------------------------------------------------------------------------------- fixtures
 
@@ -111,6 +112,22 @@ def test_forward_is_causal_and_ignores_padding(model):
     torch.testing.assert_close(model(noisy_padding, text_mask, image_ids), logits)
     alone = model(text_ids[1:, :2], text_mask[1:, :2], image_ids[1:])
     torch.testing.assert_close(alone, logits[1:], atol=1e-5, rtol=0)
+
+
+def test_cpu_attention_equals_the_fused_kernel_in_values_and_gradients():
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(3, 2, 5, 8, generator=g, requires_grad=True) for _ in range(3))
+    padding = (torch.arange(5)[None, :] < torch.tensor([5, 2, 1])[:, None])[:, None, None, :]  # (B, 1, 1, S)
+    causal = torch.ones(5, 5, dtype=torch.bool).tril()[None, None]  # (1, 1, T, S)
+    for mask in (padding, causal):
+        ours = attention_product(q, k, v, mask)
+        grads = torch.autograd.grad(ours.square().sum(), (q, k, v))
+        fused = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        torch.testing.assert_close(ours, fused, atol=1e-5, rtol=1e-5)
+        for ours_grad, fused_grad in zip(grads, torch.autograd.grad(fused.square().sum(), (q, k, v))):
+            torch.testing.assert_close(ours_grad, fused_grad, atol=1e-5, rtol=1e-5)
+    nothing_allowed = torch.zeros(1, 1, 1, 5, dtype=torch.bool)
+    assert torch.isfinite(attention_product(q, k, v, nothing_allowed)).all()
 
 
 @pytest.mark.parametrize("prefix_len", [0, 5])
@@ -339,3 +356,23 @@ def test_compile_without_a_cxx_compiler_trains_uncompiled(monkeypatch, capsys):
     monkeypatch.setattr(shutil, "which", lambda name: None)
     assert not _can_compile(torch.device("cpu"))
     assert "training uncompiled" in capsys.readouterr().out
+
+
+def test_the_weight_average_warms_up_from_the_first_step(tiny_run, tmp_path):
+    import shutil
+
+    from train.stage_seq2seq import Seq2SeqOptions, Seq2SeqTrainer, ema_decay
+
+    shutil.copyfile(tiny_run / "tokenizer.model", tmp_path / "tokenizer.model")
+    shutil.copytree(tiny_run / "vqgan", tmp_path / "vqgan")
+    trainer = Seq2SeqTrainer(Seq2SeqOptions(
+        data="shapes", out=str(tmp_path), size=32, device="cpu", precision="fp32", preset="tiny", steps=3,
+        batch_size=8, cache_examples=16, heldout_examples=8, ema=0.999))
+    for step in range(2):
+        before = [e.clone() for e in trainer.ema.parameters()]
+        trainer.train_step(step)
+        decay = (1 + step) / (10 + step)  # not 0.999 yet: the random start fades within the first steps
+        assert ema_decay(0.999, step) == decay
+        for average, old, weight in zip(trainer.ema.parameters(), before, trainer.model.parameters()):
+            torch.testing.assert_close(average, decay * old + (1 - decay) * weight)
+    assert ema_decay(0.999, 100_000) == 0.999

@@ -33,8 +33,8 @@ PRESETS: dict[str, dict[str, list[str]]] = {
     "cpu": {
         "tokenizer": ["--vocab-size", "1024"],
         "vqgan": ["--preset", "small", "--steps", "3500", "--batch-size", "32", "--disc-start", "2500"],
-        "seq2seq": ["--preset", "small", "--steps", "2500", "--batch-size", "64", "--cache-examples", "30000",
-                    "--compile"],
+        "seq2seq": ["--preset", "small", "--steps", "3500", "--batch-size", "64", "--cache-examples", "40000",
+                    "--compile", "--ema", "0.999"],
         "clip": ["--preset", "small", "--steps", "600", "--batch-size", "128", "--eval-every", "200"],
     },
     "gpu": {

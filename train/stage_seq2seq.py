@@ -57,7 +57,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=Seq2SeqOptions.warmup)
     parser.add_argument("--weight-decay", type=float, default=Seq2SeqOptions.weight_decay)
     parser.add_argument("--grad-clip", type=float, default=Seq2SeqOptions.grad_clip)
-    parser.add_argument("--ema", type=float, default=Seq2SeqOptions.ema, help="EMA decay of the weights (0 = off)")
+    parser.add_argument("--ema", type=float, default=Seq2SeqOptions.ema,
+                        help="EMA decay of the weights (0 = off), warmed up over the first steps")
     parser.add_argument("--eval-every", type=int, default=Seq2SeqOptions.eval_every)
     parser.add_argument("--sample-cfg", type=float, default=Seq2SeqOptions.sample_cfg)
     parser.add_argument("--compile", action="store_true", help="torch.compile the training model")
@@ -74,6 +75,15 @@ def _can_compile(device: torch.device) -> bool:
         print("seq2seq: --compile needs a C++ compiler for CPU kernels and none is on PATH; training uncompiled")
         return False
     return True
+
+
+def ema_decay(decay: float, step: int) -> float:
+    """The EMA decay at 0-based ``step``: ``min(decay, (1 + step) / (10 + step))``.
+
+    The warm-up (TensorFlow's ``num_updates`` rule) lets the average forget the random initial weights within
+    the first few hundred steps; a fixed 0.999 would still hold 3% of them after 3 500 steps.
+    """
+    return min(decay, (1 + step) / (10 + step))
 
 
 def bits_per_token(model, text_ids, text_mask, image_ids) -> float:
@@ -189,9 +199,10 @@ class Seq2SeqTrainer:
         self.schedule.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.ema is not None:
+            decay = ema_decay(o.ema, step)
             with torch.no_grad():
                 for e, p in zip(self.ema.parameters(), self.model.parameters()):
-                    e.lerp_(p, 1 - o.ema)
+                    e.lerp_(p, 1 - decay)
         return loss_value
 
     @torch.no_grad()
