@@ -92,8 +92,8 @@ class Attention(nn.Module):
     """Multi-head attention math shared by every attention in the model.
 
     Subclasses decide where queries, keys and values come from; :meth:`attend` applies an explicit
-    boolean mask (True = may attend) with ``F.scaled_dot_product_attention``, or on the CPU with
-    :func:`attention_product`, then the output projection.
+    boolean mask (True = may attend) with ``F.scaled_dot_product_attention``, or, when training on the
+    CPU, with :func:`attention_product`, then the output projection.
     """
 
     def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0):
@@ -115,7 +115,7 @@ class Attention(nn.Module):
         """Queries (B, H, T, D) over keys and values (B, H, S, D); ``mask`` broadcasts to (B, H, T, S)."""
         dropout = self.attn_dropout if self.training else 0.0
         k, v = k.to(q.dtype), v.to(q.dtype)  # a cache may hold another dtype than autocast computes in
-        if q.device.type == "cpu":
+        if q.device.type == "cpu" and q.requires_grad:  # the fused kernel is faster without a backward pass
             y = attention_product(q, k, v, mask, dropout)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
