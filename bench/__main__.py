@@ -6,13 +6,18 @@
 
 Speed (bench/speed.py) times random weights at the run's sizes: decoding at ``--grid`` x ``--grid``
 image tokens (default 16: 256 tokens), the VQGAN, the scorer and a training step of each trained model,
-all in one process after measuring the matmul peak. Quality (bench/quality.py) scores the run's own
-pictures of held-out `shapes` prompts with the oracle. Writes OUT/bench.json and OUT/bench.md.
+all in one process after measuring the matmul peak. Quality measures the run on the held-out split of
+``--data`` (default: the data the run was trained on, as RUN/all.json records it, else `shapes`): for any
+data, VQGAN PSNR and SSIM beside a downsample-and-enlarge baseline, codebook usage, the caption gap in
+bits per image token, retrieval of generated pictures by the run's scorer and a scorer Fréchet distance
+(bench/real.py); for `shapes` also the oracle's scores of the run's pictures (bench/quality.py). Writes
+OUT/bench.json and OUT/bench.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import sys
 import time
@@ -21,7 +26,8 @@ from pathlib import Path
 
 import torch
 
-from checkpoint import ArgumentParser, UserError, load_config, run_command
+from checkpoint import ArgumentParser, UserError, add_threads_argument, load_config, run_command, set_threads
+from train.data import DEFAULT_HELDOUT_FRACTION
 
 GOALS = {"cache_speedup": 10.0, "cpu_share_of_peak": 0.5, "gpu_bandwidth_share": 0.6, "gpu_mfu": 0.35,
          "single": 0.95, "relation": 0.85, "count": 0.80, "single_unranked": 0.90}
@@ -29,7 +35,7 @@ GOALS = {"cache_speedup": 10.0, "cpu_share_of_peak": 0.5, "gpu_bandwidth_share":
 
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", help="a run directory (default: the shipped demo run)")
+    parser.add_argument("--checkpoint", help="a run directory or a shipped run's name, shapes (default) or openmoji")
     parser.add_argument("--only", choices=["speed", "quality"], help="run one half")
     parser.add_argument("--out", default="bench_results", help="where bench.json and bench.md go")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -41,9 +47,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--candidates", type=int, default=16, help="candidates per prompt")
     parser.add_argument("--single-prompts", type=int, default=128,
                         help="held-out single-object prompts drawn 4 candidates each, scored without reranking")
-    parser.add_argument("--vqgan-pictures", type=int, default=256, help="held-out renders the VQGAN reconstructs")
+    parser.add_argument("--data", default=None,
+                        help="whose held-out split quality is measured on (default: RUN/all.json's data, else shapes)")
+    parser.add_argument("--image-column", default=None, help="--data's image column (default: RUN/all.json's)")
+    parser.add_argument("--text-column", default=None, help="--data's caption column (default: RUN/all.json's)")
+    parser.add_argument("--size", type=int, default=None, help="picture side for quality (default: the scorer's)")
+    parser.add_argument("--vqgan-pictures", type=int, default=256,
+                        help="held-out pictures the VQGAN reconstructs and the scorer Fréchet distance reads")
+    parser.add_argument("--gap-pictures", type=int, default=256, help="held-out pictures for the caption gap")
+    parser.add_argument("--retrieval-captions", type=int, default=100,
+                        help="distinct held-out captions drawn for and retrieved among")
+    parser.add_argument("--retrieval-candidates", type=int, default=2, help="unranked pictures drawn per caption")
     parser.add_argument("--data-batches", type=int, default=20, help="batches of 64 timed from the data layer")
     parser.add_argument("--seed", type=int, default=0)
+    add_threads_argument(parser)
     return parser
 
 
@@ -105,19 +122,55 @@ def _load_config(run: Path, part: str):
     return load_config({"seq2seq": Seq2SeqConfig, "vqgan": VQGANConfig, "clip": ScorerConfig}[part], run / part, part)
 
 
+def run_data(run: Path, args: argparse.Namespace) -> dict:
+    """The data quality is measured on: ``--data``, else the ``data`` RUN/all.json records, else `shapes`.
+
+    {"data", "from", "image_column", "text_column"}; the columns all.json records go with its own data only.
+    """
+    record_path = run / "all.json"
+    try:
+        record = json.loads(record_path.read_text()) if record_path.is_file() else {}
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read {record_path} ({e}); pass --data") from None
+    fraction = record.get("heldout_fraction") if isinstance(record, dict) else None
+    fraction = fraction if isinstance(fraction, float) and 0 < fraction < 1 else DEFAULT_HELDOUT_FRACTION
+    if args.data is not None:
+        return {"data": args.data, "from": "--data", "image_column": args.image_column, "text_column": args.text_column,
+                "heldout_fraction": fraction}
+    if isinstance(record, dict) and record.get("data"):
+        return {"data": str(record["data"]), "from": "all.json",
+                "image_column": args.image_column or record.get("image_column"),
+                "text_column": args.text_column or record.get("text_column"), "heldout_fraction": fraction}
+    return {"data": "shapes", "from": "default", "image_column": args.image_column, "text_column": args.text_column,
+            "heldout_fraction": fraction}
+
+
 def quality(run: Path, device: torch.device, args: argparse.Namespace) -> dict:
     from bench.quality import composition_scores, heldout_bits, vqgan_scores
+    from bench.real import real_scores
 
-    size = _load_config(run, "clip").image_size
-    result = {"composition": composition_scores(run, prompts_per_kind=args.prompts_per_kind,
-                                                candidates=args.candidates, seed=args.seed, device=str(device)),
-              "candidates": args.candidates, "sampling": _sampling_defaults()}
-    # Training's quality test: every one of 4 unranked candidates counts, over many prompts (the four
-    # held-out colour-shape pairs differ in difficulty, so few prompts make a noisy figure).
-    result["single_unranked"] = composition_scores(run, kinds=("single",), prompts_per_kind=args.single_prompts,
-                                                   candidates=4, seed=args.seed, device=str(device))["single"]
-    print("bench: composition done", file=sys.stderr)
-    result["vqgan"] = vqgan_scores(run, n=args.vqgan_pictures, size=size, device=str(device), seed=args.seed)
+    size = args.size or _load_config(run, "clip").image_size
+    source = run_data(run, args)
+    data = source["data"]
+    result: dict = {"data": data, "data_from": source["from"]}
+    # First: it checks that the data and --size fit the run before the long `shapes` figures.
+    result["real"] = real_scores(run, data=data, size=size, seed=args.seed, device=str(device),
+                                 pictures=args.vqgan_pictures, gap_pictures=args.gap_pictures,
+                                 retrieval_captions=args.retrieval_captions,
+                                 retrieval_candidates=args.retrieval_candidates,
+                                 image_column=source["image_column"], text_column=source["text_column"],
+                                 heldout_fraction=source["heldout_fraction"])
+    result["real"]["sampling"] = _sampling_defaults()
+    if data == "shapes":  # the oracle reads `shapes` pictures back into objects; nothing else
+        result.update(composition=composition_scores(run, prompts_per_kind=args.prompts_per_kind,
+                                                     candidates=args.candidates, seed=args.seed, device=str(device)),
+                      candidates=args.candidates, sampling=_sampling_defaults())
+        # Training's quality test: every one of 4 unranked candidates counts, over many prompts (the four
+        # held-out colour-shape pairs differ in difficulty, so few prompts make a noisy figure).
+        result["single_unranked"] = composition_scores(run, kinds=("single",), prompts_per_kind=args.single_prompts,
+                                                       candidates=4, seed=args.seed, device=str(device))["single"]
+        print("bench: composition done", file=sys.stderr)
+        result["vqgan"] = vqgan_scores(run, n=args.vqgan_pictures, size=size, device=str(device), seed=args.seed)
     result["heldout_bits_per_token"] = heldout_bits(run)
     return result
 
@@ -185,7 +238,7 @@ def markdown(report: dict) -> str:
         lines += [f"| `shapes` data, {r['size']} px, {r['workers']} workers | {r['examples_per_s']:.0f} examples/s | | |"
                   for r in s["data"]]
     q = report.get("quality")
-    if q:
+    if q and "composition" in q:
         c = q["composition"]
         settings = ", ".join(f"{k.replace('_', '-')} {v:g}" for k, v in q.get("sampling", {}).items() if v is not None)
         lines += ["", f"Oracle score on held-out prompts ({q['candidates']} candidates each; `python -m sample` "
@@ -211,21 +264,79 @@ def markdown(report: dict) -> str:
         lines += ["", f"VQGAN on {v['pictures']} held-out renders: PSNR **{v['psnr_db']:.2f} dB**, oracle reads the "
                       f"reconstruction like the original on **{_pct(v['oracle_agreement'])}**. Held-out bits per image "
                       f"token: {'n/a' if bits is None else f'{bits:.3f}'}."]
+    elif q:
+        bits = q["heldout_bits_per_token"]
+        lines += ["", f"The `shapes` oracle does not apply to this data (`{q['data']}`): no composition, single-object "
+                      f"or oracle-agreement figures. Held-out bits per image token logged in training: "
+                      f"{'n/a' if bits is None else f'{bits:.3f}'}."]
+    if q and "real" in q:
+        lines += real_markdown(q["real"], q.get("data_from"))
     return "\n".join(lines) + "\n"
+
+
+def _optional(value: float | None, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def real_markdown(r: dict, data_from: str | None = None) -> list[str]:
+    """The generic figures (bench/real.py) as a table, each with the count it is measured on."""
+    from bench.real import SSIM_SIGMA, SSIM_WINDOW
+
+    v, b, k, g, t, d = r["vqgan"], r["vqgan"]["baseline"], r["codebook"], r["caption_gap"], r["retrieval"], r["frechet"]
+    source = {"all.json": ", as the run's all.json records", "default": ", the default"}.get(data_from or "", "")
+    settings = ", ".join(f"{key.replace('_', '-')} {value:g}" for key, value in r.get("sampling", {}).items()
+                         if value is not None)
+    lines = ["", f"Figures for any data, on the held-out split of `{r['data']}`{source} ({r['size']} px"
+                 + (f"; {r['skipped_unreadable']} unreadable pictures skipped" if r["skipped_unreadable"] else "")
+                 + "):", "",
+             "| figure | measured on | value | beside it |", "|---|---|---|---|",
+             f"| VQGAN PSNR, mean of per-picture PSNR | {v['pictures']} pictures | {v['psnr_db']:.2f} dB | "
+             f"baseline ({b['downsample']}x average pooling down, bicubic up): {b['psnr_db']:.2f} dB |",
+             f"| VQGAN SSIM, {SSIM_WINDOW}x{SSIM_WINDOW} gaussian window (sigma {SSIM_SIGMA:g}), mean over RGB | "
+             f"{v['pictures']} pictures | {v['ssim']:.3f} | baseline: {b['ssim']:.3f} |",
+             f"| codebook usage | {k['pictures']} pictures | {_pct(k['usage'])} ({k['codes_used']} of "
+             f"{k['codebook_size']} codes) | |",
+             f"| bits per image token, own caption | {g['pictures']} pictures, {g['distinct_captions']} distinct "
+             f"captions | {g['right']:.3f} | |",
+             f"| bits per image token, another picture's caption | {g['pictures']} pictures | "
+             f"{_optional(g['shuffled'], '.3f')} | |",
+             f"| bits per image token, empty caption | {g['pictures']} pictures | {g['empty']:.3f} | |",
+             f"| caption gap: another caption minus own | {g['pictures']} pictures | **{_optional(g['gap'], '.3f')}** "
+             "bits per image token | |",
+             f"| retrieval by the run's scorer: true caption first (R@1) | {t['pictures']} pictures of {t['captions']} "
+             f"captions | **{_pct(t['r1'])}** | chance {_pct(t['chance_r1'])} |",
+             f"| retrieval: true caption in the top 5 (R@5) | {t['pictures']} pictures of {t['captions']} captions | "
+             f"**{_pct(t['r5'])}** | chance {_pct(t['chance_r5'])} |",
+             f"| scorer Fréchet distance, generated vs held-out pictures | {d['generated']} vs {d['real']} pictures | "
+             f"**{d['distance']:.4f}** | floor, {d['floor_method']}: {_optional(d['floor'], '.4f')} "
+             f"({d['floor_pictures']} vs {d['floor_pictures']}) |"]
+    lines += ["", f"Retrieval and the scorer Fréchet distance read {t['candidates']} pictures per caption drawn with "
+                  f"`python -m sample` defaults ({settings}), not reranked. The scorer Fréchet distance is measured "
+                  "in the run's own scorer's embedding space, not Inception's: it is not FID, and compares runs on the "
+                  "same data only; fewer pictures make it larger, and its floor is measured on fewer."]
+    if t["captions"] < t["captions_asked"]:
+        lines += ["", f"The held-out split has {t['captions']} distinct captions, fewer than the "
+                      f"{t['captions_asked']} asked for; retrieval uses those {t['captions']}."]
+    return lines
 
 
 def run(args: argparse.Namespace) -> dict:
     from checkpoint import write_json
-    from sample.pipeline import DEMO_RUN
+    from sample.pipeline import resolve_run
     from train.loop import resolve_device
 
-    checkpoint = Path(args.checkpoint) if args.checkpoint else DEMO_RUN
+    set_threads(args.threads)
+    checkpoint = resolve_run(args.checkpoint)
     if not checkpoint.is_dir():
         raise UserError(f"--checkpoint {checkpoint} is not a directory; pass a run made by `python -m train all`")
     if min(args.grid, *args.batches, args.prompts_per_kind, args.candidates, args.single_prompts, args.vqgan_pictures,
            args.data_batches) < 1:
         raise UserError("--grid, --batches, --prompts-per-kind, --candidates, --single-prompts, --vqgan-pictures and "
                         "--data-batches must be >= 1")
+    for name in ("gap_pictures", "retrieval_captions", "retrieval_candidates", "size"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     device = resolve_device(args.device)
     out = Path(args.out)
     try:

@@ -68,6 +68,22 @@ class ArgumentParser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+def add_threads_argument(parser: argparse.ArgumentParser) -> None:
+    """``--threads N``: the CPU threads PyTorch computes with (default: one per core)."""
+    parser.add_argument("--threads", type=int, default=None, metavar="N",
+                        help="CPU threads for PyTorch (default: one per physical core); on a machine busy with other "
+                             "work, --threads 1 can be several times faster than threads that wait for each other")
+
+
+def set_threads(threads: int | None) -> None:
+    """Apply ``--threads``: a UserError below 1."""
+    if threads is None:
+        return
+    if threads < 1:
+        raise UserError(f"--threads must be >= 1, got {threads}")
+    torch.set_num_threads(threads)
+
+
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
     """Call ``write(tmp_path)`` for a temporary file beside ``path``, fsync it, then rename it over ``path``."""
     path = Path(path)

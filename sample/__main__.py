@@ -12,7 +12,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from checkpoint import ArgumentParser, UserError, run_command
+from checkpoint import ArgumentParser, UserError, add_threads_argument, run_command, set_threads
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -21,7 +21,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog="python -m sample", description=__doc__.splitlines()[0])
     parser.add_argument("prompt", nargs="?", help="what to draw")
     parser.add_argument("--prompts-file", help="one prompt a line, generated in one batch")
-    parser.add_argument("--checkpoint", help="a run directory (default: the shipped demo run)")
+    parser.add_argument("--checkpoint", help="a run directory, or a shipped run's name: shapes (the default) or "
+                                             "openmoji")
     parser.add_argument("--n", type=int, default=16, help="candidates per prompt (default 16)")
     parser.add_argument("--keep", type=int, default=None,
                         help="pictures kept per prompt, best by the scorer (default: 4, or --n if fewer)")
@@ -39,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--no-rerank", action="store_true", help="keep the first candidates, no scorer")
     parser.add_argument("--reranker", help="a local directory holding a transformers CLIPModel to rerank with")
+    add_threads_argument(parser)
     return parser
 
 
@@ -62,6 +64,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     from sample.output import prepare_out_dir, write_prompt_results
     from sample.pipeline import Pipeline, SamplingSettings
 
+    set_threads(args.threads)
     prompts = read_prompts(args)
     keep = args.keep if args.keep is not None else min(4, max(args.n, 1))
     settings = SamplingSettings(n=args.n, keep=keep, top_k=args.top_k, top_p=args.top_p,

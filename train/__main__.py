@@ -10,7 +10,7 @@ import argparse
 import importlib
 import sys
 
-from checkpoint import ArgumentParser, run_command
+from checkpoint import ArgumentParser, add_threads_argument, run_command, set_threads
 
 STAGES = {
     "tokenizer": "train the sentencepiece text tokenizer -> RUN/tokenizer.model",
@@ -29,13 +29,19 @@ def build_parser() -> argparse.ArgumentParser:
     for name, help_text in STAGES.items():
         stage_parser = sub.add_parser(name, help=help_text, description=help_text)
         importlib.import_module(f"train.stage_{name}").add_arguments(stage_parser)
+        add_threads_argument(stage_parser)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+
+    def body() -> None:
+        set_threads(args.threads)
+        importlib.import_module(f"train.stage_{args.stage}").main(args)
+
     try:
-        return run_command(lambda: importlib.import_module(f"train.stage_{args.stage}").main(args))
+        return run_command(body)
     except KeyboardInterrupt:
         print("interrupted: resume with --resume", file=sys.stderr)
         return 130

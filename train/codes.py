@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from checkpoint import UserError, atomic_write
+from train.data import DEFAULT_HELDOUT_FRACTION
 
 __all__ = ["CodeCache", "cache_path", "load_or_build", "epoch_batch_indices"]
 
@@ -27,6 +28,7 @@ __all__ = ["CodeCache", "cache_path", "load_or_build", "epoch_batch_indices"]
 class CodeCache:
     image_ids: torch.Tensor  # (N, h*w) int64
     texts: list[str]
+    pictures: int | None = None  # distinct pictures behind the N entries (None: an endless source)
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -35,39 +37,55 @@ class CodeCache:
         dtype = torch.int16 if int(self.image_ids.max()) < 2**15 else torch.int32
         tensors = {"image_ids": self.image_ids.to(dtype).contiguous()}
         metadata = {"texts": json.dumps(self.texts, ensure_ascii=False)}
+        if self.pictures is not None:
+            metadata["pictures"] = str(self.pictures)
         atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
     @classmethod
     def load(cls, path: Path) -> CodeCache:
         with safe_open(str(path), framework="pt") as f:
-            texts = json.loads(f.metadata()["texts"])
+            metadata = f.metadata()
+            texts = json.loads(metadata["texts"])
             image_ids = f.get_tensor("image_ids").long()
-        return cls(image_ids, texts)
+        return cls(image_ids, texts, int(metadata["pictures"]) if "pictures" in metadata else None)
 
 
-def cache_path(run: Path, vqgan_dir: Path, *, data: str, size: int, split: str, limit: int, seed: int) -> Path:
+def cache_path(run: Path, vqgan_dir: Path, *, data: str, size: int, split: str, limit: int, seed: int,
+               heldout_fraction: float = DEFAULT_HELDOUT_FRACTION, augment: bool = False) -> Path:
     """RUN/cache/codes-<digest>.safetensors, the digest covering the VQGAN and the data options."""
     digest = hashlib.sha256()
     for name in ("config.json", "model.safetensors"):
         with open(vqgan_dir / name, "rb") as f:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 digest.update(chunk)
-    digest.update(json.dumps([data, size, split, limit, seed]).encode())
+    options = [data, size, split, limit, seed]
+    if data != "shapes":  # shapes has its own split and is never augmented
+        options += [heldout_fraction, augment and split == "train"]
+    digest.update(json.dumps(options).encode())
     return run / "cache" / f"codes-{split}-{digest.hexdigest()[:16]}.safetensors"
 
 
 @torch.inference_mode()
 def load_or_build(run: Path, vqgan, *, data: str, size: int, split: str, limit: int, seed: int,
                   device: torch.device, batch_size: int = 256, workers: int = 0,
-                  image_column: str | None = None, text_column: str | None = None) -> CodeCache:
-    """The cached codes of up to ``limit`` examples of ``data``; encodes and saves them on a miss."""
+                  image_column: str | None = None, text_column: str | None = None,
+                  heldout_fraction: float = DEFAULT_HELDOUT_FRACTION, augment: bool = False) -> CodeCache:
+    """The cached codes of up to ``limit`` examples of ``data``; encodes and saves them on a miss.
+
+    A finite training split with ``augment`` is read for ``limit`` positions, epoch after epoch, each
+    position its own crop and caption: the cache then holds several versions of every picture. Without
+    augmentation it stops after one epoch (more would only repeat the same codes).
+    """
     from train.data import batches, open_dataset
 
-    path = cache_path(run, run / "vqgan", data=data, size=size, split=split, limit=limit, seed=seed)
+    augment = augment and split == "train"
+    path = cache_path(run, run / "vqgan", data=data, size=size, split=split, limit=limit, seed=seed,
+                      heldout_fraction=heldout_fraction, augment=augment)
     if path.is_file():
         return CodeCache.load(path)
-    dataset = open_dataset(data, size=size, split=split, image_column=image_column, text_column=text_column, seed=seed)
-    total = min(limit, len(dataset)) if hasattr(dataset, "__len__") else limit
+    dataset = open_dataset(data, size=size, split=split, image_column=image_column, text_column=text_column, seed=seed,
+                           heldout_fraction=heldout_fraction, augment=augment)
+    total = limit if augment and not dataset.endless else min(limit, len(dataset))
     batch_size = min(batch_size, total)
     ids, texts, skipped = [], [], 0
     with tqdm(total=total, desc=f"encoding {split} images", dynamic_ncols=True) as bar:
@@ -81,7 +99,7 @@ def load_or_build(run: Path, vqgan, *, data: str, size: int, split: str, limit: 
                 break
     if not texts:
         raise UserError(f"--data {data}: no readable images to encode; check the data source")
-    cache = CodeCache(torch.cat(ids)[: total], texts[: total])
+    cache = CodeCache(torch.cat(ids)[: total], texts[: total], None if dataset.endless else len(dataset))
     if skipped:
         print(f"encoding: skipped {skipped} unreadable images")
     cache.save(path)

@@ -4,6 +4,7 @@
 ``--data``                 read as
 =========================  =====================================================================
 ``shapes``                 :mod:`train.shapes`; item i of a split is ``shapes.example(seed, split, i)``
+``openmoji``               :mod:`train.openmoji`: every named OpenMoji emoji, captioned by its names
 a folder                   ``metadata.jsonl`` (else ``metadata.csv``) rows with ``file_name`` and ``text``
 ``*.jsonl|parquet|csv``    rows with an image (a path relative to the file, bytes, or {"bytes", "path"})
 ``*.tar`` shards           webdataset: ``KEY.jpg|png|jpeg|webp`` + ``KEY.txt`` per example
@@ -16,9 +17,24 @@ is read, so a broken file costs one example, not the run: the item is ``None``, 
 drops it and counts it in ``batch["skipped"]``; the training loops sum that count and report it.
 
 Splits: "train", "valid", "heldout". ``shapes`` has all three (valid: the training distribution,
-another stream; heldout: colour-shape pairs and relations never trained on). For files and shards,
-"valid" and "heldout" are both the last ``heldout_count(n)`` rows (1% of them, at least 8, at most
-10%) and "train" the rows before; for a hub dataset they are its ``validation`` (else ``test``) split.
+another stream; heldout: colour-shape pairs and relations never trained on). A folder with ``train/``
+and ``test/`` (or ``validation/``) inside, each with its own metadata, gives "train" from the first and
+"valid" and "heldout" from the second. Otherwise, for files, shards and ``openmoji``, "valid" and
+"heldout" are both the rows whose *key* ranks lowest by a stable hash (BLAKE2b), ``heldout_fraction`` of
+them (default 5%, at least 8 where the table has 80 rows or more), and "train" is the rest. The key is a
+row's ``group`` column where there is one (every row of a group lands on the same side: variants of one
+picture, several photos of one object), else its file name or shard key, else its caption: so the split
+does not depend on the order of the rows, and adding rows moves few others. For a hub dataset they are
+its ``validation`` (else ``test``) split.
+
+Captions. A caption cell may hold a list of captions (several phrasings, or COCO's five per picture):
+training draws one per example, evaluation and ``texts`` read the first; the tokenizer sees them all.
+
+Augmentation (``augment=True``, training splits of files, folders and ``openmoji``): each example is a
+random square crop of 80-100% of the picture's shorter side at a random place, resized to ``size``,
+drawn from a generator seeded by ``(seed, position)``, so a resumed run reads the same crops. No
+flips (captions may say left and right) and no colour changes (captions name colours). ``shapes`` is
+endless and never augmented.
 
 Order. :func:`batches` reads global example positions ``start, start+1, ...`` without end. A finite
 dataset maps position p to epoch ``p // n`` of a permutation drawn from a ``torch.Generator`` seeded by
@@ -31,6 +47,7 @@ number of processes or workers changes nothing about which examples a step sees.
 from __future__ import annotations
 
 import glob
+import hashlib
 import io
 import itertools
 import os
@@ -53,7 +70,7 @@ from checkpoint import UserError
 from train import shapes
 from train.images import from_pil
 
-__all__ = ["DataError", "open_dataset", "batches", "texts", "heldout_count",
+__all__ = ["DataError", "open_dataset", "batches", "texts", "heldout_count", "DEFAULT_HELDOUT_FRACTION",
            "ShapesDataset", "TableDataset", "StreamDataset"]
 
 IMAGE_COLUMNS = ("image", "img", "file_name", "path", "jpg", "png", "jpeg", "webp")
@@ -63,28 +80,64 @@ SPLITS = ("train", "valid", "heldout")
 HUB_HELDOUT_SPLITS = ("validation", "test")
 PROBE_ROWS = 8  # rows tried at open time: if none of them decodes, the image column is wrong
 STREAM_SHUFFLE_BUFFER = 10_000
-SOURCES_HINT = "pass 'shapes', a folder with metadata.jsonl, .jsonl/.parquet/.csv files or .tar shards"
+DEFAULT_HELDOUT_FRACTION = 0.05
+CROP_SCALE = (0.8, 1.0)  # the augmentation's crop side, as a share of the picture's shorter side
+GROUP_COLUMN = "group"
+KEY_COLUMNS = ("file_name", "__key__", "path")
+TRAIN_FOLDERS, TEST_FOLDERS = ("train",), ("test", "validation", "valid")
+SOURCES_HINT = "pass 'shapes', 'openmoji', a folder with metadata.jsonl, .jsonl/.parquet/.csv files or .tar shards"
 
 
 class DataError(UserError):
     """A --data source that cannot be read as it stands; the message says what to do."""
 
 
-def heldout_count(n: int) -> int:
-    """Rows of an n-row file source held out as the ``"heldout"`` split: 1%, at least 8, at most 10%."""
-    return min(max(n // 100, 8), n // 10)
+def heldout_count(n: int, fraction: float = DEFAULT_HELDOUT_FRACTION) -> int:
+    """Rows of an n-row table held out: ``fraction`` of them, but at least 8 (or a tenth, in tables under 80)."""
+    return max(round(n * fraction), min(8, n // 10))
+
+
+def heldout_rows(keys: list[str], fraction: float) -> list[int]:
+    """Indices (sorted) of the rows held out: whole keys in the order of their hash, until ``fraction``."""
+    target = heldout_count(len(keys), fraction)
+    groups: dict[str, list[int]] = {}
+    for index, key in enumerate(keys):
+        groups.setdefault(key, []).append(index)
+    ranked = sorted(groups, key=lambda k: hashlib.blake2b(k.encode("utf-8", "surrogatepass"), digest_size=8).digest())
+    held: list[int] = []
+    for key in ranked:
+        if len(held) >= target:
+            break
+        held += groups[key]
+    return sorted(held)
 
 
 # ---------------------------------------------------------------- decoding rows
 
 
-def _caption(value: Any) -> str:
-    """A caption cell as a string; a list of captions gives its first."""
+def _captions(value: Any) -> list[str]:
+    """Every caption of a cell: a list gives its non-empty entries, a single value itself."""
     if value is None:
-        return ""
+        return [""]
     if isinstance(value, (list, tuple)):
-        return next((str(v) for v in value if v), "")
-    return value if isinstance(value, str) else str(value)
+        return [str(v) for v in value if v] or [""]
+    return [value if isinstance(value, str) else str(value)]
+
+
+def _caption(value: Any, rng: random.Random | None = None) -> str:
+    """A caption cell as a string: the first of a list, or one drawn by ``rng``."""
+    options = _captions(value)
+    return options[0] if rng is None or len(options) == 1 else options[rng.randrange(len(options))]
+
+
+def augmentation_rng(seed: int, position: int) -> random.Random:
+    """The generator of the crop and caption choice of the example at global ``position``."""
+    return random.Random(seed * 1_000_003 + position)
+
+
+def random_crop(rng: random.Random) -> tuple[float, float, float]:
+    """``(scale, x, y)`` for :func:`train.images.from_pil`: 80-100% of the side, anywhere."""
+    return rng.uniform(*CROP_SCALE), rng.random(), rng.random()
 
 
 @dataclass(frozen=True)
@@ -96,8 +149,13 @@ class RowDecoder:
     base_dir: Path
     size: int
 
-    def read(self, row: dict) -> dict:
-        """The example ``{"image": (3,S,S) in [-1,1], "text": str}``; raises if the image cannot be read."""
+    def read(self, row: dict, rng: random.Random | None = None) -> dict:
+        """The example ``{"image": (3,S,S) in [-1,1], "text": str}``; raises if the image cannot be read.
+
+        With ``rng`` (augmentation) the picture is a random crop and the caption one of the cell's, drawn.
+        """
+        crop = random_crop(rng) if rng is not None else None
+        text = _caption(row.get(self.text_column), rng)
         value = row.get(self.image_column)
         if isinstance(value, dict):
             value = value.get("bytes") or value.get("path")
@@ -106,18 +164,18 @@ class RowDecoder:
         elif isinstance(value, str) and value:
             source = Path(value) if os.path.isabs(value) else self.base_dir / value
         elif isinstance(value, Image.Image):
-            return {"image": from_pil(value, self.size), "text": _caption(row.get(self.text_column))}
+            return {"image": from_pil(value, self.size, crop), "text": text}
         else:
             raise ValueError(f"no image in column {self.image_column!r} (found {type(value).__name__})")
         with Image.open(source) as img:
             img.draft("RGB", (self.size, self.size))  # JPEG: decode at the smallest scale >= size
-            image = from_pil(img, self.size)
-        return {"image": image, "text": _caption(row.get(self.text_column))}
+            image = from_pil(img, self.size, crop)
+        return {"image": image, "text": text}
 
-    def __call__(self, row: dict) -> dict | None:
+    def __call__(self, row: dict, rng: random.Random | None = None) -> dict | None:
         """:meth:`read`, or ``None`` for an unreadable image."""
         try:
-            return self.read(row)
+            return self.read(row, rng)
         except Exception:  # noqa: BLE001 - a corrupt file can make PIL raise almost anything; skip it
             return None
 
@@ -146,10 +204,13 @@ class TableDataset(Dataset):
 
     endless = False
 
-    def __init__(self, table: datasets.Dataset, decoder: RowDecoder, name: str) -> None:
+    def __init__(self, table: datasets.Dataset, decoder: RowDecoder, name: str, augment: bool = False,
+                 seed: int = 0) -> None:
         self.images = table.select_columns([decoder.image_column])
         self.captions = table.select_columns([decoder.text_column])
         self.decoder, self.name, self.size = decoder, name, decoder.size
+        self.augment, self.seed = augment, seed
+        self.groups: list[str] | None = None  # each row's group, where the table has a group column
 
     def __len__(self) -> int:
         return len(self.captions)
@@ -157,8 +218,11 @@ class TableDataset(Dataset):
     def row(self, index: int) -> dict:
         return {**self.images[index], **self.captions[index]}
 
-    def __getitem__(self, index: int) -> dict | None:
-        return self.decoder(self.row(index))
+    def __getitem__(self, key: int | tuple[int, int]) -> dict | None:
+        """Row ``key``, or ``(row, position)``: with augmentation, the crop and caption of that position."""
+        index, position = key if isinstance(key, tuple) else (key, None)
+        rng = augmentation_rng(self.seed, position) if self.augment and position is not None else None
+        return self.decoder(self.row(index), rng)
 
 
 class StreamDataset:
@@ -176,50 +240,90 @@ class StreamDataset:
 # ---------------------------------------------------------------- opening a source
 
 
+@dataclass(frozen=True)
+class TableOptions:
+    """How a table source becomes a split: columns, held-out share, augmentation."""
+
+    size: int
+    split: str
+    image_column: str | None = None
+    text_column: str | None = None
+    heldout_fraction: float = DEFAULT_HELDOUT_FRACTION
+    augment: bool = False
+    seed: int = 0
+
+
 def open_dataset(data: str, size: int, split: str = "train", image_column: str | None = None,
-                 text_column: str | None = None, seed: int = 0) -> ShapesDataset | TableDataset | StreamDataset:
+                 text_column: str | None = None, seed: int = 0, heldout_fraction: float = DEFAULT_HELDOUT_FRACTION,
+                 augment: bool = False) -> ShapesDataset | TableDataset | StreamDataset:
     """The ``--data`` source as examples ``{"image": (3,size,size) in [-1,1], "text": str}`` (see module doc).
 
-    ``seed`` picks the ``shapes`` stream; file sources do not depend on it. Raises :class:`DataError`
-    for a path that does not exist, a folder without metadata, a missing column or an empty dataset.
+    ``seed`` picks the ``shapes`` stream and the augmentation's draws. ``augment`` applies to the "train"
+    split of tables only. Raises :class:`DataError` for a path that does not exist, a folder without
+    metadata, a missing column or an empty dataset.
     """
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
     if size < 1:
         raise DataError(f"--size must be a positive number of pixels, got {size}")
+    if not 0 < heldout_fraction < 1:
+        raise DataError(f"--heldout-fraction must lie between 0 and 1, got {heldout_fraction}")
     if data == "shapes":
         if image_column or text_column:
             raise DataError("--image-column and --text-column name columns of a file source; shapes has none")
         return ShapesDataset(size, split, seed)
+    options = TableOptions(size, split, image_column, text_column, heldout_fraction, augment and split == "train", seed)
+    if data == "openmoji":
+        return _open_openmoji(options)
     path = Path(data).expanduser()
     if path.is_dir():
-        return _open_folder(path, size, split, image_column, text_column)
+        return _open_folder(path, options)
     files = _expand(data)
     if files:
-        return _open_files(data, files, size, split, image_column, text_column)
+        return _open_files(data, files, options)
     if _is_hub_name(data):
         return _open_hub(data, size, split, image_column, text_column)
     raise DataError(f"--data {data}: no such file or folder; {SOURCES_HINT}")
 
 
-def _open_folder(folder: Path, size: int, split: str, image_column: str | None,
-                 text_column: str | None) -> TableDataset:
-    metadata = next((folder / n for n in ("metadata.jsonl", "metadata.csv") if (folder / n).is_file()), None)
+def _open_openmoji(options: TableOptions) -> TableDataset:
+    from train.openmoji import openmoji_rows
+
+    # Drawn at twice the side, so that the augmentation's crops and the final resize stay sharp.
+    table = datasets.Dataset.from_dict(openmoji_rows(2 * options.size))
+    return _table_dataset(table, "openmoji", Path("."), options)
+
+
+def _metadata(folder: Path) -> Path | None:
+    return next((folder / n for n in ("metadata.jsonl", "metadata.csv") if (folder / n).is_file()), None)
+
+
+def _open_folder(folder: Path, options: TableOptions) -> TableDataset:
+    metadata = _metadata(folder)
     if metadata is None:
-        raise DataError(f"--data {folder}: the folder has no metadata.jsonl or metadata.csv; add one with a "
+        train = next((folder / n for n in TRAIN_FOLDERS if _metadata(folder / n)), None)
+        test = next((folder / n for n in TEST_FOLDERS if _metadata(folder / n)), None)
+        if train is not None and test is not None:
+            part = train if options.split == "train" else test
+            metadata = _metadata(part)
+            table = _load_table(TABLE_BUILDERS[metadata.suffix], [metadata], str(metadata))
+            return _table_dataset(table, str(metadata), part, options, whole=True)
+        inside = [n for n in (*TRAIN_FOLDERS, *TEST_FOLDERS) if (folder / n).is_dir()]
+        hint = (f"it has {'/'.join(inside)}/ inside: give both train/ and test/ (or validation/) a "
+                f"metadata.jsonl, or " if inside else "")
+        raise DataError(f"--data {folder}: the folder has no metadata.jsonl or metadata.csv; {hint}add one with a "
                         f"file_name and a text column per image (python -m train export writes an example), "
                         f"or pass its data files themselves ({folder}/*.parquet, {folder}/*.tar)")
     table = _load_table(TABLE_BUILDERS[metadata.suffix], [metadata], str(metadata))
-    return _table_dataset(table, str(metadata), folder, size, split, image_column, text_column)
+    return _table_dataset(table, str(metadata), folder, options)
 
 
-def _open_files(data: str, files: list[Path], size: int, split: str, image_column: str | None,
-                text_column: str | None) -> TableDataset:
+def _open_files(data: str, files: list[Path], options: TableOptions) -> TableDataset:
     suffixes = sorted({f.suffix.lower() for f in files})
     if len(suffixes) > 1 or suffixes[0] not in TABLE_BUILDERS:
         raise DataError(f"--data {data}: cannot read {'/'.join(suffixes)} files; {SOURCES_HINT}")
     table = _load_table(TABLE_BUILDERS[suffixes[0]], files, data)
-    return _table_dataset(table, data, files[0].parent, size, split, image_column, text_column)
+    return _table_dataset(table, data, files[0].parent, options)
 
 
 def _load_table(builder: str, files: list[Path], name: str) -> datasets.Dataset:
@@ -243,21 +347,40 @@ def _load_table(builder: str, files: list[Path], name: str) -> datasets.Dataset:
     return table
 
 
-def _table_dataset(table: datasets.Dataset, name: str, base_dir: Path, size: int, split: str,
-                   image_column: str | None, text_column: str | None) -> TableDataset:
+def _table_dataset(table: datasets.Dataset, name: str, base_dir: Path, options: TableOptions,
+                   whole: bool = False) -> TableDataset:
+    """The split of ``table`` (all of it when ``whole``: a train/ or test/ folder), decoded at ``options.size``."""
     if len(table) == 0:
         raise DataError(f"--data {name}: the dataset is empty; it needs rows with an image and a caption")
     decoder = RowDecoder(
-        image_column=_column(table.column_names, image_column, IMAGE_COLUMNS, "image", name),
-        text_column=_column(table.column_names, text_column, TEXT_COLUMNS, "text", name),
-        base_dir=base_dir, size=size)
-    n, held = len(table), heldout_count(len(table))
-    if split != "train" and held == 0:
-        raise DataError(f"--data {name}: {n} rows are too few to hold out a {split} split; give it at least 10")
-    table = table.select(range(n - held) if split == "train" else range(n - held, n))
-    dataset = TableDataset(table, decoder, name)
+        image_column=_column(table.column_names, options.image_column, IMAGE_COLUMNS, "image", name),
+        text_column=_column(table.column_names, options.text_column, TEXT_COLUMNS, "text", name),
+        base_dir=base_dir, size=options.size)
+    if not whole:
+        n = len(table)
+        held = heldout_rows(_split_keys(table, decoder), options.heldout_fraction)
+        if options.split != "train" and not held:
+            raise DataError(f"--data {name}: {n} rows are too few to hold out a {options.split} split; "
+                            "give it at least 10")
+        held_set = set(held)
+        table = table.select(held if options.split != "train" else [i for i in range(n) if i not in held_set])
+    dataset = TableDataset(table, decoder, name, augment=options.augment, seed=options.seed)
+    if GROUP_COLUMN in table.column_names:
+        dataset.groups = [str(g) for g in table[GROUP_COLUMN]]
     _probe(dataset)
     return dataset
+
+
+def _split_keys(table: datasets.Dataset, decoder: RowDecoder) -> list[str]:
+    """Each row's split key: its group, else its file name or shard key, else its caption (module doc)."""
+    columns = table.column_names
+    if GROUP_COLUMN in columns:
+        return [str(v) for v in table[GROUP_COLUMN]]
+    for column in (*KEY_COLUMNS, decoder.image_column):
+        if column in columns and isinstance(table.features[column], datasets.Value) \
+                and table.features[column].dtype in ("string", "large_string"):
+            return [str(v) for v in table[column]]
+    return [_caption(v) for v in table[decoder.text_column]]
 
 
 def _probe(dataset: TableDataset) -> None:
@@ -370,9 +493,10 @@ class PositionSampler(Sampler[int]):
     """
 
     def __init__(self, length: int, endless: bool, batch_size: int, seed: int, start: int, rank: int,
-                 world_size: int) -> None:
+                 world_size: int, with_position: bool = False) -> None:
         self.length, self.endless, self.batch_size, self.seed = length, endless, batch_size, seed
         self.start, self.rank, self.world_size = start, rank, world_size
+        self.with_position = with_position  # yield (index, position): the dataset augments per position
         self._epoch, self._order = -1, torch.empty(0, dtype=torch.long)
 
     def index(self, position: int) -> int:
@@ -387,7 +511,7 @@ class PositionSampler(Sampler[int]):
     def __iter__(self) -> Iterator[int]:
         for batch_start in itertools.count(self.start, self.batch_size):
             for position in range(batch_start + self.rank, batch_start + self.batch_size, self.world_size):
-                yield self.index(position)
+                yield (self.index(position), position) if self.with_position else self.index(position)
 
 
 def collate(items: list[dict | None], size: int) -> dict:
@@ -426,7 +550,8 @@ def batches(dataset: ShapesDataset | TableDataset | StreamDataset, batch_size: i
     local = batch_size // world_size
     if isinstance(dataset, StreamDataset):
         return _stream_batches(dataset, local, seed, start, rank, world_size, workers)
-    sampler = PositionSampler(len(dataset), dataset.endless, batch_size, seed, start, rank, world_size)
+    sampler = PositionSampler(len(dataset), dataset.endless, batch_size, seed, start, rank, world_size,
+                              with_position=getattr(dataset, "augment", False))
     # One endless pass: the workers live as long as the iterator, so there is nothing to persist across
     # epochs. The loader's own generator keeps it from drawing worker seeds from the global torch RNG.
     loader = DataLoader(dataset, batch_size=local, sampler=sampler, num_workers=workers,
@@ -470,13 +595,18 @@ def _global_rows(dataset: StreamDataset, seed: int, start: int) -> Iterator[dict
         skip -= length  # the whole epoch lay before ``start``
 
 
-def texts(dataset: ShapesDataset | TableDataset | StreamDataset, limit: int) -> list[str]:
-    """The first ``limit`` captions in stored order (fewer if the dataset is smaller), no image decoded."""
+def texts(dataset: ShapesDataset | TableDataset | StreamDataset, limit: int, every: bool = False) -> list[str]:
+    """The first ``limit`` captions in stored order (fewer if the dataset is smaller), no image decoded;
+    with ``every``, all the captions of a cell that holds several (the tokenizer learns them all)."""
     if limit <= 0:
         return []
     if isinstance(dataset, ShapesDataset):
         return [shapes.caption(dataset.seed, dataset.split, index) for index in range(limit)]
     column = dataset.decoder.text_column
     if isinstance(dataset, StreamDataset):
-        return [_caption(row[column]) for row in dataset.stream.select_columns([column]).take(limit)]
-    return [_caption(value) for value in dataset.captions[: min(limit, len(dataset))][column]]
+        cells = [row[column] for row in dataset.stream.select_columns([column]).take(limit)]
+    else:
+        cells = dataset.captions[: min(limit, len(dataset))][column]
+    if every:
+        return [text for cell in cells for text in _captions(cell)][:limit]
+    return [_caption(cell) for cell in cells]

@@ -44,15 +44,24 @@ def _deep_to_8bit(values: np.ndarray) -> np.ndarray:
     return np.round(scaled).clip(0, 255).astype(np.uint8)
 
 
-def from_pil(img: Image.Image, size: int) -> torch.Tensor:
-    """A FloatTensor (3, size, size) in [-1, 1]: RGB, the largest centred square, resized with LANCZOS."""
+def from_pil(img: Image.Image, size: int, crop: tuple[float, float, float] | None = None) -> torch.Tensor:
+    """A FloatTensor (3, size, size) in [-1, 1]: RGB, the largest centred square, resized with LANCZOS.
+
+    ``crop = (scale, x, y)``, each in [0, 1], takes instead a square of ``scale`` times the shorter side,
+    placed at fractions ``x`` and ``y`` of the room left and above it (0.5, 0.5: centred): the training
+    augmentation's random crop.
+    """
     if size < 1:
         raise ValueError(f"size must be >= 1, got {size}")
     img = to_rgb(img)
     width, height = img.size
     side = min(width, height)
-    if width != height:
-        left, top = (width - side) // 2, (height - side) // 2
+    fx, fy = 0.5, 0.5
+    if crop is not None:
+        scale, fx, fy = crop
+        side = max(1, round(side * scale))
+    if (width, height) != (side, side):
+        left, top = int((width - side) * fx), int((height - side) * fy)  # 0.5: (width - side) // 2
         img = img.crop((left, top, left + side, top + side))
     if side != size:
         # reducing_gap first shrinks by an integer factor (a fast box filter), then LANCZOS finishes.

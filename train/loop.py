@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from checkpoint import CheckpointError, UserError, atomic_write, load_torch, save_torch, write_json
+from train.data import DEFAULT_HELDOUT_FRACTION, open_dataset
 
 __all__ = [
     "add_common_arguments",
@@ -36,6 +37,8 @@ __all__ = [
     "native_bf16",
     "cosine_schedule",
     "progress",
+    "warn_if_not_below_steps",
+    "add_data_arguments",
     "Run",
 ]
 
@@ -63,12 +66,23 @@ class StageOptions:
     log_every: int = 50
     save_every: int = 500
     precision: str = "auto"
+    heldout_fraction: float = DEFAULT_HELDOUT_FRACTION
+    augment: str = "crop"
 
     @classmethod
     def from_args(cls, args: argparse.Namespace):
         """The options from a parsed command line; flags the stage does not use are left out."""
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in vars(args).items() if k in names})
+
+    def data_options(self) -> dict[str, Any]:
+        """The keyword arguments of :func:`train.data.open_dataset` these options give (split and size apart)."""
+        return dict(image_column=self.image_column, text_column=self.text_column, seed=self.seed,
+                    heldout_fraction=self.heldout_fraction, augment=self.augment != "none")
+
+    def dataset(self, split: str, size: int | None = None):
+        """``--data`` opened at ``size`` (default ``--size``); the training split augmented unless --augment none."""
+        return open_dataset(self.data, self.size if size is None else size, split=split, **self.data_options())
 
 
 def add_common_arguments(
@@ -98,9 +112,28 @@ def add_common_arguments(
     parser.add_argument("--workers", type=_nonnegative_int, default=0, help="DataLoader worker processes")
     parser.add_argument("--image-column", default=None, help="image column of a file or hub dataset")
     parser.add_argument("--text-column", default=None, help="caption column of a file or hub dataset")
+    add_data_arguments(parser)
     parser.add_argument("--log-every", type=_positive_int, default=log_every)
     parser.add_argument("--save-every", type=_positive_int, default=save_every)
     parser.add_argument("--sample-every", type=_positive_int, default=sample_every)
+
+
+def add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    """The held-out share and the augmentation, the same for every stage so that they see the same split."""
+    parser.add_argument("--heldout-fraction", type=_fraction, default=DEFAULT_HELDOUT_FRACTION,
+                        help="share of a file or folder source held out, by a hash of each row's group, file "
+                             f"name or caption (default {DEFAULT_HELDOUT_FRACTION}); shapes has its own split")
+    parser.add_argument("--augment", default="crop", choices=["crop", "none"],
+                        help="training pictures of a file or folder source: random crops of 80-100%% of the side "
+                             "(default), or none; never flips or colour changes, since captions name sides and "
+                             "colours; shapes is never augmented")
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must lie between 0 and 1, got {text}")
+    return value
 
 
 def _positive_int(text: str) -> int:
@@ -122,6 +155,14 @@ def _positive_float(text: str) -> float:
     if not (value > 0 and math.isfinite(value)):
         raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
     return value
+
+
+def warn_if_not_below_steps(steps: int, stage: str, **points: int) -> None:
+    """One line for each schedule point (a warm-up, the GAN's start) that the run never gets past."""
+    for name, value in points.items():
+        if value and value >= steps:
+            print(f"{stage}: warning: --{name.replace('_', '-')} {value} is not below --steps {steps}, so it "
+                  f"{'never starts' if name == 'disc_start' else 'never ends'}; lower it or train longer")
 
 
 def resolve_device(name: str) -> torch.device:

@@ -128,7 +128,7 @@ class ClipTrainer:
 
     def __init__(self, options: ClipOptions):
         from tokenizer import TextTokenizer
-        from train.data import batches, open_dataset
+        from train.data import batches
 
         self.options = o = options
         for name in ("heldout_examples", "warmup", "eval_every"):
@@ -168,12 +168,10 @@ class ClipTrainer:
         if o.resume:
             self.step, _, _ = self.run.load_checkpoint(self.modules, self.optimizers, self.device)
 
-        data_options = dict(size=o.size, image_column=o.image_column, text_column=o.text_column, seed=o.seed)
-        self.dataset = open_dataset(o.data, split="train", **data_options)
+        self.dataset = o.dataset("train")
         self.batches = batches(self.dataset, o.batch_size, o.seed, start=self.step * o.batch_size,
                                rank=self.ctx.rank, world_size=self.ctx.world_size, workers=o.workers)
-        self.heldout_images, self.heldout_texts = self._heldout_batch(open_dataset(o.data, split=o.heldout_split,
-                                                                                  **data_options))
+        self.heldout_images, self.heldout_texts = self._heldout_batch(o.dataset(o.heldout_split))
 
     def _heldout_batch(self, dataset) -> tuple[torch.Tensor, list[str]]:
         """The first --heldout-examples readable pictures of the held-out split, the same at every evaluation."""

@@ -18,10 +18,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from checkpoint import UserError, save_pretrained
+from seq2seq.evaluate import caption_gap
 from train import dist
-from train.loop import Run, StageOptions, add_common_arguments, autocast, autocast_dtype, cosine_schedule, progress
+from train.loop import (Run, StageOptions, add_common_arguments, autocast, autocast_dtype, cosine_schedule, progress,
+                        warn_if_not_below_steps)
 
 
 @dataclass
@@ -43,6 +46,8 @@ class Seq2SeqOptions(StageOptions):
     sample_cfg: float = 1.5  # python -m sample's default
     compile: bool = False
     fsdp: bool = False
+    dropout: float | None = None  # None: the preset's
+    keep: str = "best"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -61,6 +66,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="EMA decay of the weights (0 = off), warmed up over the first steps")
     parser.add_argument("--eval-every", type=int, default=Seq2SeqOptions.eval_every)
     parser.add_argument("--sample-cfg", type=float, default=Seq2SeqOptions.sample_cfg)
+    parser.add_argument("--dropout", type=float, default=None,
+                        help="dropout in every block (default: the preset's, 0 for tiny and small, 0.1 above)")
+    parser.add_argument("--keep", default=Seq2SeqOptions.keep, choices=["best", "last"],
+                        help="what RUN/seq2seq/ holds: the weights (the average with --ema) of the evaluation "
+                             "with the lowest held-out loss (default), or of the last step")
     parser.add_argument("--compile", action="store_true", help="torch.compile the training model")
     parser.add_argument("--fsdp", action="store_true",
                         help="under torchrun, shard weights, gradients and optimizer state over the processes "
@@ -106,6 +116,7 @@ class Seq2SeqTrainer:
             raise UserError(f"--ema must be in [0, 1), got {options.ema}")
         if options.fsdp and options.ema:
             raise UserError("--ema keeps a whole copy of the model on every process; drop it or --fsdp")
+        warn_if_not_below_steps(options.steps, "seq2seq", warmup=options.warmup)
         self.options = o = options
         self.ctx = dist.setup(o.device, fsdp=o.fsdp)
         self.device = self.ctx.device
@@ -119,14 +130,20 @@ class Seq2SeqTrainer:
         self.tokenizer = TextTokenizer.load(out / "tokenizer.model")
         self.vqgan = VQGAN.from_pretrained(out / "vqgan").to(self.device)
         cache_options = dict(data=o.data, size=o.size, seed=o.seed, device=self.device, workers=o.workers,
-                             image_column=o.image_column, text_column=o.text_column)
+                             image_column=o.image_column, text_column=o.text_column,
+                             heldout_fraction=o.heldout_fraction, augment=o.augment != "none")
         with dist.main_first(self.ctx):
             self.train_codes = codes.load_or_build(out, self.vqgan, split="train", limit=o.cache_examples, **cache_options)
             self.heldout_codes = codes.load_or_build(out, self.vqgan, split="heldout", limit=o.heldout_examples,
                                                      **cache_options)
         grid = int(math.isqrt(self.train_codes.image_ids.shape[1]))
-        self.config = Seq2SeqConfig.from_preset(o.preset, text_vocab_size=self.tokenizer.vocab_size,
-                                                codebook_size=self.vqgan.codebook_size, grid_size=grid)
+        overrides = {} if o.dropout is None else {"dropout": o.dropout}
+        try:
+            self.config = Seq2SeqConfig.from_preset(o.preset, text_vocab_size=self.tokenizer.vocab_size,
+                                                    codebook_size=self.vqgan.codebook_size, grid_size=grid, **overrides)
+        except ValueError as e:
+            raise UserError(f"seq2seq: {e}") from None
+        self._warn_about_passes()
         torch.manual_seed(o.seed)
         self.model = Seq2Seq(self.config).to(self.device)
         self.ema = copy.deepcopy(self.model).requires_grad_(False) if o.ema else None
@@ -145,6 +162,7 @@ class Seq2SeqTrainer:
             self.train_model = torch.compile(self.train_model)
         self.micro_batches = dist.micro_batches(o.batch_size, o.micro_batch_size, self.ctx)
         self.step = 0
+        self.best = math.inf  # the lowest held-out bits per token an evaluation has seen (--keep best)
         modules = {"model": self.model, **({"ema": self.ema} if self.ema is not None else {})}
         self.modules, self.optimizers = modules, {"optimizer": self.optimizer, "schedule": self.schedule}
         if self.ctx.fsdp:  # checkpoints hold whole tensors, the same files as without --fsdp
@@ -152,7 +170,21 @@ class Seq2SeqTrainer:
             self.optimizers = {"optimizer": dist.FullOptimizerState(self.model, self.optimizer),
                                "schedule": self.schedule}
         if o.resume:
-            self.step, _, _ = self.run.load_checkpoint(self.modules, self.optimizers, self.device)
+            self.step, _, extra = self.run.load_checkpoint(self.modules, self.optimizers, self.device)
+            self.best = extra.get("best", math.inf)
+
+    def _warn_about_passes(self) -> None:
+        """Say so when the run will see each picture many times: small data that a model this size memorises."""
+        o, pictures = self.options, self.train_codes.pictures
+        if pictures is None or not self.run.is_main:
+            return
+        passes = o.steps * o.batch_size / pictures
+        if passes > 20:
+            versions = len(self.train_codes) / pictures
+            print(f"seq2seq: note: {o.steps} steps x {o.batch_size} make {passes:.0f} passes over {pictures} pictures "
+                  f"({versions:.1f} cached versions of each, --augment {o.augment}); the held-out loss will show "
+                  f"when it starts to memorise them, and --keep {o.keep} "
+                  + ("saves the weights from before that" if o.keep == "best" else "saves the last step anyway"))
 
     def text_batch(self, texts: list[str], drop: torch.Tensor | None = None):
         """Token ids and mask for ``texts``; captions where ``drop`` is True become empty (caption dropout)."""
@@ -206,18 +238,15 @@ class Seq2SeqTrainer:
         return loss_value
 
     @torch.no_grad()
-    def evaluate(self) -> float:
-        model = self.ema or self.model
-        model.eval()
-        codes = self.heldout_codes
-        bits, n = 0.0, 0
-        for start in range(0, len(codes), 128):
-            texts = codes.texts[start:start + 128]
-            text_ids, text_mask = self.text_batch(texts)
-            image_ids = codes.image_ids[start:start + 128].to(self.device)
-            bits += bits_per_token(model, text_ids, text_mask, image_ids) * len(texts)
-            n += len(texts)
-        return bits / n
+    def evaluate(self) -> dict[str, float]:
+        """Held-out bits per image token and the caption gap (:func:`seq2seq.evaluate.caption_gap`) of the model
+        that is saved."""
+        gap = caption_gap(self.ema or self.model, self.tokenizer, self.heldout_codes.texts,
+                          self.heldout_codes.image_ids, self.device)
+        figures = {"heldout_bits_per_token": gap["right"], "heldout_bits_no_caption": gap["empty"]}
+        if gap["gap"] is not None:
+            figures.update(heldout_bits_shuffled_caption=gap["shuffled"], caption_gap=gap["gap"])
+        return figures
 
     def whole_model(self):
         """The model to sample from and save: under --fsdp a whole copy gathered on rank 0 (None elsewhere)."""
@@ -271,13 +300,31 @@ class Seq2SeqTrainer:
         if self.ctx.fsdp:  # gather the whole tensors, every rank taking part
             self.modules["model"].gather()
             self.optimizers["optimizer"].gather()
-        self.run.save_checkpoint(step, self.modules, self.optimizers, data_position=step * self.options.batch_size)
+        self.run.save_checkpoint(step, self.modules, self.optimizers, data_position=step * self.options.batch_size,
+                                 extra={"best": self.best})
+        if self.options.keep == "last":
+            self.export()
+
+    def export(self) -> None:
+        """Write the model sampling uses to RUN/seq2seq/ (the average with --ema)."""
         if self.run.is_main:
             directory = Path(self.options.out) / "seq2seq"
             if self.ctx.fsdp:
                 save_pretrained(self.model, self.config, directory, state=self.modules["model"].state_dict())
             else:
                 (self.ema or self.model).save_pretrained(directory)
+
+    def record_evaluation(self, figures: dict[str, float]) -> None:
+        """Log an evaluation; under --keep best, export the weights when they are the best yet."""
+        bits = figures["heldout_bits_per_token"]
+        improved = bits < self.best
+        if improved:
+            self.best = bits
+        if self.options.keep == "best" and improved:
+            if self.ctx.fsdp:
+                self.modules["model"].gather()
+            self.export()
+        self.run.log(self.step, **figures, **({"kept": True} if self.options.keep == "best" and improved else {}))
 
     def fit(self) -> dict:
         from bench.flops import matmul_peak_flops
@@ -286,6 +333,9 @@ class Seq2SeqTrainer:
         tokens_per_step = o.batch_size * self.config.grid_size**2
         bar = progress(o.steps, self.step, "seq2seq")
         flops_per_step, timed, timed_steps, last = None, 0.0, 0, {}
+        if self.step < o.steps and o.compile and self.run.is_main:
+            tqdm.write("seq2seq: compiling the training step; the first step takes a minute or more (longer on a "
+                       "busy machine), then steps run faster")
         while self.step < o.steps:
             if flops_per_step is None:
                 flops_per_step = self.count_step_flops()
@@ -306,14 +356,17 @@ class Seq2SeqTrainer:
                     last["tokens_per_s"] = tokens_per_step * timed_steps / timed
                 self.run.log(self.step, **last)
             if self.step % o.eval_every == 0 or self.step == o.steps:
-                last["heldout_bits_per_token"] = self.evaluate()
-                self.run.log(self.step, heldout_bits_per_token=last["heldout_bits_per_token"])
+                figures = self.evaluate()
+                last.update(figures)
+                self.record_evaluation(figures)
             if (self.run.is_main or self.ctx.fsdp) and (self.step % o.sample_every == 0 or self.step == o.steps):
                 self.save_samples(self.step)
             if self.step % o.save_every == 0 or self.step == o.steps:
                 self.checkpoint(self.step)
         bar.close()
-        summary = {"steps": self.step, **last}
+        if self.options.keep == "best" and not (Path(o.out) / "seq2seq" / "model.safetensors").is_file():
+            self.record_evaluation(self.evaluate())  # resumed past every evaluation: nothing was exported
+        summary = {"steps": self.step, **last, **({"best_heldout_bits_per_token": self.best} if o.keep == "best" else {})}
         if timed_steps:
             peak = matmul_peak_flops(self.device, self.amp_dtype or torch.float32)
             achieved = flops_per_step * timed_steps / timed

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 from checkpoint import UserError
+from train.data import DEFAULT_HELDOUT_FRACTION
+from train.loop import add_data_arguments
 
 
 @dataclass
@@ -19,6 +21,8 @@ class TokenizerOptions:
     seed: int = 0
     image_column: str | None = None
     text_column: str | None = None
+    heldout_fraction: float = DEFAULT_HELDOUT_FRACTION  # captions of held-out rows are not trained on
+    augment: str = "crop"  # taken for the same command line as the other stages; captions are not augmented
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -31,6 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--image-column", default=None)
     parser.add_argument("--text-column", default=None)
+    add_data_arguments(parser)
 
 
 def train_tokenizer(options: TokenizerOptions) -> Path:
@@ -50,8 +55,9 @@ def train_tokenizer(options: TokenizerOptions) -> Path:
     except OSError as e:
         raise UserError(f"cannot write {path}: {e.strerror}; pass a writable --out") from None
     dataset = open_dataset(options.data, size=32, split="train", image_column=options.image_column,
-                           text_column=options.text_column, seed=options.seed)
-    captions = texts(dataset, options.max_texts)
+                           text_column=options.text_column, seed=options.seed,
+                           heldout_fraction=options.heldout_fraction)
+    captions = texts(dataset, options.max_texts, every=True)  # every phrasing of a cell that holds several
     tokenizer = TextTokenizer.train(captions, vocab_size=options.vocab_size)
     try:
         tokenizer.save(path)
@@ -62,4 +68,5 @@ def train_tokenizer(options: TokenizerOptions) -> Path:
 
 
 def main(args: argparse.Namespace) -> None:
-    train_tokenizer(TokenizerOptions(**{k: v for k, v in vars(args).items() if k != "stage"}))
+    names = {f.name for f in fields(TokenizerOptions)}
+    train_tokenizer(TokenizerOptions(**{k: v for k, v in vars(args).items() if k in names}))

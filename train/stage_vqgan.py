@@ -27,7 +27,8 @@ import torch
 
 from checkpoint import UserError
 from train import dist
-from train.loop import Run, StageOptions, add_common_arguments, autocast, autocast_dtype, cosine_schedule, progress
+from train.loop import (Run, StageOptions, add_common_arguments, autocast, autocast_dtype, cosine_schedule, progress,
+                        warn_if_not_below_steps)
 from vqgan import VQGAN, VQGANConfig
 from vqgan.discriminator import DISCRIMINATOR_PRESETS, PatchDiscriminator
 from vqgan.losses import LossWeights, discriminator_loss, generator_loss, psnr
@@ -59,7 +60,8 @@ class VQGANOptions(StageOptions):
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     o = VQGANOptions
     add_common_arguments(parser, steps=o.steps, batch_size=o.batch_size, lr=o.lr)
-    parser.add_argument("--preset", default=o.preset, help="tiny | small (CPU) | base (GPU, real pictures)")
+    parser.add_argument("--preset", default=o.preset,
+                        help="tiny (tests) | small (CPU, shapes) | medium (CPU, real pictures) | base (GPU)")
     parser.add_argument("--codebook-size", type=int, default=None, help="codes in the codebook (preset: 1024)")
     parser.add_argument("--downsample", type=int, default=None, choices=[4, 8, 16],
                         help="pixels per code along a side (preset: 8, so 64 px -> 8x8 ids)")
@@ -84,7 +86,7 @@ class VQGANTrainer:
     """The stage's state and its explicit loop: batch, step, log, evaluate, sample, checkpoint."""
 
     def __init__(self, options: VQGANOptions):
-        from train.data import batches, open_dataset
+        from train.data import batches
 
         self.options = o = options
         _check(o)
@@ -123,12 +125,9 @@ class VQGANTrainer:
         if o.resume:
             self.step, self.position, extra = self.run.load_checkpoint(self.modules, self.optimizers, self.device)
             _check_same_config(extra.get("config", {}), dataclasses.asdict(self.config))
-        dataset = open_dataset(o.data, o.size, split="train", image_column=o.image_column,
-                               text_column=o.text_column, seed=o.seed)
-        self.batches = batches(dataset, o.batch_size, o.seed, start=self.position, rank=self.ctx.rank,
+        self.batches = batches(o.dataset("train"), o.batch_size, o.seed, start=self.position, rank=self.ctx.rank,
                                world_size=self.ctx.world_size, workers=o.workers)
-        self.heldout = self._heldout_batch(open_dataset(o.data, o.size, split="heldout", image_column=o.image_column,
-                                                        text_column=o.text_column, seed=o.seed))
+        self.heldout = self._heldout_batch(o.dataset("heldout"))
         self.skipped = 0
 
     def _heldout_batch(self, dataset) -> torch.Tensor:
@@ -278,6 +277,7 @@ def _check(o: VQGANOptions) -> None:
         raise UserError(f"--codebook-size must be >= 2, got {o.codebook_size}")
     if o.eval_every < 1 or o.heldout_examples < 1:
         raise UserError("--eval-every and --heldout-examples must be >= 1")
+    warn_if_not_below_steps(o.steps, "vqgan", disc_start=o.disc_start if o.disc_weight > 0 else 0, warmup=o.warmup)
 
 
 def _check_same_config(saved: dict, current: dict) -> None:

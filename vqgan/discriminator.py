@@ -35,6 +35,7 @@ class DiscriminatorConfig:
 DISCRIMINATOR_PRESETS: dict[str, DiscriminatorConfig] = {
     "tiny": DiscriminatorConfig(channels=8, layers=2, groups=4),
     "small": DiscriminatorConfig(channels=32, layers=2),
+    "medium": DiscriminatorConfig(channels=32, layers=2),
     "base": DiscriminatorConfig(),
 }
 
