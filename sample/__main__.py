@@ -1,8 +1,11 @@
 """``python -m sample "a red circle above a blue square"``: prompts to PNG files.
 
 Draws --n candidates per prompt, keeps the best --keep by the CLIP-style scorer, and writes the kept
-pictures (with the prompt, seed, settings and score in PNG text chunks), a grid of all candidates with
-the kept ones marked, and samples.jsonl, under --out. Bad input ends with one line and exit status 2.
+pictures (``<prompt>-seed<seed>.png``, with the prompt, seed, rank, settings and score in PNG text
+chunks), a labelled grid of the candidates with the kept ones framed, and samples.jsonl, under --out;
+each kept picture's path, seed, rank and score go to stdout. Prompts of --prompts-file are drawn
+--batch-size at a time, each prompt's files written as soon as its batch is done. Bad input ends with
+one line and exit status 2.
 """
 
 from __future__ import annotations
@@ -14,13 +17,18 @@ from pathlib import Path
 
 from checkpoint import ArgumentParser, UserError, add_threads_argument, run_command, set_threads
 
+BATCH_CANDIDATES = 64  # the default --batch-size keeps a batch's candidates near this: one pass of the pipeline
+
 
 def build_parser() -> argparse.ArgumentParser:
     from sample.pipeline import SamplingSettings
 
     parser = ArgumentParser(prog="python -m sample", description=__doc__.splitlines()[0])
     parser.add_argument("prompt", nargs="?", help="what to draw")
-    parser.add_argument("--prompts-file", help="one prompt a line, generated in one batch")
+    parser.add_argument("--prompts-file", help="one prompt a line")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help=f"prompts drawn together (default: {BATCH_CANDIDATES} // --n, at least 1); each "
+                             "prompt's pictures are written when its batch is done")
     parser.add_argument("--checkpoint", help="a run directory, or a shipped run's name: shapes (the default) or "
                                              "openmoji")
     parser.add_argument("--n", type=int, default=16, help="candidates per prompt (default 16)")
@@ -44,6 +52,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def batch_size(args: argparse.Namespace, n: int) -> int:
+    """Prompts per batch: --batch-size, else as many as keep a batch near BATCH_CANDIDATES candidates."""
+    from sample.pipeline import MAX_CANDIDATES
+
+    if args.batch_size is None:
+        return max(1, BATCH_CANDIDATES // n)
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.batch_size * n > MAX_CANDIDATES:
+        raise UserError(f"--batch-size {args.batch_size} x --n {n} is {args.batch_size * n} candidates held at once, "
+                        f"more than {MAX_CANDIDATES}; lower --batch-size")
+    return args.batch_size
+
+
 def read_prompts(args: argparse.Namespace) -> list[str]:
     prompts = [args.prompt] if args.prompt is not None else []
     if args.prompts_file:
@@ -61,6 +83,8 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> list[dict]:
+    from tqdm import tqdm
+
     from sample.output import prepare_out_dir, write_prompt_results
     from sample.pipeline import Pipeline, SamplingSettings
 
@@ -70,15 +94,21 @@ def run(args: argparse.Namespace) -> list[dict]:
     settings = SamplingSettings(n=args.n, keep=keep, top_k=args.top_k, top_p=args.top_p,
                                 temperature=args.temperature, cfg=args.cfg, seed=args.seed,
                                 rerank=not args.no_rerank)
+    batch = batch_size(args, settings.n)
     out = prepare_out_dir(args.out)
     pipeline = Pipeline(args.checkpoint, device=args.device, rerank=not args.no_rerank, reranker=args.reranker)
     records = []
-    for candidates in pipeline(prompts, settings, progress=True):
-        written = write_prompt_results(out, candidates)
-        records += written
-        for record in written:
-            score = "" if record["score"] is None else f"  score {record['score']:.3f}"
-            print(f"{out / record['file']}{score}")
+    # One prompt: the pipeline's own bar (decoding steps, or candidates); several: a bar over the prompts.
+    with tqdm(total=len(prompts), desc="prompts", unit="prompt", file=sys.stderr, disable=len(prompts) == 1) as bar:
+        for start in range(0, len(prompts), batch):
+            for candidates in pipeline(prompts[start:start + batch], settings, progress=len(prompts) == 1):
+                written = write_prompt_results(out, candidates)
+                records += written
+                for record in written:
+                    score = "" if record["score"] is None else f"  score {record['score']:.3f}"
+                    tqdm.write(f"{out / record['file']}  seed {record['seed']}  rank {record['rank']}{score}",
+                               file=sys.stdout)
+                bar.update(1)
     return records
 
 

@@ -1,6 +1,11 @@
-"""Writing pictures: safe file names from any prompt, PNG text chunks with the prompt, seed, settings and
-score, a grid of all candidates with the kept ones marked, and a JSONL line per picture. Existing files
-are never overwritten: a name that is taken gets a numbered suffix."""
+"""Writing pictures: safe file names from any prompt, PNG text chunks with the prompt, seed, settings, score
+and rank, a labelled grid of the candidates with the kept ones framed, and a JSONL line per picture.
+
+A kept picture is named by its prompt and its own seed, ``<prompt>-seed<seed>.png``, so that
+``python -m sample "<prompt>" --seed <seed> --n 1`` (with the same settings) draws it again; the grid is
+``<prompt>-seeds<first>-<last>-grid.png``. Existing files are never overwritten: a name that is taken gets
+``.run2``, ``.run3``, ... before ``.png`` (the second, third, ... picture of that prompt and seed written here).
+"""
 
 from __future__ import annotations
 
@@ -15,9 +20,10 @@ from PIL.PngImagePlugin import PngInfo
 
 from checkpoint import UserError
 
-__all__ = ["safe_stem", "prepare_out_dir", "write_prompt_results"]
+__all__ = ["safe_stem", "prepare_out_dir", "picture_fields", "save_picture", "write_prompt_results"]
 
 MAX_STEM = 60
+GRID_CELLS = 256  # a grid of more candidates shows the best 256: 10 000 cells would be too big to open
 
 
 def safe_stem(prompt: str) -> str:
@@ -40,8 +46,9 @@ def prepare_out_dir(out: str | Path) -> Path:
 
 
 def _claim(path: Path) -> Path:
-    """The first of path, path-1, path-2, ... that does not exist yet, created empty so no one else takes it."""
-    candidate, k = path, 0
+    """The first of path, path.run2, path.run3, ... (before the suffix) that does not exist yet, created empty
+    so no one else takes it."""
+    candidate, k = path, 1
     while True:
         try:
             fd = os.open(candidate, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -49,7 +56,7 @@ def _claim(path: Path) -> Path:
             return candidate
         except FileExistsError:
             k += 1
-            candidate = path.with_name(f"{path.stem}-{k}{path.suffix}")
+            candidate = path.with_name(f"{path.stem}.run{k}{path.suffix}")
 
 
 def _png_info(fields: dict) -> PngInfo:
@@ -59,10 +66,38 @@ def _png_info(fields: dict) -> PngInfo:
     return info
 
 
-def write_prompt_results(out: Path, pictures: Sequence, nrow: int | None = None) -> list[dict]:
-    """Write the kept pictures, a grid of all candidates (kept ones marked) and JSONL records.
+def picture_fields(picture) -> dict:
+    """What a picture's PNG text chunks and its samples.jsonl line hold: prompt, seed, rank, score, settings,
+    candidate (a sample.pipeline.Picture)."""
+    return {"prompt": picture.prompt, "seed": picture.seed, "rank": picture.rank, "score": picture.score,
+            "settings": picture.settings, "candidate": picture.candidate}
 
-    ``pictures`` are one prompt's candidates (sample.pipeline.Picture), best first. Returns the records.
+
+def save_picture(picture, path: str | Path) -> Path:
+    """Write ``picture`` (a sample.pipeline.Picture) as PNG at ``path`` with :func:`picture_fields` in its
+    text chunks (each a string; numbers, None and the settings as JSON). Other suffixes than .png are refused:
+    the chunks are PNG's."""
+    path = Path(path)
+    if path.suffix.lower() != ".png":
+        raise ValueError(f"Picture.save writes PNG (its text chunks hold the prompt, seed and settings); name the "
+                         f"file *.png, not {path.name}, or use picture.image.save for other formats")
+    picture.image.save(path, format="PNG", pnginfo=_png_info(picture_fields(picture)))
+    return path
+
+
+def _label(picture) -> str:
+    """A grid cell's label: every candidate's seed, and a kept one's rank and score above it."""
+    if not picture.kept:
+        return f"seed {picture.seed}"
+    score = "" if picture.score is None else f" {picture.score:.3f}"
+    return f"#{picture.rank}{score}\nseed {picture.seed}"
+
+
+def write_prompt_results(out: Path, pictures: Sequence, nrow: int | None = None) -> list[dict]:
+    """Write the kept pictures, a labelled grid of the candidates (kept ones framed) and JSONL records.
+
+    ``pictures`` are one prompt's candidates (sample.pipeline.Picture), best first. Returns the records,
+    best first, each with the file's name (``file``, relative to ``out``) and the grid's (``grid``).
     """
     import torch
 
@@ -71,22 +106,22 @@ def write_prompt_results(out: Path, pictures: Sequence, nrow: int | None = None)
     if not pictures:
         return []
     prompt = pictures[0].prompt
-    base_seed = min(p.seed for p in pictures)
-    stem = f"{safe_stem(prompt)}-s{base_seed}"
+    stem = safe_stem(prompt)
     records = []
-    for rank, picture in enumerate(p for p in pictures if p.kept):
-        path = _claim(out / f"{stem}-{rank}.png")
-        fields = {"prompt": prompt, "seed": picture.seed, "score": picture.score, "settings": picture.settings,
-                  "candidate": picture.candidate}
-        picture.image.save(path, format="PNG", pnginfo=_png_info(fields))
-        records.append({"file": path.name, **fields})
-    by_candidate = sorted(pictures, key=lambda p: p.candidate)
-    size = by_candidate[0].image.size[0]
-    grid = image_grid(torch.stack([from_pil(p.image, size) for p in by_candidate]),
-                      nrow=nrow or min(8, len(by_candidate)),
-                      marked=[i for i, p in enumerate(by_candidate) if p.kept])
-    grid_path = _claim(out / f"{stem}-grid.png")
-    grid.save(grid_path, format="PNG", pnginfo=_png_info({"prompt": prompt, "seed": base_seed}))
+    for picture in (p for p in pictures if p.kept):
+        path = save_picture(picture, _claim(out / f"{stem}-seed{picture.seed}.png"))
+        records.append({"file": path.name, **picture_fields(picture)})
+    first, last = min(p.seed for p in pictures), max(p.seed for p in pictures)
+    shown = sorted(pictures[:GRID_CELLS], key=lambda p: p.candidate)  # the best ones, when --n is huge
+    title = prompt if len(shown) == len(pictures) else f"{prompt}\n(the best {len(shown)} of {len(pictures)})"
+    size = shown[0].image.size[0]
+    grid = image_grid(torch.stack([from_pil(p.image, size) for p in shown]), nrow=nrow or min(8, len(shown)),
+                      marked=[i for i, p in enumerate(shown) if p.kept], title=title,
+                      labels=[_label(p) for p in shown])
+    seeds = f"seeds{first}-{last}" if last > first else f"seed{first}"
+    grid_path = _claim(out / f"{stem}-{seeds}-grid.png")
+    grid.save(grid_path, format="PNG", pnginfo=_png_info({"prompt": prompt, "seed": first, "candidates": len(pictures),
+                                                          "settings": pictures[0].settings}))
     for record in records:
         record["grid"] = grid_path.name
     with open(out / "samples.jsonl", "a", encoding="utf-8") as f:

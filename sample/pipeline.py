@@ -1,5 +1,7 @@
 """Prompts to pictures: tokenize, generate N candidates per prompt with the KV-cached decoder, decode
-them with the VQGAN, score them all in one batch with the CLIP-style scorer, keep the best K.
+them with the VQGAN, score them with the CLIP-style scorer, keep the best K. Candidates are drawn, decoded
+and scored in passes of at most CANDIDATES_PER_PASS, which bounds the memory a call needs whatever N is;
+candidate j of a prompt has seed ``seed + j`` in any pass, so the passes change no picture.
 
 `generate_images` is the Python API; `python -m sample` (sample/__main__.py) wraps it for the shell.
 """
@@ -13,10 +15,20 @@ from typing import Sequence
 
 import torch
 from PIL import Image
+from tqdm import tqdm
 
 from checkpoint import CheckpointError, UserError
 
-__all__ = ["DEMO_RUN", "SHIPPED_RUNS", "resolve_run", "SamplingSettings", "Picture", "Pipeline", "generate_images"]
+__all__ = ["DEMO_RUN", "SHIPPED_RUNS", "MAX_CANDIDATES", "CANDIDATES_PER_PASS", "resolve_run", "SamplingSettings",
+           "Picture", "Pipeline", "generate_images"]
+
+# Candidates per prompt: each one's picture is held until the prompt's are ranked (10 000 pictures of 256 px
+# are 2 GB). More is one line asking to split the work by --seed, which gives the same pictures.
+MAX_CANDIDATES = 10_000
+# Candidates drawn, decoded and scored at once. The decoder's KV cache grows with it (the `large` preset,
+# 256 image tokens, guided: about 100 MB a candidate), so a pass of 64 fits any one accelerator and a
+# laptop; more candidates take more passes, never more memory.
+CANDIDATES_PER_PASS = 64
 
 DEMO_RUN = Path(__file__).resolve().parent / "demo_run"
 # The shipped runs, reachable by name with --checkpoint NAME (a directory of that name wins).
@@ -49,6 +61,10 @@ class SamplingSettings:
     def __post_init__(self) -> None:
         if self.n < 1:
             raise UserError(f"--n must be >= 1, got {self.n}")
+        if self.n > MAX_CANDIDATES:
+            raise UserError(f"--n {self.n} candidates is more than one prompt may have (at most {MAX_CANDIDATES}, held "
+                            f"in memory to rank them); split it: --seed S --n {MAX_CANDIDATES}, then --seed "
+                            f"S+{MAX_CANDIDATES}, ... draws the same pictures")
         if not 1 <= self.keep <= self.n:
             raise UserError(f"--keep must be between 1 and --n ({self.n}), got {self.keep}")
         if self.top_k is not None and self.top_k < 1:
@@ -63,7 +79,11 @@ class SamplingSettings:
 
 @dataclass
 class Picture:
-    """One candidate: its picture, the prompt, its seed, its score (None without reranking), kept or not."""
+    """One candidate: its picture, the prompt, its seed, its score (None without reranking), its rank among
+    the prompt's candidates (1 = best; without reranking, candidate order), kept or not.
+
+    ``python -m sample PROMPT --seed SEED --n 1`` with the same ``settings`` redraws it.
+    """
 
     image: Image.Image
     prompt: str
@@ -72,6 +92,14 @@ class Picture:
     score: float | None
     kept: bool = False
     settings: dict = field(default_factory=dict)
+    rank: int | None = None
+
+    def save(self, path: str | Path) -> Path:
+        """Write the picture as PNG at ``path`` (overwriting it, like PIL), with the prompt, seed, settings,
+        score, rank and candidate in PNG text chunks, as ``python -m sample`` writes them. Returns the path."""
+        from sample.output import save_picture
+
+        return save_picture(self, path)
 
 
 class Pipeline:
@@ -118,43 +146,61 @@ class Pipeline:
         return ids.to(self.device), mask.to(self.device)
 
     @torch.inference_mode()
-    def __call__(self, prompts: Sequence[str], settings: SamplingSettings, progress: bool = False) -> list[list[Picture]]:
-        """All candidates of every prompt, each list sorted best first, the first ``keep`` marked kept."""
-        from seq2seq import generate
+    def __call__(self, prompts: Sequence[str], settings: SamplingSettings, progress: bool = False,
+                 per_pass: int = CANDIDATES_PER_PASS) -> list[list[Picture]]:
+        """All candidates of every prompt, each list sorted best first, the first ``keep`` marked kept.
 
+        Drawn in passes of at most ``per_pass`` candidates. ``progress`` shows a bar over the decoding
+        steps when one pass does it all, else over the candidates.
+        """
+        from seq2seq import generate
+        from train.images import to_pil
+
+        if per_pass < 1:
+            raise ValueError(f"per_pass must be >= 1, got {per_pass}")
         # Text that is not valid Unicode (lone surrogates, as from undecodable command-line bytes) is
         # repaired with U+FFFD rather than refused: no prompt should stop the tool.
         prompts = [p.encode("utf-8", "surrogatepass").decode("utf-8", "replace") for p in prompts]
         text_ids, text_mask = self.encode_prompts(prompts)
-        seeds = torch.arange(settings.n, dtype=torch.long) + settings.seed
-        seeds = seeds.repeat(len(prompts)).to(self.device)  # candidate j of every prompt has seed + j
-        image_ids = generate(
-            self.model, text_ids, text_mask, num_candidates=settings.n, seeds=seeds,
-            temperature=settings.temperature, top_k=settings.top_k, top_p=settings.top_p,
-            cfg_scale=settings.cfg, progress=progress,
-        )  # (P*n, h, w)
-        images = self.vqgan.decode(image_ids).float()  # (P*n, 3, H, W) in [-1, 1]
-        scores = None
-        if self.scorer is not None:  # every candidate of every prompt in one batch
-            scores = self.scorer.score(images, [p for p in prompts for _ in range(settings.n)])
-        return [self._rank(prompt, images[i * settings.n:(i + 1) * settings.n],
-                           None if scores is None else scores[i * settings.n:(i + 1) * settings.n], settings)
+        total = len(prompts) * settings.n  # rows i * n + j: candidate j of prompt i, seed + j
+        one_pass = total <= per_pass
+        images: list[Image.Image] = []
+        scores: list[torch.Tensor] = []
+        with tqdm(total=total, desc="candidates", unit="candidate", leave=False,
+                  disable=not progress or one_pass) as bar:
+            for start in range(0, total, per_pass):
+                rows = torch.arange(start, min(start + per_pass, total))
+                which = rows.div(settings.n, rounding_mode="floor")  # the prompt of each row
+                image_ids = generate(
+                    self.model, text_ids[which.to(self.device)], text_mask[which.to(self.device)],
+                    seeds=(rows % settings.n + settings.seed).to(self.device), temperature=settings.temperature,
+                    top_k=settings.top_k, top_p=settings.top_p, cfg_scale=settings.cfg,
+                    progress=progress and one_pass,
+                )  # (rows, h, w)
+                decoded = self.vqgan.decode(image_ids).float()  # (rows, 3, H, W) in [-1, 1]
+                if self.scorer is not None:
+                    scores.append(self.scorer.score(decoded, [prompts[i] for i in which.tolist()]))
+                images += [to_pil(image) for image in decoded.cpu()]
+                bar.update(len(rows))
+        every_score = torch.cat(scores) if scores else None
+        n = settings.n
+        return [self._rank(prompt, images[i * n:(i + 1) * n],
+                           None if every_score is None else every_score[i * n:(i + 1) * n], settings)
                 for i, prompt in enumerate(prompts)]
 
-    def _rank(self, prompt: str, images: torch.Tensor, scores: torch.Tensor | None,
+    def _rank(self, prompt: str, images: list[Image.Image], scores: torch.Tensor | None,
               settings: SamplingSettings) -> list[Picture]:
-        from train.images import to_pil
-
         record = {k: v for k, v in asdict(settings).items() if k not in ("seed",)}
         pictures = [
-            Picture(to_pil(images[j].cpu()), prompt, settings.seed + j, j,
-                    None if scores is None else float(scores[j]), settings=record)
-            for j in range(len(images))
+            Picture(image, prompt, settings.seed + j, j, None if scores is None else float(scores[j]),
+                    settings=record)
+            for j, image in enumerate(images)
         ]
         if scores is not None:  # best first; without a scorer the candidates are already in random order
             pictures.sort(key=lambda p: -p.score)
-        for picture in pictures[: settings.keep]:
-            picture.kept = True
+        for rank, picture in enumerate(pictures, start=1):
+            picture.rank = rank
+            picture.kept = rank <= settings.keep
         return pictures
 
 

@@ -1,4 +1,4 @@
-"""Pictures in and out of tensors: PIL images to (3,S,S) floats in [-1,1], and back, and sample grids.
+"""Pictures in and out of tensors: PIL images to (3,S,S) floats in [-1,1], and back, and labelled sample grids.
 
 Every image the models see goes through :func:`from_pil`: converted to RGB (transparency composited
 on white, so a logo with an alpha channel looks as it does in a browser), centre-cropped to a square
@@ -7,15 +7,19 @@ and resized with an antialiasing filter, the preprocessing of taming-transformer
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageOps
+from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 __all__ = ["to_rgb", "from_pil", "to_pil", "image_grid", "MARK_COLOR"]
 
 WHITE = (255, 255, 255)
 GRID_BACKGROUND = (128, 128, 128)
 MARK_COLOR = (255, 0, 200)  # magenta: in no `shapes` palette entry, visible on white and grey
+TEXT_COLOR = (0, 0, 0)
+MAX_LABEL_LINES = 6  # a longer label (a long caption under a narrow cell) ends in "..."
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -79,12 +83,18 @@ def to_pil(image: torch.Tensor) -> Image.Image:
 
 
 def image_grid(images: torch.Tensor, nrow: int, pad: int = 2, marked: list[int] | None = None,
-               mark_color: tuple[int, int, int] = MARK_COLOR) -> Image.Image:
+               mark_color: tuple[int, int, int] = MARK_COLOR, title: str | None = None,
+               labels: Sequence[str] | None = None) -> Image.Image:
     """Tile images (N, 3, H, W) in [-1, 1] into rows of ``nrow`` on a grey background.
 
     ``marked`` lists cells (indices into ``images``) to frame in ``mark_color``: sampling frames the
     candidates the reranker kept. The frame fills the ``pad`` pixels around the cell and is at least two
     pixels wide, reaching into the picture when ``pad`` is smaller.
+
+    ``title`` is written above the grid and ``labels`` (one per image, "" for none; newlines start new
+    lines) under each cell, in PIL's default font (nothing to download), wrapped to the grid's and the
+    cell's width; a row of cells is followed by as much room as its longest label needs. Without either
+    the grid is exactly the tiles and their padding.
     """
     if images.dim() != 4 or images.shape[1] != 3:
         raise ValueError(f"image_grid expects (N, 3, H, W), got {tuple(images.shape)}")
@@ -94,17 +104,72 @@ def image_grid(images: torch.Tensor, nrow: int, pad: int = 2, marked: list[int] 
     marked = sorted(set(marked or []))
     if marked and not 0 <= marked[0] <= marked[-1] < count:
         raise ValueError(f"marked cells {marked} are outside the {count} images")
+    if labels is not None and len(labels) != count:
+        raise ValueError(f"image_grid got {len(labels)} labels for {count} images")
     columns = min(nrow, max(count, 1))
     rows = (count + columns - 1) // columns
-    grid = Image.new("RGB", (columns * (width + pad) + pad, rows * (height + pad) + pad), GRID_BACKGROUND)
+    grid_width = columns * (width + pad) + pad
+    font = ImageFont.load_default()
+    line_height = _line_height(font)
+    title_lines = _wrap(title, font, grid_width - 2 * max(pad, 2)) if title else []
+    cell_lines = [_wrap(label, font, width) for label in labels] if labels is not None else [[]] * count
+    bands = [max((len(lines) for lines in cell_lines[row * columns:(row + 1) * columns]), default=0) * line_height
+             for row in range(rows)]  # room under each row for its labels
+    title_height = len(title_lines) * line_height + (pad if title_lines else 0)
+    tops = [title_height]  # where each row's padding ring starts: rows share a ring's side unless labels part them
+    for band in bands[:-1]:
+        tops.append(tops[-1] + height + pad + (band + pad if band else 0))
+    grid = Image.new("RGB", (grid_width, tops[-1] + height + 2 * pad + bands[-1] if rows else title_height + pad),
+                     GRID_BACKGROUND)
     for index in range(count):
         row, column = divmod(index, columns)
-        grid.paste(to_pil(images[index]), (pad + column * (width + pad), pad + row * (height + pad)))
+        grid.paste(to_pil(images[index]), (pad + column * (width + pad), pad + tops[row]))
     draw = ImageDraw.Draw(grid)
+    for number, line in enumerate(title_lines):
+        draw.text((max(pad, 2), pad + number * line_height), line, fill=TEXT_COLOR, font=font)
+    for index, lines in enumerate(cell_lines):
+        row, column = divmod(index, columns)
+        for number, line in enumerate(lines):
+            draw.text((pad + column * (width + pad), tops[row] + height + 2 * pad + number * line_height), line,
+                      fill=TEXT_COLOR, font=font)
     frame = max(pad, 2)
     for index in marked:
         row, column = divmod(index, columns)
-        left, top = column * (width + pad), row * (height + pad)  # outer corner of the cell's padding ring
+        left, top = column * (width + pad), tops[row]  # outer corner of the cell's padding ring
         draw.rectangle((left, top, left + width + 2 * pad - 1, top + height + 2 * pad - 1),
                        outline=mark_color, width=frame)
     return grid
+
+
+def _line_height(font: ImageFont.ImageFont | ImageFont.FreeTypeFont) -> int:
+    left, top, right, bottom = font.getbbox("Ag|")
+    return bottom + 2
+
+
+def _wrap(text: str, font: ImageFont.ImageFont | ImageFont.FreeTypeFont, width: int) -> list[str]:
+    """``text`` broken into lines at most ``width`` pixels wide: at spaces where it can, inside a word where a
+    word alone is wider; at most MAX_LABEL_LINES lines, the last one ending in "..." when text was left out."""
+    lines: list[str] = []
+    for paragraph in text.splitlines():
+        line = ""
+        for word in paragraph.split():
+            candidate = f"{line} {word}" if line else word
+            if font.getlength(candidate) <= width:
+                line = candidate
+                continue
+            if line:
+                lines.append(line)
+            line = ""
+            for character in word:  # a word wider than the cell is cut where it must be
+                if line and font.getlength(line + character) > width:
+                    lines.append(line)
+                    line = ""
+                line += character
+        if line:
+            lines.append(line)
+    if len(lines) > MAX_LABEL_LINES:
+        last = lines[MAX_LABEL_LINES - 1]
+        while last and font.getlength(last + "...") > width:
+            last = last[:-1]
+        lines = lines[:MAX_LABEL_LINES - 1] + [last + "..."]
+    return lines

@@ -19,7 +19,7 @@ import shutil
 import time
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -285,14 +285,25 @@ class Run:
                             "lower --lr; the last good checkpoint is intact")
         return True
 
-    def save_samples(self, step: int, images: torch.Tensor, nrow: int) -> Path | None:
-        """Write a PNG grid of ``images`` (N,3,H,W) in [-1,1] to RUN/samples/<stage>/step-N.png."""
+    def save_samples(self, step: int, images: torch.Tensor, nrow: int,
+                     captions: Sequence[str] | None = None) -> Path | None:
+        """Write a PNG grid of ``images`` (N,3,H,W) in [-1,1] to RUN/samples/<stage>/step-N.png.
+
+        ``captions``, one per column, are written under the bottom row, so that a grid of generated
+        pictures says what each was asked to show; the rows must then be full.
+        """
         if not self.is_main:
             return None
         from train.images import image_grid
 
+        labels = None
+        if captions is not None:
+            if len(captions) != nrow or len(images) % nrow:
+                raise ValueError(f"save_samples needs one caption per column ({nrow}) and full rows, got "
+                                 f"{len(captions)} captions for {len(images)} images")
+            labels = [""] * (len(images) - nrow) + list(captions)
         path = self.out / "samples" / self.stage / f"step-{step:07d}.png"
-        grid = image_grid(images.detach().float().cpu(), nrow=nrow)
+        grid = image_grid(images.detach().float().cpu(), nrow=nrow, labels=labels)
         atomic_write(path, lambda tmp: grid.save(tmp, format="PNG"))
         return path
 

@@ -263,6 +263,7 @@ class Seq2SeqTrainer:
 
     @torch.no_grad()
     def save_samples(self, step: int) -> None:
+        """Eight held-out pictures above what the model draws for their captions, each column captioned."""
         from seq2seq import generate
 
         model = self.whole_model()
@@ -276,7 +277,7 @@ class Seq2SeqTrainer:
         generated = generate(model, text_ids, text_mask, seeds=seeds, cfg_scale=self.options.sample_cfg)
         originals = self.heldout_codes.image_ids[:8].view(-1, grid, grid).to(self.device)
         images = self.vqgan.decode(torch.cat([originals, generated]))
-        self.run.save_samples(step, images, nrow=len(texts))
+        self.run.save_samples(step, images, nrow=len(texts), captions=list(texts))
 
     def count_step_flops(self) -> int:
         """FLOPs of one global batch's forward and backward, counted on a side run that changes no state."""

@@ -61,7 +61,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     o = VQGANOptions
     add_common_arguments(parser, steps=o.steps, batch_size=o.batch_size, lr=o.lr)
     parser.add_argument("--preset", default=o.preset,
-                        help="tiny (tests) | small (CPU, shapes) | medium (CPU, real pictures) | base (GPU)")
+                        help="tiny (tests) | small (CPU) | medium (CPU, finer, 4x the time) | base (GPU)")
     parser.add_argument("--codebook-size", type=int, default=None, help="codes in the codebook (preset: 1024)")
     parser.add_argument("--downsample", type=int, default=None, choices=[4, 8, 16],
                         help="pixels per code along a side (preset: 8, so 64 px -> 8x8 ids)")
