@@ -96,6 +96,9 @@ CASES = [
     ("train", "vqgan --data shapes --out {tmp}/out --device cuda", None, "no CUDA device", ),
     ("train", "vqgan --data shapes --out {tmp}/out --resume", None, "no checkpoint"),
     ("train", "all --data shapes --out {tmp}/out --preset enormous", None, "--preset"),
+    ("train", "all --data shapes --out {tmp}/run --preset tiny --size 32 --device cpu",
+     lambda t, r: _copy_run(r, t / "run"), "holds a finished run"),
+    ("train", "all --data shapes --out {tmp}/out --resume --overwrite", None, "contradict"),
     ("train", "pack --run {tmp}/missing --out {tmp}/out", None, "lacks tokenizer.model"),
     ("train", "export --data shapes --n 0 --out {tmp}/out", None, "--n must be >= 1"),
     ("train", "nonsense", None, "invalid choice"),
@@ -122,6 +125,9 @@ CASES = [
     ("sample", "--checkpoint {run} --prompts-file {tmp}/blank.txt", lambda t: _write(t / "blank.txt", "\n  \n"),
      "has no prompts"),
     ("sample", "x --checkpoint {run} --out /proc/tilecraft-out", None, "--out"),
+    ("sample", "x --checkpoint {run} --n 1000000", None, "--n 1000000 candidates is more than one prompt may have"),
+    ("sample", "x --checkpoint {run} --batch-size 0", None, "--batch-size must be >= 1"),
+    ("sample", "x --checkpoint {run} --n 5000 --batch-size 3", None, "15000 candidates held at once"),
     # sample: checkpoints
     ("sample", "x --checkpoint {tmp}/missing", None, "is not a directory"),
     ("sample", "x --checkpoint {tmp}/run", lambda t, r: _copy_run(r, t / "run", without="clip"), "clip"),
@@ -188,6 +194,7 @@ def test_sample_repairs_text_that_is_not_unicode(pipeline):
     assert pictures[0].prompt == "a red circle \ufffd\ufffd\ufffd\ufffd\ufffd\ufffd"
 
 
+@pytest.mark.slow
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(prompt=prompts)
 def test_sample_never_crashes_on_any_prompt(pipeline, prompt, tmp_path_factory):

@@ -3,10 +3,13 @@
 import json
 import math
 
+import pytest
+
 import bench.__main__ as bench_cli
 from sample.pipeline import SamplingSettings
 
 
+@pytest.mark.slow
 def test_bench_reports_speed_and_quality(tiny_run, tmp_path, capsys):
     out = tmp_path / "bench"
     assert bench_cli.main(["--checkpoint", str(tiny_run), "--out", str(out), "--device", "cpu", "--grid", "3",
@@ -47,6 +50,16 @@ def test_bench_reports_speed_and_quality(tiny_run, tmp_path, capsys):
     assert "| 2 | cfg 3 | cached |" in table and "keep 1 by the scorer" in table
     assert "Single objects, 3 held-out prompts x 4 candidates, no reranking" in table
     assert table in capsys.readouterr().out
+    # The share of all candidates is named for what it is, and goals are not judged on a handful of pictures.
+    assert "| candidates right |" in table and "any candidate" not in table
+    oracle = [line for line in table.splitlines() if line.startswith(("| single |", "| relation |", "| count |"))]
+    assert oracle and all("on 2 pictures: too few to judge" in line and "met" not in line for line in oracle[:3])
+    assert "of pictures right (goal 90.0%: " in table and "on 12 pictures: too few to judge)" in table
+
+
+def test_goals_are_judged_on_100_pictures_or_more():
+    assert bench_cli._judged(0.95, 0.9, 32) == "95.0% on 32 pictures: too few to judge"
+    assert bench_cli._judged(0.95, 0.9, 100) == "met" and bench_cli._judged(0.85, 0.9, 512) == "not met"
 
 
 def test_bench_without_a_run_is_one_line(tmp_path, capsys):

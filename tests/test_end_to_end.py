@@ -24,31 +24,113 @@ def test_train_all_writes_every_part(tiny_run):
     assert sorted(json.loads((tiny_run / "all.json").read_text())["finished"]) == ["clip", "seq2seq", "tokenizer", "vqgan"]
     metrics = [json.loads(line) for line in (tiny_run / "metrics" / "seq2seq.jsonl").read_text().splitlines()]
     assert any("heldout_bits_per_token" in m for m in metrics)
-    assert list((tiny_run / "samples" / "seq2seq").glob("step-*.png"))
+    grids = list((tiny_run / "samples" / "seq2seq").glob("step-*.png"))
+    assert grids
+    # Two rows of 32-pixel cells (held-out pictures above generated ones), then each column's caption.
+    assert Image.open(grids[0]).size[1] > 2 * (32 + 2) + 2
+
+
+def _sample(tiny_run, out, *argv) -> int:
+    return sample_cli.main([*argv, "--checkpoint", str(tiny_run), "--out", str(out), "--device", "cpu"])
 
 
 def test_sample_writes_kept_pictures_grid_and_metadata(tiny_run, tmp_path, capsys):
     out = tmp_path / "out"
-    assert sample_cli.main(["a large red circle", "--checkpoint", str(tiny_run), "--n", "4", "--keep", "2",
-                            "--out", str(out), "--device", "cpu", "--top-k", "50", "--top-p", "0.95"]) == 0
-    kept = sorted(out.glob("a-large-red-circle-s0-[0-9].png"))
-    assert len(kept) == 2
-    grid = out / "a-large-red-circle-s0-grid.png"
-    assert grid.is_file()
-    info = Image.open(kept[0]).info
-    assert info["prompt"] == "a large red circle" and json.loads(info["settings"])["top_k"] == 50
+    argv = ["a large red circle", "--n", "4", "--keep", "2", "--seed", "7", "--top-k", "50", "--top-p", "0.95"]
+    assert _sample(tiny_run, out, *argv) == 0
     records = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
-    assert [r["file"] for r in records] == [k.name for k in kept]
-    assert records[0]["score"] >= records[1]["score"]
+    # Each kept picture is named by its own seed (candidate j has seed 7 + j) and printed with it.
+    assert [r["rank"] for r in records] == [1, 2] and records[0]["score"] >= records[1]["score"]
+    assert {r["seed"] for r in records} <= {7, 8, 9, 10}
+    assert [r["file"] for r in records] == [f"a-large-red-circle-seed{r['seed']}.png" for r in records]
+    assert capsys.readouterr().out.splitlines() == [
+        f"{out / r['file']}  seed {r['seed']}  rank {r['rank']}  score {r['score']:.3f}" for r in records]
+    info = Image.open(out / records[0]["file"]).info
+    assert info["prompt"] == "a large red circle" and json.loads(info["settings"])["top_k"] == 50
+    assert (json.loads(info["seed"]), json.loads(info["rank"])) == (records[0]["seed"], 1)
+    grid = out / "a-large-red-circle-seeds7-10-grid.png"
+    assert records[0]["grid"] == grid.name
+    # One row of four 32-pixel cells, with the prompt above and a label under every cell.
+    width, height = Image.open(grid).size
+    assert width == 4 * (32 + 2) + 2 and height > 32 + 2 * 2
 
-    # Running again never overwrites: new names, the old files untouched.
+    # Running again never overwrites: the repeat gets .run2 before .png, the old files untouched.
     before = {p.name: p.read_bytes() for p in out.glob("*.png")}
-    assert sample_cli.main(["a large red circle", "--checkpoint", str(tiny_run), "--n", "4", "--keep", "2",
-                            "--out", str(out), "--device", "cpu", "--top-k", "50", "--top-p", "0.95"]) == 0
+    assert _sample(tiny_run, out, *argv) == 0
     assert all((out / name).read_bytes() == data for name, data in before.items())
-    assert (out / "a-large-red-circle-s0-0-1.png").is_file()
+    again = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()][2:]
+    assert [r["file"] for r in again] == [f"a-large-red-circle-seed{r['seed']}.run2.png" for r in again]
+    assert again[0]["grid"] == "a-large-red-circle-seeds7-10-grid.run2.png"
     # ... and the same seed gives the same picture.
-    assert (out / "a-large-red-circle-s0-0-1.png").read_bytes() == (out / "a-large-red-circle-s0-0.png").read_bytes()
+    assert (out / again[0]["file"]).read_bytes() == (out / records[0]["file"]).read_bytes()
+
+
+def test_a_kept_picture_is_redrawn_from_its_name(tiny_run, tmp_path, capsys):
+    settings = ["--top-k", "50", "--cfg", "2"]
+    assert _sample(tiny_run, tmp_path / "many", "two blue squares", "--n", "5", "--keep", "3", "--seed", "20",
+                   *settings) == 0
+    for line in capsys.readouterr().out.splitlines():
+        path, seed = line.split("  ")[:2]
+        seed = int(seed.removeprefix("seed "))
+        assert Path(path).name == f"two-blue-squares-seed{seed}.png"
+        assert _sample(tiny_run, tmp_path / "one", "two blue squares", "--seed", str(seed), "--n", "1",
+                       *settings) == 0
+        redrawn = tmp_path / "one" / Path(path).name
+        assert Image.open(redrawn).tobytes() == Image.open(path).tobytes()
+
+
+def test_prompts_file_is_drawn_in_batches_written_as_each_is_done(tiny_run, tmp_path, capsys, monkeypatch):
+    from sample.pipeline import Pipeline
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\ntwo blue squares\na small green triangle\n")
+    out = tmp_path / "out"
+    real_call, calls = Pipeline.__call__, []
+
+    def spy(self, batch, settings, **options):
+        calls.append((list(batch), len(list(out.glob("*-seed*[0-9].png")))))  # pictures written before this batch
+        return real_call(self, batch, settings, **options)
+
+    monkeypatch.setattr(Pipeline, "__call__", spy)
+    assert _sample(tiny_run, out, "--prompts-file", str(prompts), "--n", "2", "--keep", "1", "--batch-size", "2") == 0
+    assert calls == [(["a red circle", "two blue squares"], 0), (["a small green triangle"], 2)]
+    assert len(capsys.readouterr().out.splitlines()) == 3
+    calls.clear()
+    assert _sample(tiny_run, tmp_path / "default", "--prompts-file", str(prompts), "--n", "32", "--keep", "1") == 0
+    assert [len(batch) for batch, _ in calls] == [2, 1]  # 64 // 32 prompts a batch by default
+
+
+def test_candidates_drawn_in_passes_are_the_same_pictures(tiny_run):
+    from sample.pipeline import Pipeline, SamplingSettings
+
+    pipeline = Pipeline(tiny_run, device="cpu")
+    settings = SamplingSettings(n=5, keep=2, seed=3)
+    whole = pipeline(["a red circle", "two blue squares"], settings)
+    passes = pipeline(["a red circle", "two blue squares"], settings, per_pass=3)  # passes span both prompts
+    for a, b in zip(whole, passes):
+        a, b = sorted(a, key=lambda p: p.seed), sorted(b, key=lambda p: p.seed)
+        assert [p.seed for p in a] == [p.seed for p in b] == list(range(3, 8))
+        assert all(p.image.tobytes() == q.image.tobytes() for p, q in zip(a, b))
+        assert [p.score for p in a] == pytest.approx([p.score for p in b], abs=1e-5)
+
+
+def test_picture_save_writes_the_text_chunks_the_cli_writes(tiny_run, tmp_path):
+    picture = generate_images("a large red circle", checkpoint=tiny_run, n=3, keep=1, seed=5, cfg=2.0,
+                              device="cpu")[0][0]
+    path = picture.save(tmp_path / "circle.png")
+    info = Image.open(path).info
+    assert info["prompt"] == "a large red circle" and json.loads(info["seed"]) == picture.seed
+    assert json.loads(info["rank"]) == 1 and json.loads(info["score"]) == pytest.approx(picture.score)
+    assert json.loads(info["settings"])["cfg"] == 2 and json.loads(info["candidate"]) == picture.candidate
+    assert Image.open(path).tobytes() == picture.image.tobytes()
+    # One implementation: the command line's file holds the same chunks.
+    assert _sample(tiny_run, tmp_path / "cli", "a large red circle", "--n", "3", "--keep", "1", "--seed", "5",
+                   "--cfg", "2") == 0
+    cli = Image.open(tmp_path / "cli" / f"a-large-red-circle-seed{picture.seed}.png").info
+    assert {k: cli[k] for k in ("prompt", "seed", "rank", "settings", "candidate")} == \
+           {k: info[k] for k in ("prompt", "seed", "rank", "settings", "candidate")}
+    with pytest.raises(ValueError, match="writes PNG"):
+        picture.save(tmp_path / "circle.jpg")
 
 
 def test_python_api_returns_kept_pictures_best_first(tiny_run):
@@ -126,10 +208,25 @@ def test_train_bad_data_is_one_line_exit_2(tmp_path):
     assert result.stderr.startswith("error: ") and len(result.stderr.strip().splitlines()) == 1
 
 
-def test_resume_of_finished_run_skips_stages(tiny_run, capsys):
+def test_resume_of_finished_run_says_it_is_complete(tiny_run, capsys):
     assert train_cli.main(["all", "--preset", "tiny", "--size", "32", "--out", str(tiny_run), "--resume",
                            "--device", "cpu"]) == 0
-    assert capsys.readouterr().out.count("already finished, skipped") == 4
+    assert capsys.readouterr().out == f"all: already complete -> {tiny_run}\n"
+
+
+def test_train_all_into_a_finished_run_needs_overwrite(tiny_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copyfile(tiny_run / "all.json", run / "all.json")
+    argv = ["all", "--preset", "tiny", "--size", "32", "--out", str(run), "--device", "cpu"]
+    assert train_cli.main(argv) == 2
+    line = _one_line_error(capsys)
+    assert "holds a finished run" in line and "--resume" in line and "--overwrite" in line
+    assert not (run / "tokenizer.model").exists()
+    # --overwrite trains the stages asked for again; the others stay listed as finished.
+    assert train_cli.main([*argv, "--overwrite", "--only", "tokenizer"]) == 0
+    assert (run / "tokenizer.model").is_file()
+    assert sorted(json.loads((run / "all.json").read_text())["finished"]) == ["clip", "seq2seq", "tokenizer", "vqgan"]
 
 
 def _tiny_hf_clip(directory: Path) -> None:

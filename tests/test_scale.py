@@ -69,6 +69,7 @@ def one_process_run(tiny_run, tmp_path_factory) -> tuple[Path, float]:
     return out, _train_in_two_legs(out, [sys.executable])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_two_processes_train_like_one_with_the_same_global_batch(mode, one_process_run, tiny_run, tmp_path):
     single, one_s = one_process_run
@@ -109,6 +110,7 @@ def _kill_after_checkpoint(argv: list[str], out: Path, stage: str, rng: random.R
     return checkpoint, max(_losses(out, stage), default=0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", ["vqgan", "seq2seq", "clip"])
 def test_a_killed_stage_resumes_from_its_last_checkpoint_to_the_same_end(stage, tiny_run, tmp_path):
     steps, save_every = 40, 5

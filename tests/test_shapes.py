@@ -154,6 +154,7 @@ def boundary_points(obj: Obj, points: int = 800) -> np.ndarray:
     return (corners + t * (np.roll(corners, -1, axis=0) - corners)).reshape(-1, 2)
 
 
+@pytest.mark.slow
 def test_object_gap_is_the_distance_between_outlines():
     rng = random.Random(5)
     checked = 0
