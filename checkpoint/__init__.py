@@ -11,6 +11,8 @@ import argparse
 import dataclasses
 import json
 import os
+import re
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -26,6 +28,7 @@ __all__ = [
     "ArgumentParser",
     "run_command",
     "atomic_write",
+    "remove_temporaries",
     "write_json",
     "read_json",
     "save_pretrained",
@@ -36,6 +39,10 @@ __all__ = [
     "load_torch",
 ]
 
+TEMPORARY_SUFFIX = ".tmp"
+# atomic_write's temporaries: ".<name>.<pid>-<random>.tmp" (a folder), or ".<name>.<random>.tmp" from before.
+_TEMPORARY = re.compile(r"\..+\.(?:(\d+)-)?[A-Za-z0-9_]+\.tmp")
+_SAFETENSORS_TEMPORARY = re.compile(r"\.tmp[A-Za-z0-9]{6}")  # the Rust tempfile crate's names
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 
@@ -84,20 +91,80 @@ def set_threads(threads: int | None) -> None:
     torch.set_num_threads(threads)
 
 
-def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
-    """Call ``write(tmp_path)`` for a temporary file beside ``path``, fsync it, then rename it over ``path``."""
+def atomic_write(path: str | Path, write: Callable[[str], None], exclusive: bool = False) -> None:
+    """Call ``write(tmp_path)`` for a temporary file beside ``path``, fsync it, then rename it over ``path``.
+
+    ``exclusive`` never replaces a file: where ``path`` exists (another process may just have written it) it
+    raises FileExistsError and writes nothing.
+
+    The temporary file lies in a folder of its own beside ``path``, ``.<name>.<pid>-<random>.tmp``, so that
+    whatever ``write`` makes on the way (safetensors writes through a ``.tmpXXXXXX`` file of its own) is
+    inside it: a kill leaves one entry of one pattern, which :func:`remove_temporaries` finds. The file
+    gets the mode a file opened for writing gets, 0666 less the umask, whatever ``write`` did to it (mkstemp
+    and safetensors make 0600, which hid a run's files from everyone but their owner).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    folder = tempfile.mkdtemp(prefix=f".{path.name}.{os.getpid()}-", suffix=TEMPORARY_SUFFIX, dir=path.parent)
+    tmp = os.path.join(folder, path.name)
     try:
+        os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))  # the kernel applies the umask
+        mode = os.stat(tmp).st_mode & 0o777
         write(tmp)
+        os.chmod(tmp, mode)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        if exclusive:
+            _place_new(tmp, path)
+        else:
+            os.replace(tmp, path)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _place_new(tmp: str, path: Path) -> None:
+    """Give the whole file ``tmp`` the name ``path`` unless that name is taken (FileExistsError)."""
+    try:
+        os.link(tmp, path)  # fails rather than replace
+    except FileExistsError:
         raise
+    except OSError:  # a file system without hard links: claim the name empty, then fill it whole
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+        os.replace(tmp, path)
+
+
+def remove_temporaries(root: str | Path) -> int:
+    """Delete what killed :func:`atomic_write` calls left under ``root``; returns how many entries went.
+
+    Those are ``.<name>.<pid>-<random>.tmp`` folders whose process is gone (one still running may be another
+    stage writing into the same run), and the ``.<name>.<random>.tmp`` files and safetensors' ``.tmpXXXXXX``
+    files that earlier versions left beside their targets.
+    """
+    removed = 0
+    for entry in sorted(Path(root).rglob(".*"), key=lambda p: len(p.parts)):
+        match = _TEMPORARY.fullmatch(entry.name)
+        if match is None and _SAFETENSORS_TEMPORARY.fullmatch(entry.name) is None or not os.path.lexists(entry):
+            continue  # not a temporary, or inside one removed already
+        pid = int(match.group(1)) if match is not None and match.group(1) else None
+        if pid is not None and pid != os.getpid() and _alive(pid):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed += 1
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process ``pid`` runs on this machine."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # it exists but belongs to someone else
+        return True
+    return True
 
 
 def write_json(path: str | Path, obj: Any) -> None:
@@ -122,10 +189,12 @@ def read_json(path: str | Path, part: str) -> dict:
         raise CheckpointError(f"{part}: {path} is not valid JSON ({e.msg if hasattr(e, 'msg') else e})") from None
 
 
-def save_pretrained(model: torch.nn.Module, config: Any, directory: str | Path, state: dict | None = None) -> None:
+def save_pretrained(model: torch.nn.Module, config: Any, directory: str | Path, state: dict | None = None,
+                    metadata: dict[str, str] | None = None) -> None:
     """Write ``config`` (a dataclass) as config.json and the model's weights as model.safetensors.
 
-    ``state`` replaces ``model.state_dict()`` where the module's own holds shards (FSDP2).
+    ``state`` replaces ``model.state_dict()`` where the module's own holds shards (FSDP2). ``metadata`` goes
+    into the safetensors header beside ``format`` (the seq2seq stage records the step of its export there).
     """
     directory = Path(directory)
     state = model.state_dict() if state is None else state
@@ -137,7 +206,8 @@ def save_pretrained(model: torch.nn.Module, config: Any, directory: str | Path, 
         if ptr in seen:
             state[name] = tensor.clone()
         seen.add(ptr)
-    atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+    header = {"format": "pt", **(metadata or {})}
+    atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata=header))
     write_json(directory / CONFIG_NAME, dataclasses.asdict(config))
 
 
@@ -175,6 +245,13 @@ def load_weights(model: torch.nn.Module, path: str | Path, part: str) -> None:
                 f"{part}: weights do not fit config.json: {name} is {tuple(state[name].shape)} "
                 f"but the config builds {tuple(tensor.shape)}; the files come from different runs"
             )
+        # A weight of the wrong kind, or one that is not finite, would load and draw garbage: refuse it here.
+        if state[name].is_floating_point() != tensor.is_floating_point():
+            raise CheckpointError(f"{part}: {name} is {state[name].dtype} in {path} but the model holds {tensor.dtype}; "
+                                  "the file was not written by this model's save_pretrained: retrain or restore it")
+        if state[name].is_floating_point() and not torch.isfinite(state[name]).all():
+            raise CheckpointError(f"{part}: {name} in {path} holds NaN or infinite values (a run that diverged, or "
+                                  "a damaged file); retrain that stage or restore the file")
     model.load_state_dict(state, strict=True)
 
 

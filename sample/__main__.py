@@ -11,6 +11,7 @@ one line and exit status 2.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -18,6 +19,7 @@ from pathlib import Path
 from checkpoint import ArgumentParser, UserError, add_threads_argument, run_command, set_threads
 
 BATCH_CANDIDATES = 64  # the default --batch-size keeps a batch's candidates near this: one pass of the pipeline
+MAX_PROMPTS_BYTES = 64 << 20  # a --prompts-file larger than this is not a list of prompts (or never ends)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,8 +72,15 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
     prompts = [args.prompt] if args.prompt is not None else []
     if args.prompts_file:
         path = Path(args.prompts_file)
+        if path.exists() and not path.is_file():  # /dev/zero, a FIFO, a folder: it may never end
+            raise UserError(f"--prompts-file {path} is not a regular file; write the prompts to a file, one a line")
         try:
-            lines = path.read_text(encoding="utf-8").splitlines()
+            with open(path, "rb") as f:
+                data = f.read(MAX_PROMPTS_BYTES + 1)
+            if len(data) > MAX_PROMPTS_BYTES:
+                raise UserError(f"--prompts-file {path} is over {MAX_PROMPTS_BYTES >> 20} MB; split it into smaller "
+                                "files")
+            lines = data.decode("utf-8-sig").splitlines()  # a byte-order mark is not part of the first prompt
         except (OSError, UnicodeDecodeError) as e:
             raise UserError(f"cannot read --prompts-file {path}: {getattr(e, 'strerror', None) or e}") from None
         prompts += [line.strip() for line in lines if line.strip()]
@@ -115,7 +124,15 @@ def run(args: argparse.Namespace) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     warnings.formatwarning = lambda message, *rest: f"warning: {message}\n"
-    return run_command(lambda: run(args))
+    try:
+        return run_command(lambda: run(args))
+    except BrokenPipeError:
+        # stdout closed early (``| head -1``): stop like any Unix tool, quietly, with 128 + SIGPIPE. Python's
+        # final flush of stdout would fail again, so it goes to /dev/null.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 141
 
 
 if __name__ == "__main__":

@@ -14,11 +14,12 @@ import os
 import re
 import unicodedata
 from pathlib import Path
-from typing import Sequence
+from functools import partial
+from typing import Callable, Sequence
 
 from PIL.PngImagePlugin import PngInfo
 
-from checkpoint import UserError
+from checkpoint import UserError, atomic_write
 
 __all__ = ["safe_stem", "prepare_out_dir", "picture_fields", "save_picture", "write_prompt_results"]
 
@@ -45,18 +46,20 @@ def prepare_out_dir(out: str | Path) -> Path:
     return out
 
 
-def _claim(path: Path) -> Path:
-    """The first of path, path.run2, path.run3, ... (before the suffix) that does not exist yet, created empty
-    so no one else takes it."""
+def _save_new(path: Path, write: Callable[[str], None]) -> Path:
+    """Write a file at the first of path, path.run2, path.run3, ... (before the suffix) that does not exist yet,
+    whole or not at all: ``write(tmp)`` fills a temporary that takes the free name only once complete, and never
+    one another process has just taken (:func:`checkpoint.atomic_write`, ``exclusive``)."""
     candidate, k = path, 1
     while True:
-        try:
-            fd = os.open(candidate, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            os.close(fd)
-            return candidate
-        except FileExistsError:
-            k += 1
-            candidate = path.with_name(f"{path.stem}.run{k}{path.suffix}")
+        if not os.path.lexists(candidate):
+            try:
+                atomic_write(candidate, write, exclusive=True)
+                return candidate
+            except FileExistsError:
+                pass
+        k += 1
+        candidate = path.with_name(f"{path.stem}.run{k}{path.suffix}")
 
 
 def _png_info(fields: dict) -> PngInfo:
@@ -75,14 +78,18 @@ def picture_fields(picture) -> dict:
 
 def save_picture(picture, path: str | Path) -> Path:
     """Write ``picture`` (a sample.pipeline.Picture) as PNG at ``path`` with :func:`picture_fields` in its
-    text chunks (each a string; numbers, None and the settings as JSON). Other suffixes than .png are refused:
-    the chunks are PNG's."""
+    text chunks (each a string; numbers, None and the settings as JSON), atomically: a reader never sees half
+    a picture. Other suffixes than .png are refused: the chunks are PNG's."""
     path = Path(path)
     if path.suffix.lower() != ".png":
         raise ValueError(f"Picture.save writes PNG (its text chunks hold the prompt, seed and settings); name the "
                          f"file *.png, not {path.name}, or use picture.image.save for other formats")
-    picture.image.save(path, format="PNG", pnginfo=_png_info(picture_fields(picture)))
+    atomic_write(path, partial(_write_picture, picture))
     return path
+
+
+def _write_picture(picture, tmp: str) -> None:
+    picture.image.save(tmp, format="PNG", pnginfo=_png_info(picture_fields(picture)))
 
 
 def _label(picture) -> str:
@@ -109,7 +116,7 @@ def write_prompt_results(out: Path, pictures: Sequence, nrow: int | None = None)
     stem = safe_stem(prompt)
     records = []
     for picture in (p for p in pictures if p.kept):
-        path = save_picture(picture, _claim(out / f"{stem}-seed{picture.seed}.png"))
+        path = _save_new(out / f"{stem}-seed{picture.seed}.png", partial(_write_picture, picture))
         records.append({"file": path.name, **picture_fields(picture)})
     first, last = min(p.seed for p in pictures), max(p.seed for p in pictures)
     shown = sorted(pictures[:GRID_CELLS], key=lambda p: p.candidate)  # the best ones, when --n is huge
@@ -119,9 +126,8 @@ def write_prompt_results(out: Path, pictures: Sequence, nrow: int | None = None)
                       marked=[i for i, p in enumerate(shown) if p.kept], title=title,
                       labels=[_label(p) for p in shown])
     seeds = f"seeds{first}-{last}" if last > first else f"seed{first}"
-    grid_path = _claim(out / f"{stem}-{seeds}-grid.png")
-    grid.save(grid_path, format="PNG", pnginfo=_png_info({"prompt": prompt, "seed": first, "candidates": len(pictures),
-                                                          "settings": pictures[0].settings}))
+    info = _png_info({"prompt": prompt, "seed": first, "candidates": len(pictures), "settings": pictures[0].settings})
+    grid_path = _save_new(out / f"{stem}-{seeds}-grid.png", lambda tmp: grid.save(tmp, format="PNG", pnginfo=info))
     for record in records:
         record["grid"] = grid_path.name
     with open(out / "samples.jsonl", "a", encoding="utf-8") as f:

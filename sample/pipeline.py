@@ -26,9 +26,15 @@ __all__ = ["DEMO_RUN", "SHIPPED_RUNS", "MAX_CANDIDATES", "CANDIDATES_PER_PASS", 
 # are 2 GB). More is one line asking to split the work by --seed, which gives the same pictures.
 MAX_CANDIDATES = 10_000
 # Candidates drawn, decoded and scored at once. The decoder's KV cache grows with it (the `large` preset,
-# 256 image tokens, guided: about 100 MB a candidate), so a pass of 64 fits any one accelerator and a
-# laptop; more candidates take more passes, never more memory.
+# 256 image tokens, guided, fp32: about 100 MB a candidate, so some 6 GB a pass; `small` a few MB); more
+# candidates take more passes, never more memory.
 CANDIDATES_PER_PASS = 64
+# Sampling settings past these draw nothing a picture needs: a temperature near 0 or a huge guidance scale
+# overflow the fp32 logits into NaN probabilities, a huge temperature draws uniform noise. Infinities and
+# NaN fall outside too.
+MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-3, 100.0
+MAX_CFG = 100.0
+MAX_SEED = 2**63 - 1  # seeds are int64 tensors
 
 DEMO_RUN = Path(__file__).resolve().parent / "demo_run"
 # The shipped runs, reachable by name with --checkpoint NAME (a directory of that name wins).
@@ -69,12 +75,17 @@ class SamplingSettings:
             raise UserError(f"--keep must be between 1 and --n ({self.n}), got {self.keep}")
         if self.top_k is not None and self.top_k < 1:
             raise UserError(f"--top-k must be >= 1, got {self.top_k}")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
+        if not 0 <= self.seed <= MAX_SEED - (self.n - 1):
+            raise UserError(f"--seed must be from 0 to 2**63-1 less --n-1 ({MAX_SEED - (self.n - 1)}): candidate j "
+                            f"has seed SEED+j, a 64-bit signed number; got {self.seed}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:  # NaN fails every comparison, so it lands here too
             raise UserError(f"--top-p must be in (0, 1], got {self.top_p}")
-        if not self.temperature > 0:
-            raise UserError(f"--temperature must be > 0, got {self.temperature}")
-        if not self.cfg >= 0:
-            raise UserError(f"--cfg must be >= 0 (1 turns guidance off), got {self.cfg}")
+        if not MIN_TEMPERATURE <= self.temperature <= MAX_TEMPERATURE:
+            raise UserError(f"--temperature must be > 0, from {MIN_TEMPERATURE:g} to {MAX_TEMPERATURE:g} (lower "
+                            f"overflows the logits into NaN, higher draws noise), got {self.temperature}")
+        if not 0 <= self.cfg <= MAX_CFG:
+            raise UserError(f"--cfg must be >= 0 and at most {MAX_CFG:g} (1 turns guidance off; more overflows the "
+                            f"logits), got {self.cfg}")
 
 
 @dataclass
@@ -82,7 +93,8 @@ class Picture:
     """One candidate: its picture, the prompt, its seed, its score (None without reranking), its rank among
     the prompt's candidates (1 = best; without reranking, candidate order), kept or not.
 
-    ``python -m sample PROMPT --seed SEED --n 1`` with the same ``settings`` redraws it.
+    ``python -m sample PROMPT --seed SEED --n 1`` with the same sampling settings (top-k, top-p,
+    temperature, cfg) draws it again.
     """
 
     image: Image.Image

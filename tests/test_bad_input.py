@@ -52,6 +52,25 @@ def _truncated_weights(tiny_run: Path, to: Path) -> Path:
     return run
 
 
+def _edited_weights(tiny_run: Path, to: Path, part: str, edit) -> Path:
+    """A run whose ``part`` weights went through ``edit`` (one tensor made NaN, or turned to integers)."""
+    from safetensors.torch import load_file, save_file
+
+    run = _copy_run(tiny_run, to)
+    path = run / part / "model.safetensors"
+    state = load_file(path)
+    name = next(k for k, v in state.items() if v.is_floating_point() and v.numel() > 1)
+    state[name] = edit(state[name])
+    save_file(state, path, metadata={"format": "pt"})
+    return run
+
+
+def _nan(t):
+    t = t.clone()
+    t.view(-1)[1] = float("nan")
+    return t
+
+
 def _write(path: Path, data: str | bytes) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data if isinstance(data, bytes) else data.encode())
@@ -100,6 +119,7 @@ CASES = [
      lambda t, r: _copy_run(r, t / "run"), "holds a finished run"),
     ("train", "all --data shapes --out {tmp}/out --resume --overwrite", None, "contradict"),
     ("train", "pack --run {tmp}/missing --out {tmp}/out", None, "lacks tokenizer.model"),
+    ("train", "pack --run {run} --out {tmp}/run", lambda t, r: _copy_run(r, t / "run"), "already holds a run"),
     ("train", "export --data shapes --n 0 --out {tmp}/out", None, "--n must be >= 1"),
     ("train", "nonsense", None, "invalid choice"),
     ("train", "vqgan --data shapes --out {tmp}/out --heldout-fraction 0", None, "--heldout-fraction"),
@@ -108,6 +128,11 @@ CASES = [
     ("train", "vqgan --data shapes --out {tmp}/out --threads 0", None, "--threads must be >= 1"),
     ("train", "seq2seq --data shapes --out {tmp}/out --keep first", None, "--keep"),
     ("train", "vqgan --data {tmp}/split --out {tmp}/out", lambda t: _train_folder_only(t / "split"), "train/ inside"),
+    ("train", "tokenizer --data {tmp}/nums.jsonl --out {tmp}/out", lambda t: _write(t / "nums.jsonl", "".join(
+        json.dumps({"image": f"{i}.png", "text": i}) + "\n" for i in range(20))), "no row has a text caption"),
+    ("train", "vqgan --data {tmp}/cut.jsonl --out {tmp}/out", lambda t: _write(t / "cut.jsonl",
+                                                                            '{"image": "a.png", "text": "a"}\n{"ima'),
+     "line 2 of"),
     ("sample", "x --checkpoint {run} --threads 0", None, "--threads must be >= 1"),
     # sample: settings
     ("sample", '"" --checkpoint {run}', None, "prompt is empty"),
@@ -120,8 +145,20 @@ CASES = [
     ("sample", "x --checkpoint {run} --top-p 1.01", None, "--top-p must be in (0, 1]"),
     ("sample", "x --checkpoint {run} --temperature -1", None, "--temperature must be > 0"),
     ("sample", "x --checkpoint {run} --cfg -2", None, "--cfg must be >= 0"),
+    ("sample", "x --checkpoint {run} --cfg inf", None, "--cfg must be >= 0 and at most 100"),
+    ("sample", "x --checkpoint {run} --cfg nan", None, "--cfg must be >= 0"),
+    ("sample", "x --checkpoint {run} --cfg 1e30", None, "--cfg must be >= 0 and at most 100"),
+    ("sample", "x --checkpoint {run} --temperature 1e-45", None, "--temperature must be > 0, from 0.001 to 100"),
+    ("sample", "x --checkpoint {run} --temperature inf", None, "--temperature must be > 0"),
+    ("sample", "x --checkpoint {run} --temperature nan", None, "--temperature must be > 0"),
+    ("sample", "x --checkpoint {run} --top-p nan", None, "--top-p must be in (0, 1]"),
+    ("sample", "x --checkpoint {run} --top-p inf", None, "--top-p must be in (0, 1]"),
     ("sample", "x --checkpoint {run} --n two", None, "invalid int value"),
     ("sample", "x --checkpoint {run} --prompts-file {tmp}/none.txt", None, "cannot read --prompts-file"),
+    ("sample", "--checkpoint {run} --prompts-file /dev/zero", None, "is not a regular file"),
+    ("sample", "x --checkpoint {run} --seed 18446744073709551616", None, "--seed must be from 0 to 2**63-1"),
+    ("sample", "x --checkpoint {run} --seed 9223372036854775807 --n 2", None, "(9223372036854775806)"),
+    ("sample", "x --checkpoint {run} --seed -1", None, "--seed must be from 0"),
     ("sample", "--checkpoint {run} --prompts-file {tmp}/blank.txt", lambda t: _write(t / "blank.txt", "\n  \n"),
      "has no prompts"),
     ("sample", "x --checkpoint {run} --out /proc/tilecraft-out", None, "--out"),
@@ -135,6 +172,12 @@ CASES = [
     ("sample", "x --checkpoint {tmp}/run", lambda t, r: _copy_run(r, t / "run", without="tokenizer.model"), "tokenizer"),
     ("sample", "x --checkpoint {tmp}/run", lambda t, r: _other_vocab_run(r, t / "run"), "tokenizer does not fit seq2seq"),
     ("sample", "x --checkpoint {tmp}/run", lambda t, r: _truncated_weights(r, t / "run"), "damaged or truncated"),
+    ("sample", "x --checkpoint {tmp}/run", lambda t, r: _edited_weights(r, t / "run", "seq2seq", _nan),
+     "holds NaN or infinite values"),
+    ("sample", "x --checkpoint {tmp}/run", lambda t, r: _edited_weights(r, t / "run", "vqgan", lambda w: w.long()),
+     "is torch.int64 in"),
+    ("sample", "x --checkpoint {tmp}/run", lambda t, r: _edited_weights(r, t / "run", "clip", lambda w: w * float("inf")),
+     "values (a run that diverged"),
     ("sample", "x --checkpoint {run} --reranker {tmp}", None, "--reranker"),
     # bench
     ("bench", "--checkpoint {tmp}/missing", None, "is not a directory"),

@@ -1,6 +1,7 @@
 """The checkpoint contract: atomic files, strict loading with errors that name the part, exact resume state."""
 
 import json
+import os
 import random
 from dataclasses import dataclass
 
@@ -76,6 +77,63 @@ def test_failed_write_leaves_the_old_file(tmp_path):
         atomic_write(tmp_path / "tiny" / "model.safetensors", crash)
     assert (tmp_path / "tiny" / "model.safetensors").read_bytes() == before
     assert not list((tmp_path / "tiny").glob("*.tmp"))
+
+
+_KILLED_WRITE = """
+import os, signal, sys, torch
+from safetensors.torch import save_file
+from checkpoint import atomic_write
+
+def write_then_die(tmp):
+    save_file({"ids": torch.zeros(1000, 64, dtype=torch.int16)}, tmp)
+    os.kill(os.getpid(), signal.SIGKILL)  # killed between the write and the rename
+
+atomic_write(sys.argv[1], write_then_die)
+"""
+
+
+def test_a_killed_write_leaves_one_temporary_that_every_stage_start_removes(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from checkpoint import remove_temporaries
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "run"
+    target = out / "cache" / "codes-train-0123456789abcdef.safetensors"
+    killed = subprocess.Popen([sys.executable, "-c", _KILLED_WRITE, str(target)], cwd=root)
+    assert killed.wait() == -9 and not target.exists()
+    left = list((out / "cache").iterdir())  # one entry, named after the target and the killed process
+    assert len(left) == 1 and left[0].name.startswith(f".{target.name}.{killed.pid}-") and left[0].suffix == ".tmp"
+    # What earlier versions left: an atomic_write file and safetensors' own temporary beside the target.
+    (out / "cache" / ".codes-train-0123456789abcdef.safetensors.x1_y2z3a.tmp").write_bytes(b"half")
+    (out / "cache" / ".tmpAb3dE9").write_bytes(b"half")
+    # A temporary of a process that still runs (another stage writing into the same run) is left alone.
+    live = out / "clip" / f".model.safetensors.{os.getppid()}-abc123.tmp"
+    live.mkdir(parents=True)
+    keep = out / "metrics" / "notes.tmp"
+    keep.parent.mkdir()
+    keep.write_text("not a temporary of ours")
+    Run(out, "vqgan")  # a stage starting, without --resume
+    assert sorted(p.name for p in (out / "cache").iterdir()) == []
+    assert live.is_dir() and keep.is_file()
+    assert remove_temporaries(out) == 0
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_written_files_honour_the_umask(tmp_path, umask):
+    from checkpoint import write_json
+
+    old = os.umask(umask)
+    try:
+        model = Tiny(TinyConfig())
+        save_pretrained(model, model.config, tmp_path / "tiny")
+        write_json(tmp_path / "all.json", {"a": 1})
+    finally:
+        os.umask(old)
+    for path in (tmp_path / "tiny" / "model.safetensors", tmp_path / "tiny" / "config.json", tmp_path / "all.json"):
+        assert path.stat().st_mode & 0o777 == 0o666 & ~umask, path
 
 
 def test_run_checkpoint_restores_weights_optimizer_and_every_rng(tmp_path):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import tarfile
 from itertools import islice
 from pathlib import Path
@@ -350,6 +351,60 @@ def test_broken_images_are_skipped_and_counted(tmp_path):
     kept = [text for b in epoch for text in b["text"]]
     assert sorted(kept) == sorted(f"caption {i}" for i in train if i not in (train[3], train[7]))
     assert all(b["image"].shape[0] == len(b["text"]) == 6 - b["skipped"] for b in epoch)
+
+
+def test_captions_that_are_not_text_or_not_utf8_are_skipped_and_counted(tmp_path, capsys):
+    folder = imagefolder(tmp_path / "folder", 20)
+    lines = (folder / "metadata.jsonl").read_bytes().splitlines()
+    bad = {3: b'{"file_name": "003.png", "text": "caf\xe9 au lait"}',  # Latin-1, not UTF-8
+           5: b'{"file_name": "005.png", "text": 7}', 6: b'{"file_name": "006.png", "text": {"k": "v"}}',
+           8: b'{"file_name": "008.png", "text": null}', 9: b'{"file_name": "009.png", "text": ["a", 1]}',
+           11: b'{"file_name": "011.png"}'}
+    for i, line in bad.items():
+        lines[i] = line
+    (folder / "metadata.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    train = open_dataset(str(folder), S)
+    assert "6 of 20 rows" in capsys.readouterr().out
+    from train.data import caption_texts
+
+    captions, skipped = caption_texts(train, 100)
+    numbers = [int(t.split()[1]) for t in captions]
+    assert skipped == len(train) - len(captions) and not set(numbers) & set(bad)
+    assert texts(train, 100) == captions and all(isinstance(t, str) for t in texts(train, 100, every=True))
+    rows = [train[i] for i in range(len(train))]
+    assert sum(r is None for r in rows) == skipped and skipped >= 4  # 2 of the 20 rows are held out
+    assert all(index_of(r["image"]) == int(r["text"].split()[1]) for r in rows if r is not None)
+    epoch = take(batches(train, 6, seed=0), 3)  # 18 positions: one epoch of the 18 train rows
+    assert sum(b["skipped"] for b in epoch) == skipped
+
+
+def test_the_tokenizer_skips_a_row_that_is_not_utf8_and_says_how_many(tmp_path, capsys):
+    import train.__main__ as train_cli
+
+    folder = imagefolder(tmp_path / "folder", 30)
+    lines = (folder / "metadata.jsonl").read_bytes().splitlines()
+    for i in range(5):  # 3 of the 30 rows are held out, so at least two of these are trained on
+        lines[i] = b'{"file_name": "%03d.png", "text": "\xff\xfe caption"}' % i
+    (folder / "metadata.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    assert train_cli.main(["tokenizer", "--data", str(folder), "--out", str(tmp_path / "run"), "--vocab-size", "300"]) == 0
+    out = capsys.readouterr().out
+    assert "5 of 30 rows have bytes that are not UTF-8" in out
+    assert int(re.search(r"\((\d+) rows without a text caption skipped\)", out).group(1)) >= 2
+
+
+def test_a_source_without_any_text_caption_is_refused_in_one_line(tmp_path):
+    names = write_images(tmp_path / "nums", 12)
+    write_jsonl(tmp_path / "nums" / "metadata.jsonl", [{"file_name": f, "text": i} for i, f in enumerate(names)])
+    write_images(tmp_path / "csv", 12)
+    (tmp_path / "csv" / "metadata.csv").write_text("file_name,text\n" + "".join(f"{f},{i}\n" for i, f in enumerate(names)))
+    write_images(tmp_path / "broken", 12)
+    (tmp_path / "broken" / "metadata.jsonl").write_text('{"file_name": "000.png", "text": "a"}\n{"file_name": \n')
+    for folder, expected in (("nums", "no row has a text caption in column 'text'"),
+                             ("csv", "column 'text' holds int64 values, not text captions"),
+                             ("broken", "line 2 of")):
+        with pytest.raises(DataError) as error:
+            open_dataset(str(tmp_path / folder), S)
+        assert expected in str(error.value) and "\n" not in str(error.value)
 
 
 def test_broken_member_of_a_webdataset_shard_is_skipped(tmp_path):

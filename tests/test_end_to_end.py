@@ -100,6 +100,17 @@ def test_prompts_file_is_drawn_in_batches_written_as_each_is_done(tiny_run, tmp_
     assert [len(batch) for batch, _ in calls] == [2, 1]  # 64 // 32 prompts a batch by default
 
 
+def test_grid_of_a_huge_n_shows_the_best_candidates(tiny_run, tmp_path, monkeypatch):
+    import sample.output
+
+    monkeypatch.setattr(sample.output, "GRID_CELLS", 3)
+    assert _sample(tiny_run, tmp_path, "a red circle", "--n", "5", "--keep", "2") == 0
+    grid = Image.open(tmp_path / "a-red-circle-seeds0-4-grid.png")
+    assert grid.size[0] == 3 * (32 + 2) + 2  # three cells of five, the two kept among them
+    records = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    assert [r["rank"] for r in records] == [1, 2]
+
+
 def test_candidates_drawn_in_passes_are_the_same_pictures(tiny_run):
     from sample.pipeline import Pipeline, SamplingSettings
 
@@ -298,3 +309,53 @@ def test_pack_halves_the_weights_and_the_packed_run_samples(tiny_run, tmp_path, 
 def test_pack_of_an_incomplete_run_names_what_is_missing(tmp_path, capsys):
     assert train_cli.main(["pack", "--run", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
     assert "lacks tokenizer.model, vqgan/model.safetensors" in _one_line_error(capsys)
+
+
+def test_a_picture_whose_write_fails_leaves_no_file_under_its_name(tmp_path, monkeypatch):
+    import sample.output
+    from sample.pipeline import Picture
+
+    pictures = [Picture(Image.new("RGB", (16, 16), (200, 0, 0)), "a red square", seed, seed, 1.0 - seed, kept=seed == 0,
+                        rank=seed + 1) for seed in range(2)]
+
+    def half_then_killed(picture, tmp):
+        Path(tmp).write_bytes(b"\x89PNG\r\n\x1a\n half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sample.output, "_write_picture", half_then_killed)
+    with pytest.raises(KeyboardInterrupt):
+        sample.output.write_prompt_results(tmp_path, pictures)
+    assert list(tmp_path.iterdir()) == []  # neither an empty nor a half picture under the final name, nor a temporary
+    monkeypatch.undo()
+    records = sample.output.write_prompt_results(tmp_path, pictures)
+    assert [r["file"] for r in records] == ["a-red-square-seed0.png"]
+    assert Image.open(tmp_path / "a-red-square-seed0.png").text["prompt"] == "a red square"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-red-square-seed0.png", "a-red-square-seeds0-1-grid.png",
+                                                          "samples.jsonl"]
+
+
+def test_pack_into_a_packed_run_needs_overwrite(tiny_run, tmp_path, capsys):
+    packed = tmp_path / "packed"
+    assert train_cli.main(["pack", "--run", str(tiny_run), "--out", str(packed)]) == 0
+    before = (packed / "vqgan" / "model.safetensors").stat().st_mtime_ns
+    assert train_cli.main(["pack", "--run", str(tiny_run), "--out", str(packed)]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert (packed / "vqgan" / "model.safetensors").stat().st_mtime_ns == before
+    assert train_cli.main(["pack", "--run", str(tiny_run), "--out", str(packed), "--overwrite"]) == 0
+
+
+def test_a_prompts_file_with_a_byte_order_mark_reads_the_first_prompt_without_it(tmp_path):
+    from argparse import Namespace
+
+    (tmp_path / "prompts.txt").write_bytes("\ufeffa red circle\r\na blue square\n".encode("utf-8"))
+    assert sample_cli.read_prompts(Namespace(prompt=None, prompts_file=str(tmp_path / "prompts.txt"))) == [
+        "a red circle", "a blue square"]
+
+
+def test_sample_into_a_closed_pipe_stops_quietly(tiny_run, tmp_path):
+    process = subprocess.Popen([sys.executable, "-m", "sample", "a red circle", "--checkpoint", str(tiny_run), "--n", "2",
+                                "--keep", "2", "--device", "cpu", "--out", str(tmp_path)],
+                               cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process.stdout.close()  # like `| head -0`: the reader is gone before the first line
+    err = process.stderr.read().decode()
+    assert process.wait() == 141 and "Traceback" not in err and "BrokenPipe" not in err, err

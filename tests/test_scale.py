@@ -148,6 +148,79 @@ def test_a_killed_stage_resumes_from_its_last_checkpoint_to_the_same_end(stage, 
         torch.testing.assert_close(final_b[name], final_a[name], rtol=1e-5, atol=1e-6)
 
 
+def _checkpoint_weights(out: Path, stage: str, module: str) -> dict[str, torch.Tensor]:
+    """The weights of ``module`` in the stage's last checkpoint (state/<stage>/latest.json's directory)."""
+    pointer = json.loads((out / "state" / stage / "latest.json").read_text())
+    weights = load_file(out / "state" / stage / pointer["dir"] / "modules.safetensors")
+    return {k[len(module) + 1:]: v for k, v in weights.items() if k.startswith(module + ".")}
+
+
+def _stale_export(out: Path, stage: str, metadata: dict | None = None) -> None:
+    """What a kill between the last checkpoint and its export leaves: RUN/<stage>/ with older weights (a fresh
+    model's, as at step 0)."""
+    import dataclasses
+
+    from checkpoint import save_pretrained
+    from scorer import Scorer
+    from seq2seq import Seq2Seq
+    from vqgan import VQGAN
+
+    model_cls = {"vqgan": VQGAN, "seq2seq": Seq2Seq, "clip": Scorer}[stage]
+    old = model_cls.from_pretrained(out / stage)
+    torch.manual_seed(1234)
+    fresh = model_cls(dataclasses.replace(old.config))
+    save_pretrained(fresh, fresh.config, out / stage, metadata=metadata)
+
+
+@pytest.mark.parametrize("stage, module, extra", [
+    ("vqgan", "vqgan", []), ("clip", "model", []), ("seq2seq", "model", ["--keep", "last"]),
+    ("seq2seq", "model", ["--keep", "best"]), ("seq2seq", "ema", ["--keep", "last", "--ema", "0.9"]),
+], ids=["vqgan", "clip", "seq2seq-last", "seq2seq-best", "seq2seq-ema"])
+def test_a_stage_killed_between_its_checkpoint_and_its_export_exports_again_on_resume(stage, module, extra, tiny_run,
+                                                                                       tmp_path):
+    import train.__main__ as train_cli
+
+    parts = ("tokenizer.model",) if stage in ("vqgan", "clip") else ("tokenizer.model", "vqgan")
+    out = _run_dir(tiny_run, tmp_path / "run", parts)
+    argv = _train_argv(stage, out, 2, "--save-every", "2", *extra)[2:]
+    assert train_cli.main(argv) == 0
+    _stale_export(out, stage)
+    assert train_cli.main([*argv, "--resume"]) == 0  # nothing left to train
+    exported, saved = load_file(out / stage / "model.safetensors"), _checkpoint_weights(out, stage, module)
+    assert exported.keys() == saved.keys()
+    for name in saved:
+        assert torch.equal(exported[name], saved[name]), name
+
+
+def test_seq2seq_keep_best_keeps_an_earlier_best_export_and_replaces_a_lost_one_with_a_line(tiny_run, tmp_path,
+                                                                                           monkeypatch, capsys):
+    import train.__main__ as train_cli
+    from train.stage_seq2seq import Seq2SeqTrainer
+
+    out = _run_dir(tiny_run, tmp_path / "run")
+    # The held-out loss is best at step 2 and worse at step 4: the export is step 2's, the checkpoint step 4's.
+    monkeypatch.setattr(Seq2SeqTrainer, "evaluate", lambda self: {"heldout_bits_per_token": float(self.step),
+                                                                  "heldout_bits_no_caption": 9.0})
+    argv = _train_argv("seq2seq", out, 4, "--save-every", "2", "--eval-every", "2", "--keep", "best")[2:]
+    assert train_cli.main(argv) == 0
+    best = (out / "seq2seq" / "model.safetensors").read_bytes()
+    assert train_cli.main([*argv, "--resume"]) == 0
+    assert (out / "seq2seq" / "model.safetensors").read_bytes() == best  # the best export stays as it was
+
+    for lose in ("delete", "other step"):
+        if lose == "delete":
+            shutil.rmtree(out / "seq2seq")
+        else:
+            _stale_export(out, "seq2seq", metadata={"step": "3"})
+        capsys.readouterr()
+        assert train_cli.main([*argv, "--resume"]) == 0
+        assert "not step 2's" in capsys.readouterr().out
+        exported, saved = load_file(out / "seq2seq" / "model.safetensors"), _checkpoint_weights(out, "seq2seq", "model")
+        assert all(torch.equal(exported[name], saved[name]) for name in saved)
+        events = [r for r in _metrics(out, "seq2seq") if r.get("event", "").startswith("exported the last")]
+        assert events[-1]["step"] == 4 and events[-1]["heldout_bits_per_token"] == 4.0
+
+
 def test_non_finite_losses_are_skipped_then_stop_the_run_with_the_checkpoint_intact(tiny_run, tmp_path, capsys,
                                                                                     monkeypatch):
     import train.__main__ as train_cli

@@ -101,7 +101,7 @@ def load_or_build(run: Path, vqgan, *, data: str, size: int, split: str, limit: 
         raise UserError(f"--data {data}: no readable images to encode; check the data source")
     cache = CodeCache(torch.cat(ids)[: total], texts[: total], None if dataset.endless else len(dataset))
     if skipped:
-        print(f"encoding: skipped {skipped} unreadable images")
+        print(f"encoding: skipped {skipped} examples with an unreadable image or a caption that is not text")
     cache.save(path)
     return cache
 

@@ -50,6 +50,7 @@ import glob
 import hashlib
 import io
 import itertools
+import json
 import os
 import random
 import re
@@ -62,6 +63,7 @@ from typing import Any, Iterator
 
 import datasets
 import numpy as np
+import pyarrow as pa
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -70,7 +72,7 @@ from checkpoint import UserError
 from train import shapes
 from train.images import from_pil
 
-__all__ = ["DataError", "open_dataset", "batches", "texts", "heldout_count", "DEFAULT_HELDOUT_FRACTION",
+__all__ = ["DataError", "open_dataset", "batches", "texts", "caption_texts", "heldout_count", "DEFAULT_HELDOUT_FRACTION",
            "ShapesDataset", "TableDataset", "StreamDataset"]
 
 IMAGE_COLUMNS = ("image", "img", "file_name", "path", "jpg", "png", "jpeg", "webp")
@@ -116,17 +118,25 @@ def heldout_rows(keys: list[str], fraction: float) -> list[int]:
 
 
 def _captions(value: Any) -> list[str]:
-    """Every caption of a cell: a list gives its non-empty entries, a single value itself."""
-    if value is None:
-        return [""]
+    """Every caption of a cell: a string itself, a list its non-empty strings (``[""]`` if all are empty).
+
+    A cell that holds no text (null, a number, an object, a list of anything but strings) gives none: its
+    row is skipped and counted like an unreadable picture, rather than trained on as "7" or "{'k': 'v'}".
+    """
+    if isinstance(value, str):
+        return [value]
     if isinstance(value, (list, tuple)):
-        return [str(v) for v in value if v] or [""]
-    return [value if isinstance(value, str) else str(value)]
+        strings = [v for v in value if isinstance(v, str)]
+        if strings and len(strings) == sum(v is not None for v in value):
+            return [v for v in strings if v] or [""]
+    return []
 
 
-def _caption(value: Any, rng: random.Random | None = None) -> str:
-    """A caption cell as a string: the first of a list, or one drawn by ``rng``."""
+def _caption(value: Any, rng: random.Random | None = None) -> str | None:
+    """A caption cell as a string: the first of a list, or one drawn by ``rng``; None where it holds no text."""
     options = _captions(value)
+    if not options:
+        return None
     return options[0] if rng is None or len(options) == 1 else options[rng.randrange(len(options))]
 
 
@@ -150,12 +160,19 @@ class RowDecoder:
     size: int
 
     def read(self, row: dict, rng: random.Random | None = None) -> dict:
-        """The example ``{"image": (3,S,S) in [-1,1], "text": str}``; raises if the image cannot be read.
+        """The example ``{"image": (3,S,S) in [-1,1], "text": str}``; raises if the image cannot be read or
+        the caption is not text.
 
         With ``rng`` (augmentation) the picture is a random crop and the caption one of the cell's, drawn.
         """
         crop = random_crop(rng) if rng is not None else None
         text = _caption(row.get(self.text_column), rng)
+        if text is None:
+            raise ValueError(f"the caption in column {self.text_column!r} is not text")
+        return {"image": self.image(row, crop), "text": text}
+
+    def image(self, row: dict, crop: tuple[float, float, float] | None = None) -> torch.Tensor:
+        """The row's picture as (3,S,S) in [-1,1] (cropped by ``crop``); raises if it cannot be read."""
         value = row.get(self.image_column)
         if isinstance(value, dict):
             value = value.get("bytes") or value.get("path")
@@ -164,16 +181,15 @@ class RowDecoder:
         elif isinstance(value, str) and value:
             source = Path(value) if os.path.isabs(value) else self.base_dir / value
         elif isinstance(value, Image.Image):
-            return {"image": from_pil(value, self.size, crop), "text": text}
+            return from_pil(value, self.size, crop)
         else:
             raise ValueError(f"no image in column {self.image_column!r} (found {type(value).__name__})")
         with Image.open(source) as img:
             img.draft("RGB", (self.size, self.size))  # JPEG: decode at the smallest scale >= size
-            image = from_pil(img, self.size, crop)
-        return {"image": image, "text": text}
+            return from_pil(img, self.size, crop)
 
     def __call__(self, row: dict, rng: random.Random | None = None) -> dict | None:
-        """:meth:`read`, or ``None`` for an unreadable image."""
+        """:meth:`read`, or ``None`` for an unreadable image or a caption that is not text."""
         try:
             return self.read(row, rng)
         except Exception:  # noqa: BLE001 - a corrupt file can make PIL raise almost anything; skip it
@@ -306,7 +322,7 @@ def _open_folder(folder: Path, options: TableOptions) -> TableDataset:
         if train is not None and test is not None:
             part = train if options.split == "train" else test
             metadata = _metadata(part)
-            table = _load_table(TABLE_BUILDERS[metadata.suffix], [metadata], str(metadata))
+            table = _load_table(TABLE_BUILDERS[metadata.suffix], [metadata], str(metadata), options.text_column)
             return _table_dataset(table, str(metadata), part, options, whole=True)
         inside = [n for n in (*TRAIN_FOLDERS, *TEST_FOLDERS) if (folder / n).is_dir()]
         hint = (f"it has {'/'.join(inside)}/ inside: give both train/ and test/ (or validation/) a "
@@ -314,7 +330,7 @@ def _open_folder(folder: Path, options: TableOptions) -> TableDataset:
         raise DataError(f"--data {folder}: the folder has no metadata.jsonl or metadata.csv; {hint}add one with a "
                         f"file_name and a text column per image (python -m train export writes an example), "
                         f"or pass its data files themselves ({folder}/*.parquet, {folder}/*.tar)")
-    table = _load_table(TABLE_BUILDERS[metadata.suffix], [metadata], str(metadata))
+    table = _load_table(TABLE_BUILDERS[metadata.suffix], [metadata], str(metadata), options.text_column)
     return _table_dataset(table, str(metadata), folder, options)
 
 
@@ -322,14 +338,17 @@ def _open_files(data: str, files: list[Path], options: TableOptions) -> TableDat
     suffixes = sorted({f.suffix.lower() for f in files})
     if len(suffixes) > 1 or suffixes[0] not in TABLE_BUILDERS:
         raise DataError(f"--data {data}: cannot read {'/'.join(suffixes)} files; {SOURCES_HINT}")
-    table = _load_table(TABLE_BUILDERS[suffixes[0]], files, data)
+    table = _load_table(TABLE_BUILDERS[suffixes[0]], files, data, options.text_column)
     return _table_dataset(table, data, files[0].parent, options)
 
 
-def _load_table(builder: str, files: list[Path], name: str) -> datasets.Dataset:
-    """``datasets.load_dataset(builder)`` on local files, its failures as one-line DataErrors."""
+def _load_table(builder: str, files: list[Path], name: str, text_column: str | None = None) -> datasets.Dataset:
+    """``datasets.load_dataset(builder)`` on local files (JSON: :func:`_read_json`), its failures as one-line
+    DataErrors."""
     if all(f.stat().st_size == 0 for f in files):
         raise DataError(f"--data {name}: the file is empty; it needs rows with an image and a caption")
+    if builder == "json":
+        return _read_json(files, name, text_column)
     data_files = {"train": [str(f) for f in files]}
     try:
         table = datasets.load_dataset(builder, data_files=data_files, split="train")
@@ -347,6 +366,88 @@ def _load_table(builder: str, files: list[Path], name: str) -> datasets.Dataset:
     return table
 
 
+_UNDECODABLE = re.compile("[\udc80-\udcff]")  # what surrogateescape makes of a byte that is not UTF-8
+_REPORTED: set[str] = set()  # sources whose skipped rows were announced in this process
+
+
+def _read_json(files: list[Path], name: str, text_column: str | None) -> datasets.Dataset:
+    """JSON lines (or a JSON list of objects) as a table, read here rather than by ``datasets``.
+
+    pyarrow's reader takes bytes that are not UTF-8 into a string column and fails only when the column is
+    read, so one such row ended a run at whatever step met it, and a caption column that mixes text and
+    numbers refused the whole file. Here a value that is not UTF-8 becomes null, and so does a caption that
+    is not text (a number, an object, a list of those); such rows are kept, then skipped and counted when
+    read, like an unreadable picture, and announced once with their number. A line that is not a JSON
+    object is refused with its number.
+    """
+    rows: list[dict] = []
+    places: list[str] = []  # where each row is: "line N of PATH"
+    undecodable: list[int] = []  # rows, 0-based over all files
+    for path in files:
+        text = path.read_bytes().decode("utf-8", "surrogateescape").removeprefix("\ufeff")
+        if text.lstrip().startswith("["):
+            try:
+                values = [(f"item {i + 1} of {path}", v) for i, v in enumerate(json.loads(text))]
+            except ValueError as e:
+                raise DataError(f"--data {name}: {path} is not valid JSON ({e}); check that it is valid json") from None
+        else:
+            values = []
+            for number, line in enumerate(text.split("\n"), start=1):
+                if not line.strip():
+                    continue
+                try:
+                    values.append((f"line {number} of {path}", json.loads(line)))
+                except ValueError as e:
+                    raise DataError(f"--data {name}: line {number} of {path} is not valid JSON ({e}); fix or remove "
+                                    "that line") from None
+        for where, value in values:
+            if not isinstance(value, dict):
+                raise DataError(f"--data {name}: {where} is not a JSON object; write one object a line")
+            if any(_has_undecodable(key) or _has_undecodable(cell) for key, cell in value.items()):
+                undecodable.append(len(rows))
+            rows.append({_repaired(key): None if _has_undecodable(cell) else cell for key, cell in value.items()})
+            places.append(where)
+    if not rows:
+        raise DataError(f"--data {name}: the dataset is empty; it needs rows with an image and a caption")
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    cells = {column: [row.get(column) for row in rows] for column in columns}
+    caption = text_column if text_column in cells else next((c for c in TEXT_COLUMNS if c in cells), None)
+    no_text = []
+    if caption is not None:
+        listed = any(isinstance(cell, list) for cell in cells[caption])
+        for i, cell in enumerate(cells[caption]):
+            if not _captions(cell):
+                cells[caption][i] = None
+                no_text.append(i)
+            elif listed and isinstance(cell, str):  # a column of lists, some rows a single caption
+                cells[caption][i] = [cell]
+    skipped = sorted(set(undecodable) | set(no_text))
+    if skipped and name not in _REPORTED:
+        _REPORTED.add(name)
+        print(f"data: --data {name}: {len(skipped)} of {len(rows)} rows have bytes that are not UTF-8 or a caption "
+              f"that is not text (the first: {places[skipped[0]]}); they are skipped")
+    try:
+        return datasets.Dataset.from_dict(cells)
+    except (pa.ArrowException, TypeError, ValueError, OverflowError) as e:
+        raise DataError(f"--data {name}: cannot read it ({_one_line(e)}); give each column one type") from None
+
+
+def _has_undecodable(value: Any) -> bool:
+    """Whether a parsed JSON value holds a string with bytes that were not UTF-8."""
+    if isinstance(value, str):
+        return _UNDECODABLE.search(value) is not None
+    if isinstance(value, list):
+        return any(map(_has_undecodable, value))
+    if isinstance(value, dict):
+        return any(map(_has_undecodable, value)) or any(map(_has_undecodable, value.values()))
+    return False
+
+
+def _repaired(key: str) -> str:
+    """A column name with bytes that were not UTF-8 shown as U+FFFD."""
+    return key.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
 def _table_dataset(table: datasets.Dataset, name: str, base_dir: Path, options: TableOptions,
                    whole: bool = False) -> TableDataset:
     """The split of ``table`` (all of it when ``whole``: a train/ or test/ folder), decoded at ``options.size``."""
@@ -356,6 +457,7 @@ def _table_dataset(table: datasets.Dataset, name: str, base_dir: Path, options: 
         image_column=_column(table.column_names, options.image_column, IMAGE_COLUMNS, "image", name),
         text_column=_column(table.column_names, options.text_column, TEXT_COLUMNS, "text", name),
         base_dir=base_dir, size=options.size)
+    _check_captions(table, decoder.text_column, name)
     if not whole:
         n = len(table)
         held = heldout_rows(_split_keys(table, decoder), options.heldout_fraction)
@@ -371,6 +473,21 @@ def _table_dataset(table: datasets.Dataset, name: str, base_dir: Path, options: 
     return dataset
 
 
+def _check_captions(table: datasets.Dataset, column: str, name: str) -> None:
+    """Refuse, in one line, a caption column that holds no text at all: numbers, objects, or only nulls.
+
+    Single rows without a text caption are not refused here: they are skipped and counted when read.
+    """
+    kind = table.data.schema.field(column).type
+    inner = kind.value_type if pa.types.is_list(kind) or pa.types.is_large_list(kind) else kind
+    if pa.types.is_null(inner) or table.data.column(column).null_count == len(table):
+        raise DataError(f"--data {name}: no row has a text caption in column {column!r}; pass --text-column "
+                        "naming the captions")
+    if not (pa.types.is_string(inner) or pa.types.is_large_string(inner)):
+        raise DataError(f"--data {name}: column {column!r} holds {kind} values, not text captions; pass "
+                        "--text-column naming the captions")
+
+
 def _split_keys(table: datasets.Dataset, decoder: RowDecoder) -> list[str]:
     """Each row's split key: its group, else its file name or shard key, else its caption (module doc)."""
     columns = table.column_names
@@ -380,7 +497,7 @@ def _split_keys(table: datasets.Dataset, decoder: RowDecoder) -> list[str]:
         if column in columns and isinstance(table.features[column], datasets.Value) \
                 and table.features[column].dtype in ("string", "large_string"):
             return [str(v) for v in table[column]]
-    return [_caption(v) for v in table[decoder.text_column]]
+    return [_caption(v) or "" for v in table[decoder.text_column]]
 
 
 def _probe(dataset: TableDataset) -> None:
@@ -388,7 +505,7 @@ def _probe(dataset: TableDataset) -> None:
     first_error = None
     for index in range(min(len(dataset), PROBE_ROWS)):
         try:
-            dataset.decoder.read(dataset.row(index))
+            dataset.decoder.image(dataset.row(index))
             return
         except Exception as e:  # noqa: BLE001 - reported below when every probe fails
             first_error = first_error or e
@@ -596,17 +713,26 @@ def _global_rows(dataset: StreamDataset, seed: int, start: int) -> Iterator[dict
 
 
 def texts(dataset: ShapesDataset | TableDataset | StreamDataset, limit: int, every: bool = False) -> list[str]:
-    """The first ``limit`` captions in stored order (fewer if the dataset is smaller), no image decoded;
-    with ``every``, all the captions of a cell that holds several (the tokenizer learns them all)."""
+    """The captions of the first ``limit`` rows in stored order (fewer if the dataset is smaller, or rows
+    hold no text caption), no image decoded; with ``every``, all the captions of a cell that holds several
+    (the tokenizer learns them all). :func:`caption_texts` also counts the rows skipped."""
+    return caption_texts(dataset, limit, every)[0]
+
+
+def caption_texts(dataset: ShapesDataset | TableDataset | StreamDataset, limit: int,
+                  every: bool = False) -> tuple[list[str], int]:
+    """:func:`texts` and how many of the rows read were skipped for a caption that is not text."""
     if limit <= 0:
-        return []
+        return [], 0
     if isinstance(dataset, ShapesDataset):
-        return [shapes.caption(dataset.seed, dataset.split, index) for index in range(limit)]
+        return [shapes.caption(dataset.seed, dataset.split, index) for index in range(limit)], 0
     column = dataset.decoder.text_column
     if isinstance(dataset, StreamDataset):
         cells = [row[column] for row in dataset.stream.select_columns([column]).take(limit)]
     else:
         cells = dataset.captions[: min(limit, len(dataset))][column]
+    options = [_captions(cell) for cell in cells]
+    skipped = sum(not o for o in options)
     if every:
-        return [text for cell in cells for text in _captions(cell)][:limit]
-    return [_caption(cell) for cell in cells]
+        return [text for o in options for text in o][:limit], skipped
+    return [o[0] for o in options if o], skipped

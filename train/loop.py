@@ -26,7 +26,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from checkpoint import CheckpointError, UserError, atomic_write, load_torch, save_torch, write_json
+from checkpoint import (CheckpointError, UserError, atomic_write, load_torch, remove_temporaries, save_torch,
+                        write_json)
 from train.data import DEFAULT_HELDOUT_FRACTION, open_dataset
 
 __all__ = [
@@ -258,6 +259,9 @@ class Run:
                 probe.unlink()
             except OSError as e:
                 raise UserError(f"cannot write the run directory {self.out}: {e.strerror}; pass a writable --out") from None
+            # A run killed mid-write (a checkpoint, an export, the code cache) left temporaries; started again,
+            # resumed or not, the stage clears them, so that none outlives the run.
+            remove_temporaries(self.out)
 
     # ---------------------------------------------------------------- metrics and pictures
     def log(self, step: int, **metrics: Any) -> None:
@@ -378,7 +382,7 @@ class Run:
         return step, int(state["data_position"]), state["extra"]
 
     def _forget_after(self, step: int) -> None:
-        """Tidy up after a killed run: drop its metrics past ``step`` and the temporary files it left."""
+        """Tidy up after a killed run: drop its metrics past ``step`` (its temporaries went at the stage's start)."""
         path = self.out / "metrics" / f"{self.stage}.jsonl"
         if path.is_file():
             kept = []
@@ -389,8 +393,6 @@ class Run:
                 except (ValueError, KeyError, TypeError):  # a line cut short by the kill
                     continue
             atomic_write(path, lambda tmp: Path(tmp).write_text("".join(kept), encoding="utf-8"))
-        for tmp in self.out.rglob(".*.tmp"):  # atomic_write's temporaries, never renamed into place
-            tmp.unlink(missing_ok=True)
 
 
 def _unwrap(module: torch.nn.Module) -> torch.nn.Module:

@@ -52,8 +52,8 @@ PRESETS: dict[str, dict[str, list[str]]] = {
 # Where --data is not `shapes` (real pictures: openmoji, a folder, files), these stages' flags replace the
 # preset's: the GAN only in the last 500 VQGAN steps, since it costs held-out PSNR while it sharpens, and
 # real pictures need every step of plain reconstruction they can get. The `medium` VQGAN draws finer
-# detail per step (1 dB more held-out PSNR on openmoji at step 600) but costs almost four times the time
-# of `small` per step on a 2-core CPU, so in this budget `small` wins.
+# detail per step (1 dB more held-out PSNR on openmoji at step 600) for about 1.4x the time of `small` a
+# step on a 2-core CPU; the same number of steps would not fit this budget (BENCHMARKS.md).
 REAL_PICTURES: dict[str, dict[str, list[str]]] = {
     "cpu": {
         "vqgan": ["--preset", "small", "--steps", "3500", "--batch-size", "32", "--disc-start", "3000"],

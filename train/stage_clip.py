@@ -247,11 +247,19 @@ class ClipTrainer:
 
     def checkpoint(self, step: int) -> None:
         self.run.save_checkpoint(step, self.modules, self.optimizers, data_position=step * self.options.batch_size)
+        self.export()
+
+    def export(self) -> None:
+        """Write the scorer to RUN/clip/, the weights sampling reranks with."""
         if self.run.is_main:
             self.model.save_pretrained(Path(self.options.out) / "clip")
 
     def fit(self) -> dict:
         o = self.options
+        # Resumed with nothing left to train: a kill between the last checkpoint and its export can have left
+        # RUN/clip/ older than the checkpoint, so export the restored weights again.
+        if self.step >= o.steps:
+            self.export()
         bar = progress(o.steps, self.step, "clip")
         timed, timed_images, last = 0.0, 0, {}
         while self.step < o.steps:

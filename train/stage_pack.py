@@ -27,6 +27,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run", required=True, help="a run directory made by `python -m train all`")
     parser.add_argument("--out", required=True, help="the directory to write (a run directory sampling can use)")
     parser.add_argument("--dtype", default="float16", choices=list(DTYPES), help="storage type of float weights")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the weights of an --out that already holds a run")
 
 
 def pack_weights(source: Path, target: Path, dtype: torch.dtype) -> int:
@@ -73,6 +75,10 @@ def main(args: argparse.Namespace) -> None:
         raise UserError(f"pack: {run} lacks {', '.join(missing)}; train those stages first (python -m train all)")
     if out.resolve() == run.resolve():
         raise UserError("pack: --out must differ from --run")
+    held = [p for p in ("tokenizer.model", *(f"{part}/model.safetensors" for part in PARTS)) if (out / p).exists()]
+    if held and not args.overwrite:
+        raise UserError(f"pack: --out {out} already holds a run ({', '.join(held)}); pass --overwrite to replace it, "
+                        "or another --out")
     try:
         total = 0
         for part in PARTS:

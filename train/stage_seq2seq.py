@@ -163,6 +163,7 @@ class Seq2SeqTrainer:
         self.micro_batches = dist.micro_batches(o.batch_size, o.micro_batch_size, self.ctx)
         self.step = 0
         self.best = math.inf  # the lowest held-out bits per token an evaluation has seen (--keep best)
+        self.best_step: int | None = None  # the step of that evaluation (None: none yet, or an older checkpoint)
         modules = {"model": self.model, **({"ema": self.ema} if self.ema is not None else {})}
         self.modules, self.optimizers = modules, {"optimizer": self.optimizer, "schedule": self.schedule}
         if self.ctx.fsdp:  # checkpoints hold whole tensors, the same files as without --fsdp
@@ -172,6 +173,7 @@ class Seq2SeqTrainer:
         if o.resume:
             self.step, _, extra = self.run.load_checkpoint(self.modules, self.optimizers, self.device)
             self.best = extra.get("best", math.inf)
+            self.best_step = extra.get("best_step")
 
     def _warn_about_passes(self) -> None:
         """Say so when the run will see each picture many times: small data that a model this size memorises."""
@@ -302,25 +304,58 @@ class Seq2SeqTrainer:
             self.modules["model"].gather()
             self.optimizers["optimizer"].gather()
         self.run.save_checkpoint(step, self.modules, self.optimizers, data_position=step * self.options.batch_size,
-                                 extra={"best": self.best})
+                                 extra={"best": self.best, "best_step": self.best_step})
         if self.options.keep == "last":
             self.export()
 
     def export(self) -> None:
-        """Write the model sampling uses to RUN/seq2seq/ (the average with --ema)."""
+        """Write the model sampling uses to RUN/seq2seq/ (the average with --ema), the step in the weights'
+        metadata, so that a resumed run can tell which evaluation's weights the export holds."""
         if self.run.is_main:
-            directory = Path(self.options.out) / "seq2seq"
-            if self.ctx.fsdp:
-                save_pretrained(self.model, self.config, directory, state=self.modules["model"].state_dict())
-            else:
-                (self.ema or self.model).save_pretrained(directory)
+            model = self.ema or self.model
+            state = self.modules["model"].state_dict() if self.ctx.fsdp else None
+            save_pretrained(model, self.config, Path(self.options.out) / "seq2seq", state=state,
+                            metadata={"step": str(self.step)})
+
+    def export_at_end(self) -> None:
+        """Make RUN/seq2seq/ hold what it should once training is over, whatever a kill did to it.
+
+        Called when a resumed run had nothing left to train, or when the export is missing. A kill between the
+        last checkpoint and its export leaves the export older than the checkpoint: under --keep last, or when
+        the checkpoint's own step set the best held-out value, the restored weights are the ones to export,
+        and are exported again. Under --keep best from an earlier evaluation the checkpoint does not hold
+        those weights: an export that records that evaluation's step (or records none, from an older
+        version) stays; a missing one, or one from another step, is replaced by the restored weights,
+        evaluated, with a line saying so, rather than left stale.
+        """
+        o = self.options
+        directory = Path(o.out) / "seq2seq"
+        if o.keep == "best" and self.best == math.inf:  # no evaluation yet (an older checkpoint): do one now
+            self.record_evaluation(self.evaluate())
+            return
+        if o.keep == "best" and self.best_step != self.step:
+            exported = _exported_step(directory)
+            if exported is not None and (exported == "unknown" or exported == str(self.best_step)):
+                return
+            figures = self.evaluate()
+            note = (f"{directory} is missing or unreadable" if exported is None
+                    else f"{directory} holds the weights of step {exported}")
+            best = f"step {self.best_step}'s" if self.best_step is not None else "the best evaluation's"
+            if self.run.is_main:
+                tqdm.write(f"seq2seq: {note}, not {best} (the best held-out loss, {self.best:.4f} bits per token), "
+                           f"and the checkpoint keeps only step {self.step}'s; exporting those "
+                           f"({figures['heldout_bits_per_token']:.4f} bits per token)")
+            self.run.log(self.step, event="exported the last weights: the best were lost", **figures)
+        if self.ctx.fsdp:  # every rank takes part in the gather
+            self.modules["model"].gather()
+        self.export()
 
     def record_evaluation(self, figures: dict[str, float]) -> None:
         """Log an evaluation; under --keep best, export the weights when they are the best yet."""
         bits = figures["heldout_bits_per_token"]
         improved = bits < self.best
         if improved:
-            self.best = bits
+            self.best, self.best_step = bits, self.step
         if self.options.keep == "best" and improved:
             if self.ctx.fsdp:
                 self.modules["model"].gather()
@@ -332,6 +367,7 @@ class Seq2SeqTrainer:
 
         o = self.options
         tokens_per_step = o.batch_size * self.config.grid_size**2
+        resumed_at_end = self.step >= o.steps
         bar = progress(o.steps, self.step, "seq2seq")
         flops_per_step, timed, timed_steps, last = None, 0.0, 0, {}
         if self.step < o.steps and o.compile and self.run.is_main:
@@ -365,8 +401,8 @@ class Seq2SeqTrainer:
             if self.step % o.save_every == 0 or self.step == o.steps:
                 self.checkpoint(self.step)
         bar.close()
-        if self.options.keep == "best" and not (Path(o.out) / "seq2seq" / "model.safetensors").is_file():
-            self.record_evaluation(self.evaluate())  # resumed past every evaluation: nothing was exported
+        if resumed_at_end or not (Path(o.out) / "seq2seq" / "model.safetensors").is_file():
+            self.export_at_end()
         summary = {"steps": self.step, **last, **({"best_heldout_bits_per_token": self.best} if o.keep == "best" else {})}
         if timed_steps:
             peak = matmul_peak_flops(self.device, self.amp_dtype or torch.float32)
@@ -374,6 +410,18 @@ class Seq2SeqTrainer:
             summary.update(achieved_flops=achieved, peak_flops=peak, share_of_peak=achieved / peak)
             self.run.log(self.step, **{k: summary[k] for k in ("achieved_flops", "peak_flops", "share_of_peak")})
         return summary
+
+
+def _exported_step(directory: Path) -> str | None:
+    """The step an export of :meth:`Seq2SeqTrainer.export` records: None where the weights are missing or
+    unreadable, "unknown" where they record none (written by an older version)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(directory / "model.safetensors"), framework="pt") as f:
+            return (f.metadata() or {}).get("step", "unknown")
+    except Exception:  # noqa: BLE001 - missing, truncated or not safetensors: all mean "no usable export"
+        return None
 
 
 def main(args: argparse.Namespace) -> None:

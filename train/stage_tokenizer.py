@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from checkpoint import UserError
+from checkpoint import UserError, remove_temporaries
 from train.data import DEFAULT_HELDOUT_FRACTION
 from train.loop import add_data_arguments
 
@@ -41,7 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def train_tokenizer(options: TokenizerOptions) -> Path:
     """Train on up to ``max_texts`` captions and write RUN/tokenizer.model; returns its path."""
     from tokenizer import TextTokenizer
-    from train.data import open_dataset, texts
+    from train.data import caption_texts, open_dataset
 
     if options.vocab_size < 300:
         raise UserError(f"--vocab-size {options.vocab_size} is too small: byte fallback alone needs 260; use >= 300")
@@ -54,16 +54,22 @@ def train_tokenizer(options: TokenizerOptions) -> Path:
             raise PermissionError(13, "Permission denied")
     except OSError as e:
         raise UserError(f"cannot write {path}: {e.strerror}; pass a writable --out") from None
+    remove_temporaries(path.parent)  # what a killed stage left in the run, as every stage does at its start
     dataset = open_dataset(options.data, size=32, split="train", image_column=options.image_column,
                            text_column=options.text_column, seed=options.seed,
                            heldout_fraction=options.heldout_fraction)
-    captions = texts(dataset, options.max_texts, every=True)  # every phrasing of a cell that holds several
+    # Every phrasing of a cell that holds several; rows whose caption is not text are skipped and counted.
+    captions, skipped = caption_texts(dataset, options.max_texts, every=True)
+    if not captions:
+        raise UserError(f"--data {options.data}: none of the first {options.max_texts} rows has a text caption "
+                        "to train the tokenizer on; check --text-column")
     tokenizer = TextTokenizer.train(captions, vocab_size=options.vocab_size)
     try:
         tokenizer.save(path)
     except OSError as e:
         raise UserError(f"cannot write {path}: {e.strerror}; pass a writable --out") from None
-    print(f"tokenizer: {len(captions)} captions -> {tokenizer.vocab_size} pieces -> {path}")
+    note = f" ({skipped} rows without a text caption skipped)" if skipped else ""
+    print(f"tokenizer: {len(captions)} captions{note} -> {tokenizer.vocab_size} pieces -> {path}")
     return path
 
 

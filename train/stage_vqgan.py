@@ -61,7 +61,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     o = VQGANOptions
     add_common_arguments(parser, steps=o.steps, batch_size=o.batch_size, lr=o.lr)
     parser.add_argument("--preset", default=o.preset,
-                        help="tiny (tests) | small (CPU) | medium (CPU, finer, 4x the time) | base (GPU)")
+                        help="tiny (tests) | small (CPU) | medium (CPU, finer detail, 1.4x the time a step) | "
+                             "base (GPU)")
     parser.add_argument("--codebook-size", type=int, default=None, help="codes in the codebook (preset: 1024)")
     parser.add_argument("--downsample", type=int, default=None, choices=[4, 8, 16],
                         help="pixels per code along a side (preset: 8, so 64 px -> 8x8 ids)")
@@ -208,11 +209,19 @@ class VQGANTrainer:
     def checkpoint(self, step: int) -> None:
         self.run.save_checkpoint(step, self.modules, self.optimizers, data_position=self.position,
                                  extra={"config": dataclasses.asdict(self.config)})
+        self.export()
+
+    def export(self) -> None:
+        """Write the model to RUN/vqgan/, the weights later stages and sampling read."""
         if self.run.is_main:
             self.model.save_pretrained(Path(self.options.out) / "vqgan")
 
     def fit(self) -> dict[str, float]:
         o = self.options
+        # Resumed with nothing left to train: a kill between the last checkpoint and its export can have left
+        # RUN/vqgan/ older than the checkpoint, so export the restored weights again (the same bytes if not).
+        if self.step >= o.steps:
+            self.export()
         bar = progress(o.steps, self.step, "vqgan")
         sums: dict[str, torch.Tensor] = {}
         summed, timed, timed_images = 0, 0.0, 0

@@ -7,7 +7,7 @@ Presets (``VQGANConfig.from_preset``):
   pixel-unshuffle stem puts the first convolutions at 1/4 of the side, where they are cheap.
 - ``medium``: a 2x2 stem and one more level, so the decoder's last convolutions work at half the side
   and draw one-pixel outlines better (on openmoji, 1 dB more held-out PSNR than ``small`` at step 600),
-  at almost four times the time of ``small`` per step on a 2-core CPU: for a longer budget.
+  for about 1.4x the time of ``small`` per step on a 2-core CPU: for a longer budget.
 - ``base``: the taming-transformers f=8 design for GPUs and real pictures (128 base channels, two
   residual blocks per level, attention at the lowest resolution).
 """
