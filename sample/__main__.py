@@ -95,7 +95,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     from tqdm import tqdm
 
     from sample.output import prepare_out_dir, write_prompt_results
-    from sample.pipeline import Pipeline, SamplingSettings
+    from sample.pipeline import Pipeline, SamplingSettings, resolve_run
 
     set_threads(args.threads)
     prompts = read_prompts(args)
@@ -105,6 +105,8 @@ def run(args: argparse.Namespace) -> list[dict]:
                                 rerank=not args.no_rerank)
     batch = batch_size(args, settings.n)
     out = prepare_out_dir(args.out)
+    print(f"loading {resolve_run(args.checkpoint)} (tokenizer, VQGAN, seq2seq"
+          + ("" if args.no_rerank else ", scorer") + ")", file=sys.stderr)
     pipeline = Pipeline(args.checkpoint, device=args.device, rerank=not args.no_rerank, reranker=args.reranker)
     records = []
     # One prompt: the pipeline's own bar (decoding steps, or candidates); several: a bar over the prompts.

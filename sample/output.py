@@ -96,8 +96,8 @@ def _label(picture) -> str:
     """A grid cell's label: every candidate's seed, and a kept one's rank and score above it."""
     if not picture.kept:
         return f"seed {picture.seed}"
-    score = "" if picture.score is None else f" {picture.score:.3f}"
-    return f"#{picture.rank}{score}\nseed {picture.seed}"
+    score = "" if picture.score is None else f", {picture.score:.3f}"
+    return f"rank {picture.rank}{score}\nseed {picture.seed}"
 
 
 def write_prompt_results(out: Path, pictures: Sequence, nrow: int | None = None) -> list[dict]:

@@ -66,7 +66,10 @@ SHARED = ("data", "size", "seed", "image_column", "text_column", "heldout_fracti
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", default="shapes", help="shapes | a folder | *.jsonl/*.parquet/*.csv | *.tar | a hub name")
     parser.add_argument("--out", required=True, help="the run directory")
-    parser.add_argument("--preset", default="auto", choices=["auto", *PRESETS], help="size of every stage")
+    parser.add_argument("--preset", default="auto", choices=["auto", *PRESETS],
+                        help="size of every stage: cpu (this 2-core machine: about 40 minutes on shapes), gpu (one "
+                             "CUDA device), tiny (a smoke test: a few steps a stage, its pictures are noise); auto "
+                             "(default): gpu when CUDA is visible, else cpu")
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
