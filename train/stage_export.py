@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 from checkpoint import UserError, atomic_write
-from train.data import DEFAULT_HELDOUT_FRACTION, SPLITS, _captions, open_dataset
+from train.data import DEFAULT_HELDOUT_FRACTION, SPLITS, open_dataset
 from train.images import to_pil
 from train.loop import add_data_arguments
 
@@ -26,11 +26,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     add_data_arguments(parser)
-
-
-def texts_of_row(cell) -> str:
-    """A single caption cell as the text the data layer reads from it."""
-    return _captions(cell)[0]
 
 
 def export_table(data: str, out: Path, n: int, split: str, size: int, seed: int,
@@ -48,7 +43,7 @@ def export_table(data: str, out: Path, n: int, split: str, size: int, seed: int,
         picture = to_pil(item["image"])
         atomic_write(out / file_name, lambda tmp: picture.save(tmp, format="PNG"))
         cell = dataset.captions[index][dataset.decoder.text_column]
-        row = {"file_name": file_name, "text": cell if isinstance(cell, list) else texts_of_row(cell)}
+        row = {"file_name": file_name, "text": cell if isinstance(cell, list) else item["text"]}
         if dataset.groups is not None:
             row["group"] = dataset.groups[index]
         lines.append(json.dumps(row, ensure_ascii=False))

@@ -96,11 +96,6 @@ def ema_decay(decay: float, step: int) -> float:
     return min(decay, (1 + step) / (10 + step))
 
 
-def bits_per_token(model, text_ids, text_mask, image_ids) -> float:
-    logits = model(text_ids, text_mask, image_ids)  # (B, T, V)
-    return F.cross_entropy(logits.flatten(0, 1).float(), image_ids.flatten()).item() / math.log(2)
-
-
 class Seq2SeqTrainer:
     """The stage's state and its explicit loop: batch, step, log, evaluate, sample, checkpoint."""
 
