@@ -18,7 +18,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 from checkpoint import ArgumentParser, UserError, add_threads_argument, run_command, set_threads
-from train.data import DEFAULT_HELDOUT_FRACTION, open_dataset, texts
+from train.data import DEFAULT_HELDOUT_FRACTION, open_dataset
 from train.images import to_pil
 
 __all__ = ["build_parser", "main"]
@@ -51,8 +51,13 @@ def _record(run: Path) -> dict:
 
 
 def _pictures_by_caption(dataset) -> dict[str, int]:
-    """Row index of each (first) caption of a table dataset."""
-    return {caption: i for i, caption in reversed(list(enumerate(texts(dataset, len(dataset)))))}
+    """The first row of each caption of a table dataset (rows whose caption is not text have none)."""
+    rows: dict[str, int] = {}
+    for index in range(len(dataset)):
+        caption = dataset.caption(index)
+        if caption is not None:
+            rows.setdefault(caption, index)
+    return rows
 
 
 def _heldout_rows(dataset, count: int) -> list[int]:

@@ -197,3 +197,19 @@ def test_bench_size_that_does_not_fit_the_run_is_one_line(tiny_run, tmp_path, ca
     assert _small_quality(tiny_run, tmp_path / "o", "--size", "48") == 2
     assert capsys.readouterr().err == "error: --size 48 does not fit the run: its seq2seq writes a 4x4 grid of codes, " \
                                       "each 8x8 pixels; pass --size 32\n"
+
+
+def test_figure_finds_each_caption_at_its_own_row_past_rows_without_text(tmp_path):
+    from PIL import Image
+
+    from bench.figure_real import _pictures_by_caption
+    from train.data import open_dataset
+
+    rows = []
+    for i in range(12):
+        Image.new("RGB", (8, 8), (10 * i, 0, 0)).save(tmp_path / f"{i}.png")
+        rows.append({"file_name": f"{i}.png", "text": 7 if i == 0 else f"caption {i}"})  # row 0: no text
+    (tmp_path / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    dataset = open_dataset(str(tmp_path), 8)
+    by_caption = _pictures_by_caption(dataset)
+    assert by_caption and all(dataset[i]["text"] == caption for caption, i in by_caption.items())

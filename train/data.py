@@ -234,6 +234,10 @@ class TableDataset(Dataset):
     def row(self, index: int) -> dict:
         return {**self.images[index], **self.captions[index]}
 
+    def caption(self, index: int) -> str | None:
+        """Row ``index``'s caption as evaluation reads it (the first of a list), None where it is not text."""
+        return _caption(self.captions[index][self.decoder.text_column])
+
     def __getitem__(self, key: int | tuple[int, int]) -> dict | None:
         """Row ``key``, or ``(row, position)``: with augmentation, the crop and caption of that position."""
         index, position = key if isinstance(key, tuple) else (key, None)
