@@ -40,6 +40,9 @@ __all__ = [
 ]
 
 TEMPORARY_SUFFIX = ".tmp"
+# The file inside a temporary folder: a kill before the rename must not leave a half-written or empty file
+# under the final name anywhere, where a search for results (``*.safetensors``) would find it.
+PARTIAL_SUFFIX = ".partial"
 # atomic_write's temporaries: ".<name>.<pid>-<random>.tmp" (a folder), or ".<name>.<random>.tmp" from before.
 _TEMPORARY = re.compile(r"\..+\.(?:(\d+)-)?[A-Za-z0-9_]+\.tmp")
 _SAFETENSORS_TEMPORARY = re.compile(r"\.tmp[A-Za-z0-9]{6}")  # the Rust tempfile crate's names
@@ -99,14 +102,15 @@ def atomic_write(path: str | Path, write: Callable[[str], None], exclusive: bool
 
     The temporary file lies in a folder of its own beside ``path``, ``.<name>.<pid>-<random>.tmp``, so that
     whatever ``write`` makes on the way (safetensors writes through a ``.tmpXXXXXX`` file of its own) is
-    inside it: a kill leaves one entry of one pattern, which :func:`remove_temporaries` finds. The file
+    inside it: a kill leaves one entry of one pattern, which :func:`remove_temporaries` finds. The file,
+    ``<name>.partial`` inside the folder (so no search for finished files finds it),
     gets the mode a file opened for writing gets, 0666 less the umask, whatever ``write`` did to it (mkstemp
     and safetensors make 0600, which hid a run's files from everyone but their owner).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     folder = tempfile.mkdtemp(prefix=f".{path.name}.{os.getpid()}-", suffix=TEMPORARY_SUFFIX, dir=path.parent)
-    tmp = os.path.join(folder, path.name)
+    tmp = os.path.join(folder, path.name + PARTIAL_SUFFIX)  # never the final name, even inside its folder
     try:
         os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))  # the kernel applies the umask
         mode = os.stat(tmp).st_mode & 0o777
