@@ -47,7 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"classifier-free guidance scale, 1 = off (default {defaults.cfg:g})")
     parser.add_argument("--seed", type=int, default=0, help="candidate j has seed SEED+j")
     parser.add_argument("--out", default="samples", help="output directory (default ./samples)")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                        help="where to sample; auto (default): CUDA when one is visible, else the CPU")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                        help="precision the models run in; auto (default): fp32 on a CPU, where half precision "
+                             "measured 2.6x (bf16) and 4.3x (fp16) slower, bf16 (else fp16) on CUDA")
     parser.add_argument("--no-rerank", action="store_true", help="keep the first candidates, no scorer")
     parser.add_argument("--reranker", help="a local directory holding a transformers CLIPModel to rerank with")
     add_threads_argument(parser)
@@ -107,7 +111,8 @@ def run(args: argparse.Namespace) -> list[dict]:
     out = prepare_out_dir(args.out)
     print(f"loading {resolve_run(args.checkpoint)} (tokenizer, VQGAN, seq2seq"
           + ("" if args.no_rerank else ", scorer") + ")", file=sys.stderr)
-    pipeline = Pipeline(args.checkpoint, device=args.device, rerank=not args.no_rerank, reranker=args.reranker)
+    pipeline = Pipeline(args.checkpoint, device=args.device, rerank=not args.no_rerank, reranker=args.reranker,
+                        dtype=args.dtype)
     records = []
     # One prompt: the pipeline's own bar (decoding steps, or candidates); several: a bar over the prompts.
     with tqdm(total=len(prompts), desc="prompts", unit="prompt", file=sys.stderr, disable=len(prompts) == 1) as bar:

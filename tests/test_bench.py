@@ -213,3 +213,22 @@ def test_figure_finds_each_caption_at_its_own_row_past_rows_without_text(tmp_pat
     dataset = open_dataset(str(tmp_path), 8)
     by_caption = _pictures_by_caption(dataset)
     assert by_caption and all(dataset[i]["text"] == caption for caption, i in by_caption.items())
+
+
+def test_min_dalle_style_decoder_draws_ids_and_the_comparison_prints_ratios(capsys):
+    import torch
+
+    from bench.mindalle import MinDalleDecoder, main
+
+    decoder = MinDalleDecoder(width=16, heads=2, layers=2, hidden=32, codebook_size=10, image_len=6).eval()
+    state, mask = torch.randn(4, 3, 16), torch.ones(4, 3, dtype=torch.bool)
+    ids = decoder.sample(state, mask, guided=True, top_k=3, generator=torch.Generator().manual_seed(0))
+    assert ids.shape == (2, 6) and ids.min() >= 0 and ids.max() < 10  # never the start id
+    again = decoder.sample(state, mask, guided=True, top_k=3, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(ids, again)
+    assert decoder.sample(state, mask, guided=False, top_k=1).shape == (4, 6)
+
+    main(["--grid", "2", "--batches", "1", "--threads", "1", "--repeats", "1"])
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.lstrip().startswith("1 ")]
+    assert [row[:3] for row in rows] == [["1", "off", "1"], ["1", "on", "1"]]
+    assert all(float(row[3]) > 0 and float(row[4]) > 0 and row[5].endswith("x") for row in rows)

@@ -359,3 +359,67 @@ def test_sample_into_a_closed_pipe_stops_quietly(tiny_run, tmp_path):
     process.stdout.close()  # like `| head -0`: the reader is gone before the first line
     err = process.stderr.read().decode()
     assert process.wait() == 141 and "Traceback" not in err and "BrokenPipe" not in err, err
+
+
+def test_a_run_records_its_caption_words_and_its_scorers_range(tiny_run):
+    words = json.loads((tiny_run / "vocabulary.json").read_text())["words"]
+    assert {"red", "circle", "square"} <= set(words) and all(isinstance(n, int) and n > 0 for n in words.values())
+    assert "photo" not in words
+    score_range = json.loads((tiny_run / "clip" / "score_range.json").read_text())
+    assert score_range["pictures"] > 0
+    for scores in (score_range["own_caption"], score_range["other_caption"]):
+        assert -1.0001 <= scores["p5"] <= scores["p50"] <= scores["p95"] <= 1.0001  # cosine similarities
+
+
+def _warnings_of(pipeline, prompt: str) -> list[str]:
+    import warnings
+
+    from sample.pipeline import SamplingSettings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pipeline([prompt], SamplingSettings(n=2, keep=1))
+    return [str(w.message) for w in caught]
+
+
+def test_sampling_warns_about_prompts_outside_what_the_run_learned(tiny_run):
+    from sample.pipeline import Pipeline
+
+    with pytest.warns(UserWarning, match="smoke test"):
+        pipeline = Pipeline(tiny_run, device="cpu")
+    assert pipeline.unknown_words("A photo of a RED dog, photo") == ["photo", "dog"]  # "of": "to the left of"
+    messages = _warnings_of(pipeline, "a photo of a red dog")
+    assert any("photo, dog never came in this run's training captions" in m for m in messages)
+    pipeline.score_floor = 2.0  # above any cosine score: every best picture is under the floor
+    assert any("no more than 95% of held-out pictures score" in m for m in _warnings_of(pipeline, "a red circle"))
+    pipeline.score_floor = -2.0
+    assert not any("held-out" in m or "never came" in m for m in _warnings_of(pipeline, "a red circle"))
+
+
+def test_a_run_without_the_records_samples_without_those_warnings(tiny_run, tmp_path):
+    import shutil
+
+    from sample.pipeline import Pipeline
+
+    run = tmp_path / "old"
+    shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("vocabulary.json", "score_range.json", "state"))
+    pipeline = Pipeline(run, device="cpu")
+    assert pipeline.vocabulary is None and pipeline.score_floor is None
+    assert not any("never came" in m or "held-out" in m for m in _warnings_of(pipeline, "a photo of a dog"))
+
+
+def test_half_precision_sampling_draws_pictures_and_fp32_stays_the_default(tiny_run):
+    import torch
+
+    from checkpoint import UserError
+    from sample.pipeline import Pipeline, SamplingSettings, resolve_dtype
+
+    assert resolve_dtype("auto", torch.device("cpu")) is None  # measured slower on a CPU
+    with pytest.raises(UserError, match="--dtype"):
+        resolve_dtype("fp8", torch.device("cpu"))
+    settings = SamplingSettings(n=2, keep=1, seed=4)
+    plain = Pipeline(tiny_run, device="cpu")(["a red circle"], settings)[0]
+    again = Pipeline(tiny_run, device="cpu", dtype="fp32")(["a red circle"], settings)[0]
+    half = Pipeline(tiny_run, device="cpu", dtype="bf16")(["a red circle"], settings)[0]
+    assert [p.image.tobytes() for p in plain] == [p.image.tobytes() for p in again]
+    assert [p.image.size for p in half] == [p.image.size for p in plain] and all(p.score is not None for p in half)

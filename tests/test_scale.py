@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
 # fp32: two processes match one only up to rounding, and bf16 (auto on an AMX CPU) rounds each micro-batch.
-TINY = ["--size", "32", "--device", "cpu", "--preset", "tiny", "--precision", "fp32"]
+TINY = ["--size", "32", "--device", "cpu", "--model-size", "tiny", "--precision", "fp32"]
 STAGE_ARGS = {
     "vqgan": ["--batch-size", "8", "--eval-every", "1000", "--sample-every", "1000", "--heldout-examples", "8"],
     "seq2seq": ["--batch-size", "8", "--cache-examples", "64", "--heldout-examples", "16", "--eval-every", "1000",
@@ -264,3 +264,58 @@ def test_precision_auto_is_bf16_only_where_the_hardware_multiplies_it():
         assert layer(x).dtype == torch.float32
     with autocast(cpu, torch.bfloat16):
         assert layer(x).dtype == torch.bfloat16
+
+
+def _timed_probe(slow: torch.dtype | None, calls: list):
+    def probe(dtype):
+        calls.append(dtype)
+        if dtype is slow:
+            time.sleep(0.02)
+    return probe
+
+
+@pytest.mark.parametrize("slow", [torch.bfloat16, None])
+def test_precision_auto_takes_what_a_probe_measures_faster(monkeypatch, tmp_path, slow):
+    from train import loop
+
+    monkeypatch.setattr(loop, "native_bf16", lambda device: True)
+    run, calls = loop.Run(tmp_path, "vqgan"), []
+    chosen = loop.choose_precision(run, torch.device("cpu"), "auto", _timed_probe(slow, calls))
+    assert chosen is (None if slow is torch.bfloat16 else torch.bfloat16)
+    assert run.precision == ("fp32" if slow is torch.bfloat16 else "bf16")
+    assert calls.count(None) == calls.count(torch.bfloat16) == loop.PROBE_STEPS + 1  # interleaved, warm-up first
+    assert calls[:2] in ([None, torch.bfloat16], [torch.bfloat16, None])
+
+
+def test_a_resumed_run_keeps_the_precision_its_checkpoint_recorded(monkeypatch, tmp_path):
+    from train import loop
+
+    monkeypatch.setattr(loop, "native_bf16", lambda device: True)
+    layer = torch.nn.Linear(2, 2)
+    first = loop.Run(tmp_path, "clip")
+    assert loop.choose_precision(first, torch.device("cpu"), "auto", _timed_probe(None, [])) is torch.bfloat16
+    first.save_checkpoint(1, {"layer": layer}, {}, data_position=8)
+
+    resumed = loop.Run(tmp_path, "clip")
+    resumed.load_checkpoint({"layer": layer}, {})
+    calls = []  # bf16 would now measure slower: the recorded choice stands, unprobed
+    assert loop.choose_precision(resumed, torch.device("cpu"), "auto", _timed_probe(torch.bfloat16, calls)) is torch.bfloat16
+    assert calls == []
+    # An explicit --precision wins over the record, and is what the next checkpoint records.
+    assert loop.choose_precision(resumed, torch.device("cpu"), "fp32", _timed_probe(None, calls)) is None
+    assert resumed.precision == "fp32" and calls == []
+
+
+def test_the_vqgan_precision_probe_changes_no_state(tmp_path):
+    from train.stage_vqgan import VQGANOptions, VQGANTrainer
+
+    trainer = VQGANTrainer(VQGANOptions(data="shapes", out=str(tmp_path), size=32, device="cpu", precision="fp32",
+                                        preset="tiny", steps=2, batch_size=4, heldout_examples=4, warmup=1,
+                                        disc_start=1))
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    rng = torch.get_rng_state()
+    for dtype in (None, torch.bfloat16):
+        trainer._precision_probe(dtype)
+    assert all(torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
+    assert all(p.grad is None for p in trainer.model.parameters())
+    assert torch.equal(torch.get_rng_state(), rng)

@@ -224,7 +224,7 @@ def clip_args(run: Path, *extra: str) -> argparse.Namespace:
 
     parser = argparse.ArgumentParser()
     stage_clip.add_arguments(parser)
-    return parser.parse_args(["--out", str(run), "--data", "shapes", "--size", "32", "--preset", "tiny",
+    return parser.parse_args(["--out", str(run), "--data", "shapes", "--size", "32", "--model-size", "tiny",
                               "--batch-size", "8", "--device", "cpu", "--heldout-examples", "16",
                               "--warmup", "2", "--lr", "1e-3", *extra])
 

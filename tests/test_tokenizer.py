@@ -206,6 +206,24 @@ def test_batch_truncation_warns_once_and_keeps_eos(tok: TextTokenizer) -> None:
     assert ids[2].tolist() == tok.encode("a") + [tok.pad_id] * (max_length - len(tok.encode("a")))
 
 
+def test_training_counts_cut_captions_in_one_line_not_a_warning_a_batch(tok: TextTokenizer, capsys) -> None:
+    import warnings
+
+    from train.loop import CaptionTokens
+
+    long_text = "a large orange triangle above a small green circle, on a white background"
+    captions = CaptionTokens("seq2seq", tok, max_length=5, device=torch.device("cpu"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # any Python warning fails the test
+        ids, mask = captions([long_text, "a"])
+        captions([long_text, long_text, long_text])
+        captions([long_text], count=False)  # a probe's texts: not counted
+    assert ids.shape == (2, 5) and captions.cut == 4
+    assert capsys.readouterr().out.count("cut to that length") == 1
+    with pytest.warns(TruncationWarning):
+        assert ids.tolist() == tok.batch([long_text, "a"], max_length=5)[0].tolist()
+
+
 def test_batch_truncation_keeps_bos_and_eos(tok: TextTokenizer) -> None:
     with pytest.warns(TruncationWarning, match="1 of 1"):
         ids, _ = tok.batch(["four yellow diamonds in the bottom right"], max_length=3, bos=True)

@@ -312,7 +312,7 @@ def run_stage(out, *extra: str) -> None:
     parser = argparse.ArgumentParser()
     stage_vqgan.add_arguments(parser)
     args = parser.parse_args([
-        "--data", "shapes", "--out", str(out), "--preset", "tiny", "--size", "32", "--batch-size", "4",
+        "--data", "shapes", "--out", str(out), "--model-size", "tiny", "--size", "32", "--batch-size", "4",
         "--steps", "4", "--disc-start", "1", "--warmup", "1", "--lr", "1e-3", "--log-every", "1",
         "--eval-every", "2", "--sample-every", "4", "--save-every", "2", "--heldout-examples", "4", *extra,
     ])

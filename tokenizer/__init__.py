@@ -3,6 +3,6 @@
 ``from tokenizer import TextTokenizer``; see :mod:`tokenizer.text`.
 """
 
-from tokenizer.text import TextTokenizer, TruncationWarning
+from tokenizer.text import TextTokenizer, TruncationWarning, words
 
-__all__ = ["TextTokenizer", "TruncationWarning"]
+__all__ = ["TextTokenizer", "TruncationWarning", "words"]

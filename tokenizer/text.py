@@ -34,7 +34,7 @@ import torch
 
 from checkpoint import CheckpointError, UserError, atomic_write
 
-__all__ = ["TextTokenizer", "TruncationWarning"]
+__all__ = ["TextTokenizer", "TruncationWarning", "words"]
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 NUM_BYTES = 256
@@ -46,8 +46,22 @@ MIN_VOCAB_SIZE = 4 + NUM_BYTES + 1
 _ROUND_TRIP_PROBE = "  a\u00a0\ufb01 \u2581\u2581b\t\U0001f40d\n  "
 
 
+_WORD = re.compile(r"[^\W\d_]+")  # a run of letters, in any script
+
+
+def words(text: str) -> list[str]:
+    """The words of ``text``, case-folded: runs of letters, so "A red-circle, 2x" gives a, red, circle, x.
+    Training records the words of its captions (RUN/vocabulary.json); sampling names a prompt's others."""
+    return _WORD.findall(text.casefold())
+
+
 class TruncationWarning(UserWarning):
-    """Some texts were longer than ``max_length`` tokens and were cut (filter with this category)."""
+    """Some texts were longer than ``max_length`` tokens and were cut (filter with this category); ``count``
+    says how many."""
+
+    def __init__(self, message: str, count: int = 0):
+        super().__init__(message)
+        self.count = count
 
 
 class _Corpus:
@@ -247,9 +261,8 @@ class TextTokenizer:
         if truncated:
             rows = [_truncate(row, max_length, eos) for row in rows]
             warnings.warn(
-                f"{truncated} of {len(rows)} texts were longer than max_length={max_length} tokens and were "
-                f"truncated{' (eos kept)' if eos else ''}",
-                TruncationWarning,
+                TruncationWarning(f"{truncated} of {len(rows)} texts were longer than max_length={max_length} "
+                                  f"tokens and were truncated{' (eos kept)' if eos else ''}", truncated),
                 stacklevel=2,
             )
         lengths = torch.tensor([len(row) for row in rows], dtype=torch.long)  # (B,)

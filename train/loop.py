@@ -16,10 +16,12 @@ import math
 import os
 import random
 import shutil
+import sys
 import time
+import warnings
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -28,18 +30,22 @@ from tqdm import tqdm
 
 from checkpoint import (CheckpointError, UserError, atomic_write, load_torch, remove_temporaries, save_torch,
                         write_json)
+from tokenizer import TextTokenizer, TruncationWarning
 from train.data import DEFAULT_HELDOUT_FRACTION, open_dataset
 
 __all__ = [
     "add_common_arguments",
     "resolve_device",
     "autocast_dtype",
+    "choose_precision",
     "autocast",
     "native_bf16",
     "cosine_schedule",
     "progress",
     "warn_if_not_below_steps",
     "add_data_arguments",
+    "add_model_size_argument",
+    "CaptionTokens",
     "Run",
 ]
 
@@ -86,6 +92,23 @@ class StageOptions:
         return open_dataset(self.data, self.size if size is None else size, split=split, **self.data_options())
 
 
+class _RenamedPreset(argparse.Action):
+    """A stage's old ``--preset``: still read, since scripts use it, with one line naming ``--model-size``."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print("note: a stage's --preset is now --model-size (--preset is `train all`'s training plan: "
+              "tiny, cpu or gpu)", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
+def add_model_size_argument(parser: argparse.ArgumentParser, default: str, sizes: str) -> None:
+    """``--model-size``: the size of the stage's model (its config presets), apart from ``train all --preset``,
+    which picks every stage's model size and steps for a machine."""
+    parser.add_argument("--model-size", dest="preset", default=default, metavar="SIZE",
+                        help=f"the model's size: {sizes} (default {default})")
+    parser.add_argument("--preset", dest="preset", action=_RenamedPreset, help=argparse.SUPPRESS)
+
+
 def add_common_arguments(
     parser: argparse.ArgumentParser,
     *,
@@ -98,25 +121,34 @@ def add_common_arguments(
     sample_every: int = 500,
 ) -> None:
     """Add the options every stage takes (DESIGN.md command lines) with the stage's own defaults."""
-    parser.add_argument("--data", default="shapes", help="shapes | a folder | *.jsonl/*.parquet/*.csv | *.tar | a hub name")
+    parser.add_argument("--data", default="shapes",
+                        help="shapes (the built-in world, default) | openmoji | a folder | *.jsonl/*.parquet/*.csv | "
+                             "*.tar | a hub name")
     parser.add_argument("--out", required=True, help="the run directory")
     parser.add_argument("--steps", type=_positive_int, default=steps, help=f"optimizer steps (default {steps})")
     parser.add_argument("--batch-size", type=_positive_int, default=batch_size, help=f"global batch (default {batch_size})")
     parser.add_argument("--size", type=_positive_int, default=size, help=f"image side in pixels (default {size})")
     parser.add_argument("--lr", type=_positive_float, default=lr, help=f"peak learning rate (default {lr})")
     parser.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                        help="where to train; auto (default): CUDA when one is visible, else the CPU")
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
-                        help="bf16 autocast or fp32; auto: bf16 where the device multiplies bf16 matrices natively "
-                             "(CUDA with bf16, a CPU with AMX), fp32 elsewhere")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--workers", type=_nonnegative_int, default=0, help="DataLoader worker processes")
+                        help="bf16 autocast or fp32; auto (default): fp32 where the device has no native bf16, "
+                             "else whichever a few timed training passes at the start find faster (a second or "
+                             "so; said in one line, kept on --resume)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seeds the weights, the data order and the held-out split's draws (default 0)")
+    parser.add_argument("--workers", type=_nonnegative_int, default=0,
+                        help="DataLoader worker processes (default 0: read in the training process)")
     parser.add_argument("--image-column", default=None, help="image column of a file or hub dataset")
     parser.add_argument("--text-column", default=None, help="caption column of a file or hub dataset")
     add_data_arguments(parser)
-    parser.add_argument("--log-every", type=_positive_int, default=log_every)
-    parser.add_argument("--save-every", type=_positive_int, default=save_every)
-    parser.add_argument("--sample-every", type=_positive_int, default=sample_every)
+    parser.add_argument("--log-every", type=_positive_int, default=log_every,
+                        help=f"steps between metrics lines (default {log_every})")
+    parser.add_argument("--save-every", type=_positive_int, default=save_every,
+                        help=f"steps between checkpoints that --resume continues from (default {save_every})")
+    parser.add_argument("--sample-every", type=_positive_int, default=sample_every,
+                        help=f"steps between sample grids in RUN/samples/ (default {sample_every})")
 
 
 def add_data_arguments(parser: argparse.ArgumentParser) -> None:
@@ -193,9 +225,83 @@ def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
     return torch.bfloat16 if precision == "bf16" else None
 
 
+PROBE_STEPS = 3  # timed forward-and-backward passes per precision, after one untimed pass each
+
+
+def choose_precision(run: "Run", device: torch.device, precision: str,
+                     probe: Callable[[torch.dtype | None], None]) -> torch.dtype | None:
+    """The autocast dtype a stage trains in, said in one line.
+
+    ``fp32`` and ``bf16`` are taken as given. ``auto`` is fp32 where the device has no native bf16; where it has
+    (CUDA, a CPU with AMX), bf16 is not always faster: a small model's step on a CPU is bound by per-operation
+    overhead and casts, and the ``tiny`` VQGAN ran about 10x slower in bf16. So ``auto`` times ``probe(dtype)``
+    (one forward and backward pass of the stage's model on a held-out batch, gradients dropped after) in each
+    precision, interleaved, and keeps the faster by the best of PROBE_STEPS. A resumed run keeps the precision
+    its checkpoint recorded (``run.precision``), so that resuming changes no arithmetic; every process of a
+    distributed run takes rank 0's choice.
+    """
+    if precision != "auto" or run.precision is not None:
+        dtype = autocast_dtype(device, precision if precision != "auto" else run.precision)
+        run.precision = "bf16" if dtype is not None else "fp32"
+        return dtype
+    if not native_bf16(device):
+        run.precision = "fp32"
+        if run.is_main:
+            print(f"{run.stage}: --precision auto: fp32 (this {device.type} has no native bf16)")
+        return None
+    seconds: dict[torch.dtype | None, float] = {None: math.inf, torch.bfloat16: math.inf}
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        for trial in range(PROBE_STEPS + 1):
+            for dtype in seconds:
+                start = time.perf_counter()
+                probe(dtype)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                if trial:  # the first pass of each warms caches and kernels up
+                    seconds[dtype] = min(seconds[dtype], time.perf_counter() - start)
+    faster = seconds[torch.bfloat16] < seconds[None]
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        flag = torch.tensor([int(faster)], device=device)
+        torch.distributed.broadcast(flag, src=0)
+        faster = bool(flag.item())
+    run.precision = "bf16" if faster else "fp32"
+    if run.is_main:
+        print(f"{run.stage}: --precision auto: {run.precision} (a training pass measured {seconds[None] * 1e3:.0f} ms "
+              f"in fp32, {seconds[torch.bfloat16] * 1e3:.0f} ms in bf16 here; --precision fp32|bf16 fixes it)")
+    return torch.bfloat16 if faster else None
+
+
 def autocast(device: torch.device, dtype: torch.dtype | None) -> torch.autocast:
     """Mixed precision in ``dtype`` on ``device`` (weights, optimizer and losses stay fp32), or off for None."""
     return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
+
+
+class CaptionTokens:
+    """A stage's captions to (ids, mask), cut to the model's text length where longer: one line the first time,
+    and ``cut``, the count so far, for the stage's summary, instead of a Python warning every batch."""
+
+    def __init__(self, stage: str, tokenizer: TextTokenizer, max_length: int, device: torch.device):
+        self.stage, self.tokenizer, self.max_length, self.device = stage, tokenizer, max_length, device
+        self.cut = 0
+
+    def __call__(self, texts: Sequence[str], count: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ids, mask) on the device; ``count=False`` for texts that are not training captions (a probe)."""
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", TruncationWarning)
+            ids, mask = self.tokenizer.batch(list(texts), max_length=self.max_length)
+        cut = 0
+        for w in caught:
+            if isinstance(w.message, TruncationWarning):
+                cut += w.message.count
+            else:  # another warning: let it through as it came
+                warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+        if not count:
+            cut = 0
+        if cut and not self.cut and _rank() == 0:
+            print(f"{self.stage}: captions longer than the model's {self.max_length} text tokens are cut to that "
+                  "length; the stage's summary counts them")
+        self.cut += cut
+        return ids.to(self.device), mask.to(self.device)
 
 
 def cosine_schedule(step: int, *, warmup: int, total: int, min_ratio: float = 0.1) -> float:
@@ -251,6 +357,7 @@ class Run:
         self.is_main = _rank() == 0
         self._start = time.time()
         self._non_finite = 0  # non-finite losses in a row
+        self.precision: str | None = None  # "fp32" or "bf16" once chosen (choose_precision); kept in checkpoints
         if self.is_main:
             try:
                 self.out.mkdir(parents=True, exist_ok=True)
@@ -339,7 +446,7 @@ class Run:
             "data_position": data_position,
             "optimizers": {k: v.state_dict() for k, v in optimizers.items()},
             "rng": _rng_state(),
-            "extra": extra or {},
+            "extra": {**(extra or {}), **({"precision": self.precision} if self.precision else {})},
         }
         save_torch(state, directory / "state.pt")
         write_json(self.state_dir / "latest.json", {"step": step, "dir": name})
@@ -376,6 +483,8 @@ class Run:
             optimizer.load_state_dict(state["optimizers"][name])
         _set_rng_state(state["rng"])
         step = int(state["step"])
+        if state["extra"].get("precision") in ("fp32", "bf16"):
+            self.precision = state["extra"]["precision"]
         if self.is_main:
             self._forget_after(step)
             self.log(step, event="resumed from checkpoint")

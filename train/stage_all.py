@@ -27,26 +27,26 @@ from train.loop import add_data_arguments
 PRESETS: dict[str, dict[str, list[str]]] = {
     "tiny": {
         "tokenizer": ["--vocab-size", "512", "--max-texts", "2000"],
-        "vqgan": ["--preset", "tiny", "--steps", "6", "--batch-size", "8", "--warmup", "2", "--disc-start", "3", "--save-every", "3", "--sample-every", "6",
+        "vqgan": ["--model-size", "tiny", "--steps", "6", "--batch-size", "8", "--warmup", "2", "--disc-start", "3", "--save-every", "3", "--sample-every", "6",
                   "--eval-every", "6", "--log-every", "3"],
-        "seq2seq": ["--preset", "tiny", "--steps", "6", "--batch-size", "8", "--cache-examples", "64",
+        "seq2seq": ["--model-size", "tiny", "--steps", "6", "--batch-size", "8", "--cache-examples", "64",
                     "--heldout-examples", "16", "--save-every", "3", "--sample-every", "6", "--eval-every", "6",
                     "--log-every", "3", "--warmup", "2"],
-        "clip": ["--preset", "tiny", "--steps", "6", "--batch-size", "8", "--save-every", "3", "--log-every", "3"],
+        "clip": ["--model-size", "tiny", "--steps", "6", "--batch-size", "8", "--save-every", "3", "--log-every", "3"],
     },
     "cpu": {
         "tokenizer": ["--vocab-size", "1024"],
-        "vqgan": ["--preset", "small", "--steps", "3500", "--batch-size", "32", "--disc-start", "2500"],
-        "seq2seq": ["--preset", "small", "--steps", "3500", "--batch-size", "64", "--cache-examples", "40000",
+        "vqgan": ["--model-size", "small", "--steps", "3500", "--batch-size", "32", "--disc-start", "2500"],
+        "seq2seq": ["--model-size", "small", "--steps", "3500", "--batch-size", "64", "--cache-examples", "40000",
                     "--compile", "--ema", "0.999"],
-        "clip": ["--preset", "small", "--steps", "600", "--batch-size", "128", "--eval-every", "200"],
+        "clip": ["--model-size", "small", "--steps", "600", "--batch-size", "128", "--eval-every", "200"],
     },
     "gpu": {
         "tokenizer": ["--vocab-size", "1024"],
-        "vqgan": ["--preset", "base", "--steps", "20000", "--batch-size", "64", "--workers", "8"],
-        "seq2seq": ["--preset", "base", "--steps", "20000", "--batch-size", "256", "--cache-examples", "200000",
+        "vqgan": ["--model-size", "base", "--steps", "20000", "--batch-size", "64", "--workers", "8"],
+        "seq2seq": ["--model-size", "base", "--steps", "20000", "--batch-size", "256", "--cache-examples", "200000",
                     "--workers", "8"],
-        "clip": ["--preset", "small", "--steps", "5000", "--batch-size", "256", "--workers", "8"],
+        "clip": ["--model-size", "small", "--steps", "5000", "--batch-size", "256", "--workers", "8"],
     },
 }
 # Where --data is not `shapes` (real pictures: openmoji, a folder, files), these stages' flags replace the
@@ -56,7 +56,7 @@ PRESETS: dict[str, dict[str, list[str]]] = {
 # step on a 2-core CPU; the same number of steps would not fit this budget (BENCHMARKS.md).
 REAL_PICTURES: dict[str, dict[str, list[str]]] = {
     "cpu": {
-        "vqgan": ["--preset", "small", "--steps", "3500", "--batch-size", "32", "--disc-start", "3000"],
+        "vqgan": ["--model-size", "small", "--steps", "3500", "--batch-size", "32", "--disc-start", "3000"],
     },
 }
 STAGE_ORDER = ("tokenizer", "vqgan", "seq2seq", "clip")
@@ -66,10 +66,11 @@ SHARED = ("data", "size", "seed", "image_column", "text_column", "heldout_fracti
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", default="shapes", help="shapes | a folder | *.jsonl/*.parquet/*.csv | *.tar | a hub name")
     parser.add_argument("--out", required=True, help="the run directory")
-    parser.add_argument("--preset", default="auto", choices=["auto", *PRESETS],
-                        help="size of every stage: cpu (this 2-core machine: about 40 minutes on shapes), gpu (one "
-                             "CUDA device), tiny (a smoke test: a few steps a stage, its pictures are noise); auto "
-                             "(default): gpu when CUDA is visible, else cpu")
+    parser.add_argument("--preset", default="auto", type=_plan, metavar="{auto,tiny,cpu,gpu}",
+                        help="the training plan, every stage's model size and steps: cpu (a 2-core machine: about 40 "
+                             "minutes on shapes, 80 on openmoji), gpu (one CUDA device), tiny (a smoke test: 6 steps "
+                             "a stage, its pictures are noise); auto (default): gpu when CUDA is visible, else cpu. "
+                             "A stage's own model size is its --model-size")
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -80,6 +81,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--text-column", default=None)
     parser.add_argument("--only", nargs="+", choices=STAGE_ORDER, default=None, help="run just these stages")
     add_data_arguments(parser)
+
+
+def _plan(value: str) -> str:
+    """``--preset``'s value; a stage's model size given here gets a line saying where it belongs."""
+    if value in ("auto", *PRESETS):
+        return value
+    if value in ("small", "medium", "base", "large"):
+        raise argparse.ArgumentTypeError(f"{value} is a model size, each stage's --model-size (python -m train "
+                                         "<stage> --help); train all's --preset is the plan: auto, tiny, cpu or gpu")
+    raise argparse.ArgumentTypeError(f"choose auto, tiny, cpu or gpu, not {value!r}")
 
 
 def stage_argv(stage: str, preset: str, args: argparse.Namespace) -> list[str]:

@@ -25,7 +25,6 @@ import argparse
 import hashlib
 import math
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,10 +33,12 @@ import torch.distributed as torch_dist
 import torch.nn.functional as F
 from torch import nn
 
-from checkpoint import UserError
+from checkpoint import UserError, write_json
 from scorer import Scorer, ScorerConfig, contrastive_loss, retrieval_accuracy
+from seq2seq.evaluate import derangement
 from train import dist
-from train.loop import Run, StageOptions, add_common_arguments, autocast, autocast_dtype, cosine_schedule, progress
+from train.loop import (CaptionTokens, Run, StageOptions, add_common_arguments, add_model_size_argument, autocast,
+                        choose_precision, cosine_schedule, progress)
 
 
 @dataclass
@@ -58,7 +59,7 @@ class ClipOptions(StageOptions):
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_common_arguments(parser, steps=ClipOptions.steps, batch_size=ClipOptions.batch_size, lr=ClipOptions.lr)
-    parser.add_argument("--preset", default=ClipOptions.preset, help="tiny | small | base (scorer/model.py PRESETS)")
+    add_model_size_argument(parser, ClipOptions.preset, "tiny (a smoke test) | small | base (scorer/model.py PRESETS)")
     parser.add_argument("--heldout-examples", type=int, default=ClipOptions.heldout_examples,
                         help="pictures in the fixed held-out retrieval batch")
     parser.add_argument("--heldout-split", default=ClipOptions.heldout_split,
@@ -112,6 +113,30 @@ def _gather_rows(x: torch.Tensor, ctx: dist.Context) -> torch.Tensor:
     return torch.cat([part[:n] for part, n in zip(parts, sizes)])
 
 
+SCORE_RANGE = "score_range.json"  # in RUN/clip/: what sampling compares its best pictures' scores with
+
+
+@torch.no_grad()
+def score_range(model: Scorer, images: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, wrong_ids: torch.Tensor,
+                wrong_mask: torch.Tensor) -> dict:
+    """Quantiles of the scorer's scores of held-out pictures with their own captions and with another picture's
+    caption (a fixed derangement): a generated picture that scores no better than the wrong pairs do was likely
+    asked for something the run never learned."""
+    model.eval()
+    right, wrong = [], []
+    for start in range(0, len(images), 256):
+        chunk = slice(start, start + 256)
+        right.append(model.score(images[chunk], ids[chunk], mask[chunk]).float().cpu())
+        wrong.append(model.score(images[chunk], wrong_ids[chunk], wrong_mask[chunk]).float().cpu())
+    right, wrong = torch.cat(right), torch.cat(wrong)
+    quantiles = torch.tensor([0.05, 0.5, 0.95])
+
+    def named(scores: torch.Tensor) -> dict:
+        return {f"p{round(q * 100)}": round(v, 4) for q, v in zip(quantiles.tolist(), scores.quantile(quantiles).tolist())}
+
+    return {"pictures": len(right), "own_caption": named(right), "other_caption": named(wrong)}
+
+
 class _Embed(nn.Module):
     """The training forward: both embeddings and the scale, so that several processes can gather them."""
 
@@ -141,7 +166,6 @@ class ClipTrainer:
             raise UserError(f"{out / 'tokenizer.model'} is missing; run `python -m train tokenizer --out {out}` first")
         self.ctx = dist.setup(o.device)
         self.device = self.ctx.device
-        self.amp_dtype = autocast_dtype(self.device, o.precision)
         self.run = Run(out, "clip")
         self.tokenizer = TextTokenizer.load(out / "tokenizer.model")
         try:
@@ -162,7 +186,8 @@ class ClipTrainer:
         self.schedule = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: cosine_schedule(s, warmup=o.warmup, total=o.steps))
         self.train_model = dist.wrap(_Embed(self.model), self.ctx)
-        self.step, self.skipped, self.warned_truncation = 0, 0, False
+        self.step, self.skipped = 0, 0
+        self.captions = CaptionTokens("clip", self.tokenizer, self.config.max_text_len, self.device)
         self.modules = {"model": self.model}
         self.optimizers = {"optimizer": self.optimizer, "schedule": self.schedule}
         if o.resume:
@@ -172,6 +197,18 @@ class ClipTrainer:
         self.batches = batches(self.dataset, o.batch_size, o.seed, start=self.step * o.batch_size,
                                rank=self.ctx.rank, world_size=self.ctx.world_size, workers=o.workers)
         self.heldout_images, self.heldout_texts = self._heldout_batch(o.dataset(o.heldout_split))
+        self.amp_dtype = choose_precision(self.run, self.device, o.precision, self._precision_probe)
+
+    def _precision_probe(self, dtype: torch.dtype | None) -> None:
+        """One forward and backward pass of held-out pairs in ``dtype``; changes no state."""
+        rows = max(2, self.options.batch_size // self.ctx.world_size)
+        text_ids, text_mask = self.captions(self.heldout_texts[:rows], count=False)
+        self.model.eval()
+        with autocast(self.device, dtype):
+            image_embeds = self.model.encode_image(self.heldout_images[:rows].to(self.device))
+            text_embeds = self.model.encode_text(text_ids, text_mask)
+        (image_embeds.float() @ text_embeds.float().T).logsumexp(-1).mean().backward()
+        self.model.zero_grad(set_to_none=True)
 
     def _heldout_batch(self, dataset) -> tuple[torch.Tensor, list[str]]:
         """The first --heldout-examples readable pictures of the held-out split, the same at every evaluation."""
@@ -192,17 +229,8 @@ class ClipTrainer:
         return torch.cat(images)[:n], texts[:n]
 
     def text_batch(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Captions to (ids, mask) on the device; over-long ones are cut, with one warning per run, not per batch."""
-        from tokenizer import TruncationWarning
-
-        limit = self.config.max_text_len
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", TruncationWarning)
-            ids, mask = self.tokenizer.batch(texts, max_length=limit)
-        if any(issubclass(w.category, TruncationWarning) for w in caught) and not self.warned_truncation:
-            self.warned_truncation = True
-            warnings.warn(f"clip: captions longer than the scorer's {limit} text tokens are truncated", stacklevel=2)
-        return ids.to(self.device), mask.to(self.device)
+        """Captions to (ids, mask) on the device; over-long ones are cut and counted (CaptionTokens)."""
+        return self.captions(texts)
 
     def train_step(self, batch: dict) -> tuple[float, float]:
         """One optimizer step on this process's slice of a global batch: (loss, in-batch accuracy)."""
@@ -250,9 +278,16 @@ class ClipTrainer:
         self.export()
 
     def export(self) -> None:
-        """Write the scorer to RUN/clip/, the weights sampling reranks with."""
+        """Write the scorer to RUN/clip/, the weights sampling reranks with, and beside them the range of its
+        scores on held-out pictures (:func:`score_range`), which sampling compares its best pictures with."""
         if self.run.is_main:
             self.model.save_pretrained(Path(self.options.out) / "clip")
+            texts = self.heldout_texts
+            wrong = derangement(texts)
+            ids, mask = self.captions(texts, count=False)
+            wrong_ids, wrong_mask = self.captions([wrong[t] for t in texts], count=False)
+            write_json(Path(self.options.out) / "clip" / SCORE_RANGE,
+                       score_range(self.model, self.heldout_images.to(self.device), ids, mask, wrong_ids, wrong_mask))
 
     def fit(self) -> dict:
         o = self.options
@@ -292,7 +327,7 @@ class ClipTrainer:
             if self.step % o.save_every == 0 or self.step == o.steps:
                 self.checkpoint(self.step)
         bar.close()
-        return {"steps": self.step, **last}
+        return {"steps": self.step, **last, **({"captions_cut": self.captions.cut} if self.captions.cut else {})}
 
 
 def main(args: argparse.Namespace) -> None:

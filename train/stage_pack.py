@@ -4,7 +4,8 @@ Copies RUN/tokenizer.model and, for vqgan/, seq2seq/ and clip/, config.json and 
 floating-point tensor stored in --dtype (float16 by default: half the bytes, and loading casts back to
 the model's float32). Integer buffers are kept as they are. Training state, the code cache, metrics and
 sample grids stay behind; all.json comes along as the record of how the parts were trained, with the
-last held-out figures the stages logged under "final".
+last held-out figures the stages logged under "final", and vocabulary.json and clip/score_range.json, what
+sampling's out-of-domain warnings compare a prompt and its best score with.
 This is how the shipped demo run (sample/demo_run) was made from a `python -m train all` run.
 """
 
@@ -20,6 +21,7 @@ import torch
 from checkpoint import CheckpointError, UserError, atomic_write, write_json
 
 PARTS = ("vqgan", "seq2seq", "clip")
+RECORDS = ("vocabulary.json", "clip/score_range.json")  # optional: runs before them have neither
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
@@ -88,6 +90,10 @@ def main(args: argparse.Namespace) -> None:
         atomic_write(out / "tokenizer.model", lambda tmp: shutil.copyfile(run / "tokenizer.model", tmp))
         write_json(out / "all.json", _record(run))
         total += sum((out / name).stat().st_size for name in ("tokenizer.model", "all.json"))
+        for name in RECORDS:  # what sampling's out-of-domain warnings read, where the run wrote it
+            if (run / name).is_file():
+                atomic_write(out / name, lambda tmp, name=name: shutil.copyfile(run / name, tmp))
+                total += (out / name).stat().st_size
     except OSError as e:
         raise UserError(f"pack: cannot write {out}: {e.strerror}; pass a writable --out") from None
     print(f"pack: {run} -> {out}, {total / 1e6:.1f} MB ({args.dtype} weights)")

@@ -23,8 +23,8 @@ from tqdm import tqdm
 from checkpoint import UserError, save_pretrained
 from seq2seq.evaluate import caption_gap
 from train import dist
-from train.loop import (Run, StageOptions, add_common_arguments, autocast, autocast_dtype, cosine_schedule, progress,
-                        warn_if_not_below_steps)
+from train.loop import (CaptionTokens, Run, StageOptions, add_common_arguments, add_model_size_argument, autocast, choose_precision,
+                        cosine_schedule, progress, warn_if_not_below_steps)
 
 
 @dataclass
@@ -52,7 +52,7 @@ class Seq2SeqOptions(StageOptions):
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_common_arguments(parser, steps=Seq2SeqOptions.steps, batch_size=Seq2SeqOptions.batch_size, lr=Seq2SeqOptions.lr)
-    parser.add_argument("--preset", default=Seq2SeqOptions.preset, help="tiny | small | base | large")
+    add_model_size_argument(parser, Seq2SeqOptions.preset, "tiny (a smoke test) | small | base | large")
     parser.add_argument("--micro-batch-size", type=int, default=None,
                         help="examples per process per forward; the global batch is reached by accumulation")
     parser.add_argument("--cache-examples", type=int, default=Seq2SeqOptions.cache_examples,
@@ -115,7 +115,6 @@ class Seq2SeqTrainer:
         self.options = o = options
         self.ctx = dist.setup(o.device, fsdp=o.fsdp)
         self.device = self.ctx.device
-        self.amp_dtype = autocast_dtype(self.device, o.precision)
         self.run = Run(o.out, "seq2seq")
         out = Path(o.out)
         if not (out / "tokenizer.model").is_file():
@@ -139,6 +138,7 @@ class Seq2SeqTrainer:
         except ValueError as e:
             raise UserError(f"seq2seq: {e}") from None
         self._warn_about_passes()
+        self.captions = CaptionTokens("seq2seq", self.tokenizer, self.config.max_text_len, self.device)
         torch.manual_seed(o.seed)
         self.model = Seq2Seq(self.config).to(self.device)
         self.ema = copy.deepcopy(self.model).requires_grad_(False) if o.ema else None
@@ -169,6 +169,18 @@ class Seq2SeqTrainer:
             self.step, _, extra = self.run.load_checkpoint(self.modules, self.optimizers, self.device)
             self.best = extra.get("best", math.inf)
             self.best_step = extra.get("best_step")
+        self.amp_dtype = choose_precision(self.run, self.device, o.precision, self._precision_probe)
+
+    def _precision_probe(self, dtype: torch.dtype | None) -> None:
+        """One forward and backward pass of a micro-batch of held-out pairs in ``dtype``; changes no state."""
+        rows = max(1, self.options.batch_size // self.ctx.world_size // self.micro_batches)
+        text_ids, text_mask = self.captions(self.heldout_codes.texts[:rows], count=False)
+        image_ids = self.heldout_codes.image_ids[:rows].to(self.device)
+        self.model.eval()  # no dropout
+        with autocast(self.device, dtype):
+            logits = self.model(text_ids, text_mask, image_ids)
+        F.cross_entropy(logits.flatten(0, 1).float(), image_ids.flatten()).backward()
+        self.model.zero_grad(set_to_none=True)
 
     def _warn_about_passes(self) -> None:
         """Say so when the run will see each picture many times: small data that a model this size memorises."""
@@ -187,8 +199,7 @@ class Seq2SeqTrainer:
         """Token ids and mask for ``texts``; captions where ``drop`` is True become empty (caption dropout)."""
         if drop is not None:
             texts = ["" if d else t for t, d in zip(texts, drop.tolist())]
-        ids, mask = self.tokenizer.batch(texts, max_length=self.config.max_text_len)
-        return ids.to(self.device), mask.to(self.device)
+        return self.captions(texts)
 
     def global_batch(self, step: int) -> tuple[list[str], torch.Tensor]:
         """This rank's share of the global batch for ``step``; the same on resume and at any world size."""
@@ -399,6 +410,8 @@ class Seq2SeqTrainer:
         if resumed_at_end or not (Path(o.out) / "seq2seq" / "model.safetensors").is_file():
             self.export_at_end()
         summary = {"steps": self.step, **last, **({"best_heldout_bits_per_token": self.best} if o.keep == "best" else {})}
+        if self.captions.cut:  # counted since this process started (a resumed run: since the resume)
+            summary["captions_cut"] = self.captions.cut
         if timed_steps:
             peak = matmul_peak_flops(self.device, self.amp_dtype or torch.float32)
             achieved = flops_per_step * timed_steps / timed

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from checkpoint import UserError, remove_temporaries
+from checkpoint import UserError, remove_temporaries, write_json
 from train.data import DEFAULT_HELDOUT_FRACTION
 from train.loop import add_data_arguments
 
@@ -66,10 +68,25 @@ def train_tokenizer(options: TokenizerOptions) -> Path:
     tokenizer = TextTokenizer.train(captions, vocab_size=options.vocab_size)
     try:
         tokenizer.save(path)
+        write_vocabulary(path.parent, captions)
     except OSError as e:
         raise UserError(f"cannot write {path}: {e.strerror}; pass a writable --out") from None
     note = f" ({skipped} rows without a text caption skipped)" if skipped else ""
     print(f"tokenizer: {len(captions)} captions{note} -> {tokenizer.vocab_size} pieces -> {path}")
+    return path
+
+
+VOCABULARY = "vocabulary.json"  # in the run directory: the words of the training captions
+
+
+def write_vocabulary(run: Path, captions: Iterable[str]) -> Path:
+    """RUN/vocabulary.json: every word (:func:`tokenizer.words`) of the captions the tokenizer trained on, with
+    its count; sampling warns about a prompt's words that are not in it."""
+    from tokenizer import words
+
+    counts = Counter(word for caption in captions for word in words(caption))
+    path = run / VOCABULARY
+    write_json(path, {"words": dict(sorted(counts.items()))})
     return path
 
 

@@ -27,8 +27,8 @@ import torch
 
 from checkpoint import UserError
 from train import dist
-from train.loop import (Run, StageOptions, add_common_arguments, autocast, autocast_dtype, cosine_schedule, progress,
-                        warn_if_not_below_steps)
+from train.loop import (Run, StageOptions, add_common_arguments, add_model_size_argument, autocast, choose_precision,
+                        cosine_schedule, progress, warn_if_not_below_steps)
 from vqgan import VQGAN, VQGANConfig
 from vqgan.discriminator import DISCRIMINATOR_PRESETS, PatchDiscriminator
 from vqgan.losses import LossWeights, discriminator_loss, generator_loss, psnr
@@ -60,9 +60,8 @@ class VQGANOptions(StageOptions):
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     o = VQGANOptions
     add_common_arguments(parser, steps=o.steps, batch_size=o.batch_size, lr=o.lr)
-    parser.add_argument("--preset", default=o.preset,
-                        help="tiny (tests) | small (CPU) | medium (CPU, finer detail, 1.4x the time a step) | "
-                             "base (GPU)")
+    add_model_size_argument(parser, o.preset, "tiny (a smoke test) | small (CPU) | medium (CPU, finer detail, 1.4x "
+                                              "the time a step) | base (GPU)")
     parser.add_argument("--codebook-size", type=int, default=None, help="codes in the codebook (preset: 1024)")
     parser.add_argument("--downsample", type=int, default=None, choices=[4, 8, 16],
                         help="pixels per code along a side (preset: 8, so 64 px -> 8x8 ids)")
@@ -99,7 +98,6 @@ class VQGANTrainer:
             raise UserError(f"vqgan: {e}") from None
         self.ctx = dist.setup(o.device)
         self.device = self.ctx.device
-        self.amp_dtype = autocast_dtype(self.device, o.precision)
         self.run = Run(o.out, "vqgan")
         torch.manual_seed(o.seed)
         self.model = VQGAN(self.config).to(self.device)
@@ -130,6 +128,17 @@ class VQGANTrainer:
                                world_size=self.ctx.world_size, workers=o.workers)
         self.heldout = self._heldout_batch(o.dataset("heldout"))
         self.skipped = 0
+        self.amp_dtype = choose_precision(self.run, self.device, o.precision, self._precision_probe)
+
+    def _precision_probe(self, dtype: torch.dtype | None) -> None:
+        """One autoencoder forward and backward pass on held-out images in ``dtype``; changes no state."""
+        self.model.eval()  # no codebook updates or restarts
+        images = self.heldout[: self.options.batch_size]
+        with autocast(self.device, dtype):
+            reconstructions, quantized = self.model(images)
+            loss = (reconstructions.float() - images).abs().mean() + quantized.loss
+        loss.backward()
+        self.model.zero_grad(set_to_none=True)
 
     def _heldout_batch(self, dataset) -> torch.Tensor:
         """The first ``heldout_examples`` readable images of the held-out split: (N, 3, S, S)."""
