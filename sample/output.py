@@ -5,6 +5,7 @@ A kept picture is named by its prompt and its own seed, ``<prompt>-seed<seed>.pn
 ``python -m sample "<prompt>" --seed <seed> --n 1`` (with the same settings) draws it again; the grid is
 ``<prompt>-seeds<first>-<last>-grid.png``. Existing files are never overwritten: a name that is taken gets
 ``.run2``, ``.run3``, ... before ``.png`` (the second, third, ... picture of that prompt and seed written here).
+A picture drawn with previews gets an animated WebP of its decoding beside it, the same name with ``.webp``.
 """
 
 from __future__ import annotations
@@ -21,10 +22,12 @@ from PIL.PngImagePlugin import PngInfo
 
 from checkpoint import UserError, atomic_write
 
-__all__ = ["safe_stem", "prepare_out_dir", "picture_fields", "save_picture", "write_prompt_results"]
+__all__ = ["safe_stem", "prepare_out_dir", "picture_fields", "save_picture", "save_preview", "write_prompt_results"]
 
 MAX_STEM = 60
 GRID_CELLS = 256  # a grid of more candidates shows the best 256: 10 000 cells would be too big to open
+FRAME_MS = 120  # how long a preview shows each frame; the last (the picture) stays FINAL_FRAME_MS
+FINAL_FRAME_MS = 1500
 
 
 def safe_stem(prompt: str) -> str:
@@ -72,8 +75,11 @@ def _png_info(fields: dict) -> PngInfo:
 def picture_fields(picture) -> dict:
     """What a picture's PNG text chunks and its samples.jsonl line hold: prompt, seed, rank, score, settings,
     candidate (a sample.pipeline.Picture)."""
-    return {"prompt": picture.prompt, "seed": picture.seed, "rank": picture.rank, "score": picture.score,
-            "settings": picture.settings, "candidate": picture.candidate}
+    fields = {"prompt": picture.prompt, "seed": picture.seed, "rank": picture.rank, "score": picture.score,
+              "settings": picture.settings, "candidate": picture.candidate}
+    if picture.likelihood is not None:
+        fields["likelihood"] = picture.likelihood
+    return fields
 
 
 def save_picture(picture, path: str | Path) -> Path:
@@ -90,6 +96,20 @@ def save_picture(picture, path: str | Path) -> Path:
 
 def _write_picture(picture, tmp: str) -> None:
     picture.image.save(tmp, format="PNG", pnginfo=_png_info(picture_fields(picture)))
+
+
+def save_preview(frames: Sequence, path: str | Path) -> Path:
+    """Write ``frames`` (PIL pictures, the decoding in order) as a looping, lossless animated WebP at ``path``,
+    atomically. Returns the path."""
+    path = Path(path)
+    atomic_write(path, partial(_write_preview, frames))
+    return path
+
+
+def _write_preview(frames: Sequence, tmp: str) -> None:
+    durations = [FRAME_MS] * (len(frames) - 1) + [FINAL_FRAME_MS]
+    frames[0].save(tmp, format="WEBP", save_all=True, append_images=list(frames[1:]), duration=durations, loop=0,
+                   lossless=True)
 
 
 def _label(picture) -> str:
@@ -118,6 +138,9 @@ def write_prompt_results(out: Path, pictures: Sequence, nrow: int | None = None)
     for picture in (p for p in pictures if p.kept):
         path = _save_new(out / f"{stem}-seed{picture.seed}.png", partial(_write_picture, picture))
         records.append({"file": path.name, **picture_fields(picture)})
+        if picture.frames:
+            preview = _save_new(path.with_suffix(".webp"), partial(_write_preview, picture.frames))
+            records[-1]["preview"] = preview.name
     first, last = min(p.seed for p in pictures), max(p.seed for p in pictures)
     shown = sorted(pictures[:GRID_CELLS], key=lambda p: p.candidate)  # the best ones, when --n is huge
     title = prompt if len(shown) == len(pictures) else f"{prompt}\n(the best {len(shown)} of {len(pictures)})"
