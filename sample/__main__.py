@@ -10,6 +10,7 @@ one line and exit status 2.
 Edits: ``--init PICTURE --keep-rows R`` keeps its first R rows of tokens and draws the rest (completion);
 ``--init PICTURE --mask MASK`` (white = redraw) or ``--box x0,y0,x1,y1`` redraws what it marks (inpainting).
 ``--preview K`` writes an animated WebP of the decoding, a frame every K tokens, beside each kept picture.
+``--width W --height H`` (pixels, multiples of the token size) draw a larger canvas with a sliding window.
 """
 
 from __future__ import annotations
@@ -62,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--likelihood-weight", type=float, default=defaults.likelihood_weight,
                       help="inpainting: weight of the likelihood of what follows the hole beside the scorer "
                            f"(default {defaults.likelihood_weight:g}; 0 = scorer only)")
+    parser.add_argument("--width", type=int, help="canvas width in pixels, a multiple of the token size (default: the "
+                                                  "run's size; larger draws with a sliding window)")
+    parser.add_argument("--height", type=int, help="canvas height in pixels, likewise")
     parser.add_argument("--preview", type=int, metavar="K",
                         help="write an animated WebP of the decoding beside each kept picture, a frame every K tokens")
     add_threads_argument(parser)
@@ -125,12 +129,15 @@ def run(args: argparse.Namespace) -> list[dict]:
           + ("" if args.no_rerank else ", scorer") + ")", file=sys.stderr)
     pipeline = Pipeline(args.checkpoint, device=args.device, rerank=not args.no_rerank, reranker=args.reranker)
     edit = make_edit(pipeline, args.init, keep_rows=args.keep_rows, mask=args.mask, box=args.box)
+    size = None if args.width is None and args.height is None else (args.width or pipeline.canvas_size,
+                                                                    args.height or pipeline.canvas_size)
+    pipeline.canvas_tokens(size)  # checked before any drawing
     records = []
     # One prompt: the pipeline's own bar (decoding steps, or candidates); several: a bar over the prompts.
     with tqdm(total=len(prompts), desc="prompts", unit="prompt", file=sys.stderr, disable=len(prompts) == 1) as bar:
         for start in range(0, len(prompts), batch):
             for candidates in pipeline(prompts[start:start + batch], settings, progress=len(prompts) == 1, edit=edit,
-                                       preview_every=args.preview):
+                                       preview_every=args.preview, size=size):
                 written = write_prompt_results(out, candidates)
                 records += written
                 for record in written:

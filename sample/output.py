@@ -22,7 +22,8 @@ from PIL.PngImagePlugin import PngInfo
 
 from checkpoint import UserError, atomic_write
 
-__all__ = ["safe_stem", "prepare_out_dir", "picture_fields", "save_picture", "save_preview", "write_prompt_results"]
+__all__ = ["safe_stem", "prepare_out_dir", "picture_fields", "picture_pixels", "save_picture", "save_preview",
+           "write_prompt_results"]
 
 MAX_STEM = 60
 GRID_CELLS = 256  # a grid of more candidates shows the best 256: 10 000 cells would be too big to open
@@ -112,6 +113,14 @@ def _write_preview(frames: Sequence, tmp: str) -> None:
                    lossless=True)
 
 
+def picture_pixels(image):
+    """A (3, H, W) tensor in [-1, 1] from an RGB picture of any shape (a wide canvas is not cropped)."""
+    import numpy as np
+    import torch
+
+    return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1).float() / 127.5 - 1.0  # (3, H, W)
+
+
 def _label(picture) -> str:
     """A grid cell's label: every candidate's seed, and a kept one's rank and score above it."""
     if not picture.kept:
@@ -128,7 +137,7 @@ def write_prompt_results(out: Path, pictures: Sequence, nrow: int | None = None)
     """
     import torch
 
-    from train.images import from_pil, image_grid
+    from train.images import image_grid
 
     if not pictures:
         return []
@@ -144,8 +153,7 @@ def write_prompt_results(out: Path, pictures: Sequence, nrow: int | None = None)
     first, last = min(p.seed for p in pictures), max(p.seed for p in pictures)
     shown = sorted(pictures[:GRID_CELLS], key=lambda p: p.candidate)  # the best ones, when --n is huge
     title = prompt if len(shown) == len(pictures) else f"{prompt}\n(the best {len(shown)} of {len(pictures)})"
-    size = shown[0].image.size[0]
-    grid = image_grid(torch.stack([from_pil(p.image, size) for p in shown]), nrow=nrow or min(8, len(shown)),
+    grid = image_grid(torch.stack([picture_pixels(p.image) for p in shown]), nrow=nrow or min(8, len(shown)),
                       marked=[i for i, p in enumerate(shown) if p.kept], title=title,
                       labels=[_label(p) for p in shown])
     seeds = f"seeds{first}-{last}" if last > first else f"seed{first}"

@@ -7,6 +7,8 @@ Edits (sample/edit.py): with an ``Edit`` every candidate starts from the same pi
 marked ones and draws the rest; inpainting candidates are ranked by the scorer together with the model's
 likelihood of the kept tokens that follow the hole (``likelihood_weight``). Previews: every ``preview_every``
 positions the partial grids are decoded and handed to ``on_step`` (and kept as each ``Picture.frames``).
+Wider or taller canvases than the run's (``size``) are drawn with a sliding window (seq2seq/canvas.py) and
+scored as the mean of the scorer over canvas-sized crops at half-canvas strides.
 
 `generate_images` is the Python API; `python -m sample` (sample/__main__.py) wraps it for the shell.
 """
@@ -106,7 +108,7 @@ class Picture:
     """One candidate: its picture, the prompt, its seed, its score (None without reranking), its rank among
     the prompt's candidates (1 = best; without reranking, candidate order), kept or not. An edit's
     candidate also has ``likelihood``: the mean log-likelihood (nats) of the kept tokens after the hole;
-    with previews, ``frames`` holds the partial pictures in decoding order.
+    with previews, ``frames`` holds the partial pictures in decoding order. ``tokens`` are its image ids.
 
     ``python -m sample PROMPT --seed SEED --n 1`` with the same sampling settings (top-k, top-p,
     temperature, cfg) draws it again.
@@ -122,6 +124,7 @@ class Picture:
     rank: int | None = None
     likelihood: float | None = None
     frames: list[Image.Image] | None = field(default=None, repr=False)
+    tokens: torch.Tensor | None = field(default=None, repr=False)  # (h, w) the image ids it was decoded from
 
     def save(self, path: str | Path) -> Path:
         """Write the picture as PNG at ``path`` (overwriting it, like PIL), with the prompt, seed, settings,
@@ -198,6 +201,20 @@ class Pipeline:
 
         return inpainting(init, mask=mask, box=box, canvas=self.canvas_size, token=self.token_size)
 
+    def canvas_tokens(self, size: tuple[int, int] | None) -> tuple[int, int] | None:
+        """(height, width) in tokens for a canvas of ``size`` = (width, height) pixels; None for the run's own."""
+        if size is None or tuple(size) == (self.canvas_size, self.canvas_size):
+            return None
+        token, canvas = self.token_size, self.canvas_size
+        for flag, pixels in zip(("--width", "--height"), size):
+            if pixels % token:
+                raise UserError(f"{flag} {pixels} is not a multiple of the {token}-pixel token size; try "
+                                f"{max(canvas, pixels // token * token)}")
+            if pixels < canvas:
+                raise UserError(f"{flag} {pixels} is smaller than the {canvas} pixels this run draws; give {canvas} "
+                                "or more")
+        return size[1] // token, size[0] // token
+
     def encode_prompts(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Prompts to (ids, mask); an over-long prompt is truncated with a one-line warning naming the limit."""
         for prompt in prompts:
@@ -214,21 +231,27 @@ class Pipeline:
     @torch.inference_mode()
     def __call__(self, prompts: Sequence[str], settings: SamplingSettings, progress: bool = False,
                  per_pass: int = CANDIDATES_PER_PASS, edit=None, preview_every: int | None = None,
-                 on_step: Callable[[Preview], None] | None = None) -> list[list[Picture]]:
+                 on_step: Callable[[Preview], None] | None = None,
+                 size: tuple[int, int] | None = None) -> list[list[Picture]]:
         """All candidates of every prompt, each list sorted best first, the first ``keep`` marked kept.
 
         Drawn in passes of at most ``per_pass`` candidates. ``progress`` shows a bar over the decoding
         steps when one pass does it all, else over the candidates. ``edit`` (a :class:`sample.edit.Edit`)
         starts every candidate from its picture. ``preview_every`` K decodes the partial grids every K
-        tokens: into each picture's ``frames``, and to ``on_step`` as they come.
+        tokens: into each picture's ``frames``, and to ``on_step`` as they come. ``size`` (width, height) in
+        pixels, multiples of the token size and at least the run's, draws larger canvases.
         """
         from seq2seq import generate
+        from seq2seq.canvas import generate_canvas
         from train.images import from_pil, to_pil
 
         if per_pass < 1:
             raise ValueError(f"per_pass must be >= 1, got {per_pass}")
         if preview_every is not None and preview_every < 1:
             raise UserError(f"--preview must be >= 1 tokens between frames, got {preview_every}")
+        canvas = self.canvas_tokens(size)
+        if canvas is not None and (edit is not None or preview_every):
+            raise UserError("--width/--height draw a new picture: they do not combine with --init or --preview")
         init_ids = None
         if edit is not None:
             init_ids = self.vqgan.encode(from_pil(edit.image, self.canvas_size)[None].to(self.device))  # (1, h, w)
@@ -239,6 +262,7 @@ class Pipeline:
         total = len(prompts) * settings.n  # rows i * n + j: candidate j of prompt i, seed + j
         one_pass = total <= per_pass
         images: list[Image.Image] = []
+        tokens: list[torch.Tensor] = []
         scores: list[torch.Tensor] = []
         likelihoods: list[torch.Tensor] = []
         frames: list[list[Image.Image]] = [[] for _ in range(total)] if preview_every else []
@@ -251,17 +275,22 @@ class Pipeline:
                 watch = {} if not preview_every else dict(
                     preview_every=preview_every,
                     on_step=partial(self._preview, rows, settings.n, [frames[r] for r in rows.tolist()], on_step))
-                image_ids, likelihood = generate(
-                    self.model, text_ids[which.to(self.device)], text_mask[which.to(self.device)],
-                    seeds=(rows % settings.n + settings.seed).to(self.device), temperature=settings.temperature,
-                    top_k=settings.top_k, top_p=settings.top_p, cfg_scale=settings.cfg,
-                    progress=progress and one_pass, return_likelihood=True, **forced, **watch,
-                )  # (rows, h, w), (rows,)
-                likelihoods.append(likelihood.float().cpu())
+                sampling = dict(seeds=(rows % settings.n + settings.seed).to(self.device),
+                                temperature=settings.temperature, top_k=settings.top_k, top_p=settings.top_p,
+                                cfg_scale=settings.cfg, progress=progress and one_pass)
+                pass_ids, pass_mask = text_ids[which.to(self.device)], text_mask[which.to(self.device)]
+                if canvas is None:
+                    image_ids, likelihood = generate(self.model, pass_ids, pass_mask, return_likelihood=True,
+                                                     **sampling, **forced, **watch)  # (rows, h, w), (rows,)
+                    likelihoods.append(likelihood.float().cpu())
+                else:
+                    image_ids = generate_canvas(self.model, pass_ids, pass_mask, height=canvas[0], width=canvas[1],
+                                                **sampling)  # (rows, H, W) tokens
                 decoded = self.vqgan.decode(image_ids).float()  # (rows, 3, H, W) in [-1, 1]
                 if self.scorer is not None:
-                    scores.append(self.scorer.score(decoded, [prompts[i] for i in which.tolist()]))
+                    scores.append(self._score(decoded, [prompts[i] for i in which.tolist()]))
                 images += [to_pil(image) for image in decoded.cpu()]
+                tokens += list(image_ids.cpu())
                 bar.update(len(rows))
         every_score = torch.cat(scores) if scores else None
         every_likelihood = torch.cat(likelihoods) if edit is not None and edit.keeps_after_hole else None
@@ -275,9 +304,22 @@ class Pipeline:
             pictures.append(self._rank(prompt, images[part], None if every_score is None else every_score[part],
                                        None if every_likelihood is None else every_likelihood[part], settings,
                                        record))
-            for picture in pictures[-1] if frames else ():
-                picture.frames = frames[i * n + picture.candidate]
+            for picture in pictures[-1]:
+                picture.tokens = tokens[i * n + picture.candidate]
+                picture.frames = frames[i * n + picture.candidate] if frames else None
         return pictures
+
+    def _score(self, pictures: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        """The scorer's (B,) scores; for a larger canvas, the mean over crops of the run's size."""
+        side = self.canvas_size
+        height, width = pictures.shape[-2:]
+        if (height, width) == (side, side):
+            return self.scorer.score(pictures, prompts)
+        tops = sorted({*range(0, height - side + 1, side // 2), height - side})
+        lefts = sorted({*range(0, width - side + 1, side // 2), width - side})
+        crops = [self.scorer.score(pictures[..., top:top + side, left:left + side], prompts)
+                 for top in tops for left in lefts]
+        return torch.stack(crops).mean(0)
 
     def _preview(self, rows: torch.Tensor, n: int, frames: list[list[Image.Image]],
                  on_step: Callable[[Preview], None] | None, filled: int, grid: torch.Tensor) -> None:
@@ -343,6 +385,8 @@ def generate_images(
     likelihood_weight: float = SamplingSettings.likelihood_weight,
     preview_every: int | None = None,
     on_step: Callable[[Preview], None] | None = None,
+    width: int | None = None,
+    height: int | None = None,
 ) -> list[list[Picture]]:
     """Pictures for each prompt: the best ``keep`` of ``n`` candidates, best first, with their scores.
 
@@ -356,7 +400,9 @@ def generate_images(
     its first R rows of tokens and draws the rest (completion); ``mask`` (white = redraw) or ``box``
     (x0, y0, x1, y1 in pixels) redraws what it marks (inpainting), ranked with the likelihood of what
     follows the hole at ``likelihood_weight``. ``preview_every`` K calls ``on_step(Preview)`` every K
-    tokens with the partial pictures and keeps them in each picture's ``frames``.
+    tokens with the partial pictures and keeps them in each picture's ``frames``. ``width`` and ``height``
+    in pixels (multiples of the token size, at least the run's size) draw a larger canvas with a sliding
+    window.
     """
     if isinstance(prompts, str):
         prompts = [prompts]
@@ -364,8 +410,12 @@ def generate_images(
                                 seed=seed, rerank=rerank, likelihood_weight=likelihood_weight)
     pipeline = pipeline or Pipeline(checkpoint, device=device, rerank=rerank, reranker=reranker)
     edit = make_edit(pipeline, init, keep_rows=keep_rows, mask=mask, box=box)
+    size = None
+    if width is not None or height is not None:
+        size = (width or pipeline.canvas_size, height or pipeline.canvas_size)
     return [[p for p in candidates if p.kept]
-            for candidates in pipeline(prompts, settings, edit=edit, preview_every=preview_every, on_step=on_step)]
+            for candidates in pipeline(prompts, settings, edit=edit, preview_every=preview_every, on_step=on_step,
+                                       size=size)]
 
 
 def make_edit(pipeline: Pipeline, init, *, keep_rows: int | None = None, mask=None, box=None):

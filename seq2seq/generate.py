@@ -175,9 +175,9 @@ def generate(
         raise ValueError(f"preview_every must be >= 1, got {preview_every}")
     previews = None if on_step is None else _Previews(on_step, preview_every, prefix.shape[1], forcing, n_rows,
                                                       config.grid_size)
-    sampler = Sampler(_candidate_seeds(seeds, n_rows, device), temperature, top_k, top_p, float(cfg_scale), forcing)
+    sampler = Sampler(candidate_seeds(seeds, n_rows, device), temperature, top_k, top_p, float(cfg_scale), forcing)
     if sampler.guided:
-        text_ids, text_mask = _with_unconditional(text_ids, text_mask, uncond_ids)  # (2C, L')
+        text_ids, text_mask = with_unconditional(text_ids, text_mask, uncond_ids)  # (2C, L')
     if text_ids.shape[1] > config.max_text_len:
         raise ValueError(f"text of {text_ids.shape[1]} tokens; the model reads at most {config.max_text_len}")
 
@@ -247,7 +247,7 @@ def _decode_recompute(model: Seq2Seq, text_ids: Tensor, text_mask: Tensor, prefi
     return decoder_ids[:, 1:]
 
 
-def _candidate_seeds(seeds: int | Sequence[int] | Tensor | None, n_rows: int, device: torch.device) -> Tensor:
+def candidate_seeds(seeds: int | Sequence[int] | Tensor | None, n_rows: int, device: torch.device) -> Tensor:
     if seeds is None:
         return torch.randint(0, 2**62, (n_rows,)).to(device)
     if isinstance(seeds, int):
@@ -310,7 +310,7 @@ class _Previews:
         self.on_step(filled, grid.view(-1, self.grid_size, self.grid_size))  # (C, h, w)
 
 
-def _with_unconditional(text_ids: Tensor, text_mask: Tensor, uncond_ids: Sequence[int]) -> tuple[Tensor, Tensor]:
+def with_unconditional(text_ids: Tensor, text_mask: Tensor, uncond_ids: Sequence[int]) -> tuple[Tensor, Tensor]:
     """Append one unconditional row per conditional row, padding both to a common length: (2C, L')."""
     uncond = torch.as_tensor(list(uncond_ids), dtype=torch.long, device=text_ids.device)  # (U,)
     if uncond.numel() == 0:

@@ -156,6 +156,42 @@ def test_generate_refuses_a_mask_that_keeps_everything(model):
                  keep_mask=_hole(config))
 
 
+def test_a_canvas_of_the_trained_size_is_what_generate_draws(model):
+    from seq2seq.canvas import generate_canvas
+
+    config = model.config
+    text_ids, text_mask = _text(config, [5, 2])
+    options = dict(num_candidates=2, seeds=3, top_k=10, cfg_scale=2.0)
+    assert torch.equal(generate_canvas(model, text_ids, text_mask, height=config.grid_size, width=config.grid_size,
+                                       **options), generate(model, text_ids, text_mask, **options))
+
+
+def test_a_wide_canvas_reads_windows_of_drawn_tokens_and_depends_on_its_seed_only(model, monkeypatch):
+    from seq2seq.canvas import generate_canvas, window_origin
+
+    config = model.config
+    g = config.grid_size
+    height, width = g + 1, 2 * g + 1
+    text_ids, text_mask = _text(config, [5, 3])
+    seen = []
+    decode = type(model).decode
+    monkeypatch.setattr(type(model), "decode", lambda self, memory, mask, ids: seen.append(ids.clone()) or
+                        decode(self, memory, mask, ids))
+    canvas = generate_canvas(model, text_ids, text_mask, height=height, width=width, num_candidates=2, seeds=8)
+    monkeypatch.undo()
+    assert canvas.shape == (4, height, width) and len(seen) == height * width
+    for position in (0, g + 2, height * width - 1):  # the window's tokens before this one, as drawn
+        i, j = divmod(position, width)
+        i0, j0 = window_origin(i, j, height, width, g)
+        assert 0 <= i - i0 < g and 0 <= j - j0 < g
+        local = (i - i0) * g + (j - j0)
+        assert torch.equal(seen[position][:, 1:], canvas[:, i0:i0 + g, j0:j0 + g].flatten(1)[:, :local])
+    alone = generate_canvas(model, text_ids[1:], text_mask[1:], height=height, width=width, seeds=[11])
+    assert torch.equal(alone[0], canvas[3])
+    with pytest.raises(ValueError, match="smaller than the model's"):
+        generate_canvas(model, text_ids, text_mask, height=g - 1, width=width)
+
+
 # ------------------------------------------------------------------------------------------- pipeline
 
 
@@ -198,10 +234,10 @@ def test_inpainting_keeps_tokens_redraws_the_hole_and_ranks_by_both(pipeline, sc
     pictures = pipeline(["a red circle left of a blue square"], settings, edit=edit)[0]
     init_ids = pipeline.vqgan.encode(from_pil(edit.image, pipeline.canvas_size)[None])[0]
     for picture in pictures:
-        ids = pipeline.vqgan.encode(from_pil(picture.image, pipeline.canvas_size)[None])[0]
+        assert torch.equal(picture.tokens[edit.keep], init_ids[edit.keep])
+        assert not torch.equal(picture.tokens[~edit.keep], init_ids[~edit.keep])
         assert picture.likelihood is not None and picture.likelihood < 0
         assert picture.settings["edit"] == {"box": [half, 0, 2 * half, 2 * half]}
-        assert ids.shape == init_ids.shape
     # best first by z(score) + z(likelihood)
     scores = torch.tensor([p.score for p in pictures])
     likelihoods = torch.tensor([p.likelihood for p in pictures])
@@ -239,6 +275,19 @@ def test_previews_come_as_they_decode_and_end_on_the_picture(pipeline):
     for picture in pictures:
         assert len(picture.frames) == len(seen)
         assert np.array_equal(np.asarray(picture.frames[-1]), np.asarray(picture.image))
+
+
+def test_wide_pictures_come_whole_and_ranked(tiny_run, pipeline, tmp_path, capsys):
+    from sample import generate_images
+
+    wide = 2 * pipeline.canvas_size + pipeline.token_size
+    kept = generate_images("two red circles", n=3, keep=2, width=wide, pipeline=pipeline)[0]
+    assert [p.image.size for p in kept] == [(wide, pipeline.canvas_size)] * 2
+    assert kept[0].score >= kept[1].score and kept[0].tokens.shape == (pipeline.model.config.grid_size,
+                                                                       wide // pipeline.token_size)
+    assert _sample(tiny_run, tmp_path, f'"two red circles" --n 2 --keep 1 --width {wide}') == 0
+    with Image.open(next(tmp_path.glob("*-grid.png"))) as grid:
+        assert grid.size[0] > 2 * wide  # two wide cells, not cropped squares
 
 
 def test_python_api_edits_and_previews(tiny_run, scene_picture):
@@ -310,6 +359,9 @@ BAD = [
     ("--init {tmp}/init.png --keep-rows 1 --box 0,0,4,4", "not --keep-rows and --box"),
     ("--mask {tmp}/black.png", "--mask edits a picture: give it with --init"),
     ("--preview 0", "--preview must be >= 1"),
+    ("--width 65", "--width 65 is not a multiple of the"),
+    ("--height 8", "--height 8 is smaller than the"),
+    ("--width 512 --init {tmp}/init.png --keep-rows 1", "do not combine with --init"),
     ("--likelihood-weight -1", "--likelihood-weight must be"),
 ]
 
