@@ -141,7 +141,8 @@ def generate(
             same as ``init_ids`` with the first k positions kept.
         init_ids, keep_mask: (B, h, w) codebook ids of each prompt's picture and (B, h, w) or (h, w) bools,
             True where the id is kept (forced) rather than drawn: completion and inpainting. Where not
-            kept, ``init_ids`` may hold anything.
+            kept, ``init_ids`` may hold anything. The prefill reads the kept run that starts every grid
+            of the batch, so candidates drawn under one keep mask depend on their seeds only.
         on_step: called as ``on_step(filled, grid)`` after the forced prefix and then every
             ``preview_every`` positions and at the last, with ``grid`` (C, h, w) holding the ids known so
             far (drawn, or forced anywhere) and ``UNDRAWN`` elsewhere.
