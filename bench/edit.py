@@ -99,6 +99,11 @@ def _first_object_cells(obj, grid: int) -> torch.Tensor:
     return cells
 
 
+def _progress(part: str, done: int, total: int) -> None:
+    if done % 16 == 0:
+        print(f"{part}: {done}/{total}", file=sys.stderr, flush=True)
+
+
 def _z(values: list[float]) -> list[float]:
     mean = statistics.fmean(values)
     spread = statistics.pstdev(values)
@@ -115,8 +120,9 @@ def inpainting_scores(pipeline: Pipeline, cases: list, candidates: int, seed: in
     canvas, grid = pipeline.canvas_size, pipeline.model.config.grid_size
     rankings = ["random", "scorer", "likelihood"] + [f"scorer+{w:g}*likelihood" for w in WEIGHTS]
     accepted = dict.fromkeys(rankings, 0)
-    any_ok = unchanged = candidates_seen = roundtrip_ok = 0
-    for text, scene, half in cases:
+    any_ok = unchanged = candidates_seen = roundtrip_ok = seams = 0
+    for done, (text, scene, half) in enumerate(cases):
+        _progress("inpainting", done, len(cases))
         image = render(scene, canvas)
         box = tuple(round(v * canvas) for v in half)
         edit = pipeline.inpainting(image, box=box)
@@ -128,7 +134,11 @@ def inpainting_scores(pipeline: Pipeline, cases: list, candidates: int, seed: in
         unchanged += sum(torch.equal(p.tokens[cells], init_ids[cells]) for p in pictures)
         candidates_seen += len(pictures)
         any_ok += sum(ok)
-        z_score, z_like = _z([p.score for p in pictures]), _z([p.likelihood for p in pictures])
+        # An erased bottom half leaves no kept token after the hole: no likelihood, the scorer alone ranks.
+        seam = pictures[0].likelihood is not None
+        seams += seam
+        z_score = _z([p.score for p in pictures])
+        z_like = _z([p.likelihood for p in pictures]) if seam else [0.0] * len(pictures)
         merits = {"random": [-p.candidate for p in pictures], "scorer": z_score, "likelihood": z_like}
         for w in WEIGHTS:
             merits[f"scorer+{w:g}*likelihood"] = [a + w * b for a, b in zip(z_score, z_like)]
@@ -137,7 +147,7 @@ def inpainting_scores(pipeline: Pipeline, cases: list, candidates: int, seed: in
     n = len(cases)
     return {"scenes": n, "candidates": candidates, "kept_accepted": {k: v / n for k, v in accepted.items()},
             "any_candidate_accepted": any_ok / (n * candidates), "first_object_unchanged": unchanged / candidates_seen,
-            "init_roundtrip_accepted": roundtrip_ok / n}
+            "init_roundtrip_accepted": roundtrip_ok / n, "scenes_with_tokens_after_the_hole": seams}
 
 
 def completion_scores(pipeline: Pipeline, cases: list, candidates: int, seed: int = 0) -> dict:
@@ -149,7 +159,8 @@ def completion_scores(pipeline: Pipeline, cases: list, candidates: int, seed: in
     settings = SamplingSettings(n=candidates, keep=1, seed=seed)
     canvas, grid = pipeline.canvas_size, pipeline.model.config.grid_size
     kept_ok = random_ok = any_ok = unchanged = 0
-    for text, scene, _ in cases:
+    for done, (text, scene, _) in enumerate(cases):
+        _progress("completion", done, len(cases))
         image = render(scene, canvas)
         edit = pipeline.completion(image, grid // 2)
         init_ids = pipeline.vqgan.encode(from_pil(image, canvas)[None].to(pipeline.device))[0].cpu()
@@ -176,7 +187,8 @@ def canvas_scores(pipeline: Pipeline, prompts: int, candidates: int, width: int,
     grid, token = pipeline.model.config.grid_size, pipeline.token_size
     whole = accepted = pictures_seen = 0
     seams: list[float] = []
-    for text, scene in evaluation_prompts("count", prompts, seed=seed):
+    for done, (text, scene) in enumerate(evaluation_prompts("count", prompts, seed=seed)):
+        _progress("canvas", done, prompts)
         for picture in pipeline([text], settings, size=(width, pipeline.canvas_size))[0]:
             pictures_seen += 1
             found = read_scene(picture.image)
@@ -252,7 +264,9 @@ def _run(args) -> int:
             print(f"  {name:24s} {share:6.1%}")
         print(f"  any candidate            {result['any_candidate_accepted']:6.1%}")
         print(f"  the init's VQGAN round trip (ceiling) {result['init_roundtrip_accepted']:6.1%}")
-        print(f"first object's tokens unchanged: {result['first_object_unchanged']:.1%} of candidates")
+        print(f"first object's tokens unchanged: {result['first_object_unchanged']:.1%} of candidates; "
+              f"{result['scenes_with_tokens_after_the_hole']} scenes have kept tokens after the hole (the others: "
+              "an erased bottom half, ranked by the scorer alone)")
     if args.only in (None, "completion"):
         result = completion_scores(pipeline, completion_cases(args.cases, args.seed), args.candidates, args.seed)
         print(f"completion, {result['scenes']} single-object scenes in the top half, top half kept, "

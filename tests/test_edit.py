@@ -387,3 +387,39 @@ def test_api_bad_input_is_a_user_error(pipeline, scene_picture):
     grid = pipeline.canvas_size // pipeline.token_size
     with pytest.raises(UserError, match=f"--keep-rows {grid} is outside the grid"):
         make_edit(pipeline, scene_picture, keep_rows=grid)  # keeps everything: nothing to draw
+
+
+# ------------------------------------------------------------------------------------------- benchmarks
+
+
+def test_bench_edit_measures_each_part(tiny_run, pipeline, tmp_path, capsys):
+    import bench.edit as bench_edit
+
+    cases = bench_edit.inpainting_cases(24)
+    for _, scene, half in cases:  # the second object wholly in the erased half, the first wholly outside
+        assert bench_edit._inside(scene.objects[1], half)
+        assert bench_edit._inside(scene.objects[0], bench_edit._other_half(half))
+    mixed = [next(c for c in cases if c[1].relation == "above"), next(c for c in cases if c[1].relation != "above")]
+    result = bench_edit.inpainting_scores(pipeline, mixed, candidates=2)
+    assert result["scenes"] == 2 and result["scenes_with_tokens_after_the_hole"] == 1
+    assert result["first_object_unchanged"] == 1.0
+    assert set(result["kept_accepted"]) >= {"random", "scorer", "likelihood", "scorer+1*likelihood"}
+    assert bench_edit.main(["--checkpoint", str(tiny_run), "--device", "cpu", "--cases", "1", "--candidates", "2",
+                            "--canvas-prompts", "1", "--only", "completion"]) == 0
+    assert "kept rows unchanged 100.0%" in capsys.readouterr().out
+    assert bench_edit.main(["--checkpoint", str(tiny_run), "--device", "cpu", "--candidates", "1", "--only", "canvas",
+                            "--canvas-prompts", "1", "--width", str(2 * pipeline.canvas_size)]) == 0
+    assert "every object whole" in capsys.readouterr().out
+    baseline = Path(__file__).resolve().parents[1] / "seq2seq" / "generate.py"  # against itself: same ids
+    speed = bench_edit.plain_sampling_ratio(pipeline, baseline, prompts=1, candidates=2, repeats=1)
+    assert speed["same_ids"] and speed["ratio"] > 0
+
+
+def test_edit_figure_has_a_row_per_edit_kind(pipeline):
+    from bench.figure_edit import compose, edit_rows
+
+    rows = edit_rows(pipeline, n=2, keep=1, seed=0)
+    assert [label.split(":")[0].split(",")[0] for label, _ in rows] == ["completion", "inpainting", "wide canvas",
+                                                                          "previews"]
+    assert [title for title, _ in rows[0][1]] == ["input", "mask", "kept 1"]
+    assert compose(rows, scale=1).height > 4 * pipeline.canvas_size
