@@ -234,6 +234,29 @@ def plain_sampling_ratio(pipeline: Pipeline, baseline: Path, *, prompts: int = 8
             "load": os.getloadavg()}
 
 
+def canvas_time_ratio(pipeline: Pipeline, width: int, *, prompts: int = 8, repeats: int = 3,
+                      cfg: float = SamplingSettings.cfg) -> dict:
+    """Median seconds of a canvas ``width`` pixels wide against one of the run's size, in turns, same prompts."""
+    from seq2seq import generate
+    from seq2seq.canvas import generate_canvas
+    from train.shapes import evaluation_prompts
+
+    text_ids, text_mask = pipeline.encode_prompts([t for t, _ in evaluation_prompts("count", prompts)])
+    grid = pipeline.model.config.grid_size
+    runs = {"plain": lambda: generate(pipeline.model, text_ids, text_mask, seeds=0, cfg_scale=cfg),
+            "wide": lambda: generate_canvas(pipeline.model, text_ids, text_mask, height=grid,
+                                            width=width // pipeline.token_size, seeds=0, cfg_scale=cfg)}
+    times = {name: [] for name in runs}
+    with torch.inference_mode():
+        for _ in range(repeats):
+            for name, run in runs.items():
+                start = time.perf_counter()
+                run()
+                times[name].append(time.perf_counter() - start)
+    plain, wide = statistics.median(times["plain"]), statistics.median(times["wide"])
+    return {"plain_s": plain, "wide_s": wide, "ratio": wide / plain, "width": width, "rows": prompts}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(prog="python -m bench.edit", description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", help="a `shapes` run directory or a shipped run's name (default shapes)")
@@ -280,6 +303,10 @@ def _run(args) -> int:
               f"count prompts): every object whole {result['objects_whole']:.1%}, oracle accepts "
               f"{result['oracle_accepts']:.1%}; window vs fresh decode PSNR mean {result['seam_psnr_mean']:.1f} dB, "
               f"min {result['seam_psnr_min']:.1f} dB over {result['windows']} windows")
+    if args.only in (None, "speed"):
+        result = canvas_time_ratio(pipeline, args.width)
+        print(f"wide canvas time, {result['rows']} candidates: {result['width']} px wide {result['wide_s']:.2f} s, "
+              f"the run's size {result['plain_s']:.2f} s: {result['ratio']:.1f}x")
     if args.speed_baseline is not None and args.only in (None, "speed"):
         result = plain_sampling_ratio(pipeline, args.speed_baseline)
         print(f"plain sampling, {result['rows']} candidates, median of {result['repeats']} interleaved: now "
