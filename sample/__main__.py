@@ -6,6 +6,11 @@ chunks), a labelled grid of the candidates with the kept ones framed, and sample
 each kept picture's path, seed, rank and score go to stdout. Prompts of --prompts-file are drawn
 --batch-size at a time, each prompt's files written as soon as its batch is done. Bad input ends with
 one line and exit status 2.
+
+Edits: ``--init PICTURE --keep-rows R`` keeps its first R rows of tokens and draws the rest (completion);
+``--init PICTURE --mask MASK`` (white = redraw) or ``--box x0,y0,x1,y1`` redraws what it marks (inpainting).
+``--preview K`` writes an animated WebP of the decoding, a frame every K tokens, beside each kept picture.
+``--width W --height H`` (pixels, multiples of the token size) draw a larger canvas with a sliding window.
 """
 
 from __future__ import annotations
@@ -54,6 +59,19 @@ def build_parser() -> argparse.ArgumentParser:
                              "measured 2.6x (bf16) and 4.3x (fp16) slower, bf16 (else fp16) on CUDA")
     parser.add_argument("--no-rerank", action="store_true", help="keep the first candidates, no scorer")
     parser.add_argument("--reranker", help="a local directory holding a transformers CLIPModel to rerank with")
+    edit = parser.add_argument_group("edit a picture")
+    edit.add_argument("--init", metavar="PICTURE", help="start from this picture (the run's size, e.g. 64x64)")
+    edit.add_argument("--keep-rows", type=int, metavar="R", help="keep its first R rows of tokens, draw the rest")
+    edit.add_argument("--mask", metavar="MASK", help="a picture of --init's size: white = redraw, black = keep")
+    edit.add_argument("--box", metavar="x0,y0,x1,y1", help="redraw this box, in pixels (x1, y1 excluded)")
+    edit.add_argument("--likelihood-weight", type=float, default=defaults.likelihood_weight,
+                      help="inpainting: weight of the likelihood of what follows the hole beside the scorer "
+                           f"(default {defaults.likelihood_weight:g}; 0 = scorer only)")
+    parser.add_argument("--width", type=int, help="canvas width in pixels, a multiple of the token size (default: the "
+                                                  "run's size; larger draws with a sliding window)")
+    parser.add_argument("--height", type=int, help="canvas height in pixels, likewise")
+    parser.add_argument("--preview", type=int, metavar="K",
+                        help="write an animated WebP of the decoding beside each kept picture, a frame every K tokens")
     add_threads_argument(parser)
     return parser
 
@@ -99,25 +117,32 @@ def run(args: argparse.Namespace) -> list[dict]:
     from tqdm import tqdm
 
     from sample.output import prepare_out_dir, write_prompt_results
-    from sample.pipeline import Pipeline, SamplingSettings, resolve_run
+    from sample.pipeline import Pipeline, SamplingSettings, make_edit, resolve_run
 
     set_threads(args.threads)
     prompts = read_prompts(args)
     keep = args.keep if args.keep is not None else min(4, max(args.n, 1))
     settings = SamplingSettings(n=args.n, keep=keep, top_k=args.top_k, top_p=args.top_p,
                                 temperature=args.temperature, cfg=args.cfg, seed=args.seed,
-                                rerank=not args.no_rerank)
+                                rerank=not args.no_rerank, likelihood_weight=args.likelihood_weight)
+    if args.preview is not None and args.preview < 1:
+        raise UserError(f"--preview must be >= 1 tokens between frames, got {args.preview}")
     batch = batch_size(args, settings.n)
     out = prepare_out_dir(args.out)
     print(f"loading {resolve_run(args.checkpoint)} (tokenizer, VQGAN, seq2seq"
           + ("" if args.no_rerank else ", scorer") + ")", file=sys.stderr)
     pipeline = Pipeline(args.checkpoint, device=args.device, rerank=not args.no_rerank, reranker=args.reranker,
                         dtype=args.dtype)
+    edit = make_edit(pipeline, args.init, keep_rows=args.keep_rows, mask=args.mask, box=args.box)
+    size = None if args.width is None and args.height is None else (args.width or pipeline.canvas_size,
+                                                                    args.height or pipeline.canvas_size)
+    pipeline.canvas_tokens(size)  # checked before any drawing
     records = []
     # One prompt: the pipeline's own bar (decoding steps, or candidates); several: a bar over the prompts.
     with tqdm(total=len(prompts), desc="prompts", unit="prompt", file=sys.stderr, disable=len(prompts) == 1) as bar:
         for start in range(0, len(prompts), batch):
-            for candidates in pipeline(prompts[start:start + batch], settings, progress=len(prompts) == 1):
+            for candidates in pipeline(prompts[start:start + batch], settings, progress=len(prompts) == 1, edit=edit,
+                                       preview_every=args.preview, size=size):
                 written = write_prompt_results(out, candidates)
                 records += written
                 for record in written:

@@ -5,6 +5,7 @@ A kept picture is named by its prompt and its own seed, ``<prompt>-seed<seed>.pn
 ``python -m sample "<prompt>" --seed <seed> --n 1`` (with the same settings) draws it again; the grid is
 ``<prompt>-seeds<first>-<last>-grid.png``. Existing files are never overwritten: a name that is taken gets
 ``.run2``, ``.run3``, ... before ``.png`` (the second, third, ... picture of that prompt and seed written here).
+A picture drawn with previews gets an animated WebP of its decoding beside it, the same name with ``.webp``.
 """
 
 from __future__ import annotations
@@ -21,10 +22,13 @@ from PIL.PngImagePlugin import PngInfo
 
 from checkpoint import UserError, atomic_write
 
-__all__ = ["safe_stem", "prepare_out_dir", "picture_fields", "save_picture", "write_prompt_results"]
+__all__ = ["safe_stem", "prepare_out_dir", "picture_fields", "picture_pixels", "save_picture", "save_preview",
+           "write_prompt_results"]
 
 MAX_STEM = 60
 GRID_CELLS = 256  # a grid of more candidates shows the best 256: 10 000 cells would be too big to open
+FRAME_MS = 120  # how long a preview shows each frame; the last (the picture) stays FINAL_FRAME_MS
+FINAL_FRAME_MS = 1500
 
 
 def safe_stem(prompt: str) -> str:
@@ -72,8 +76,11 @@ def _png_info(fields: dict) -> PngInfo:
 def picture_fields(picture) -> dict:
     """What a picture's PNG text chunks and its samples.jsonl line hold: prompt, seed, rank, score, settings,
     candidate (a sample.pipeline.Picture)."""
-    return {"prompt": picture.prompt, "seed": picture.seed, "rank": picture.rank, "score": picture.score,
-            "settings": picture.settings, "candidate": picture.candidate}
+    fields = {"prompt": picture.prompt, "seed": picture.seed, "rank": picture.rank, "score": picture.score,
+              "settings": picture.settings, "candidate": picture.candidate}
+    if picture.likelihood is not None:
+        fields["likelihood"] = picture.likelihood
+    return fields
 
 
 def save_picture(picture, path: str | Path) -> Path:
@@ -92,6 +99,28 @@ def _write_picture(picture, tmp: str) -> None:
     picture.image.save(tmp, format="PNG", pnginfo=_png_info(picture_fields(picture)))
 
 
+def save_preview(frames: Sequence, path: str | Path) -> Path:
+    """Write ``frames`` (PIL pictures, the decoding in order) as a looping, lossless animated WebP at ``path``,
+    atomically. Returns the path."""
+    path = Path(path)
+    atomic_write(path, partial(_write_preview, frames))
+    return path
+
+
+def _write_preview(frames: Sequence, tmp: str) -> None:
+    durations = [FRAME_MS] * (len(frames) - 1) + [FINAL_FRAME_MS]
+    frames[0].save(tmp, format="WEBP", save_all=True, append_images=list(frames[1:]), duration=durations, loop=0,
+                   lossless=True)
+
+
+def picture_pixels(image):
+    """A (3, H, W) tensor in [-1, 1] from an RGB picture of any shape (a wide canvas is not cropped)."""
+    import numpy as np
+    import torch
+
+    return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1).float() / 127.5 - 1.0  # (3, H, W)
+
+
 def _label(picture) -> str:
     """A grid cell's label: every candidate's seed, and a kept one's rank and score above it."""
     if not picture.kept:
@@ -108,7 +137,7 @@ def write_prompt_results(out: Path, pictures: Sequence, nrow: int | None = None)
     """
     import torch
 
-    from train.images import from_pil, image_grid
+    from train.images import image_grid
 
     if not pictures:
         return []
@@ -118,11 +147,13 @@ def write_prompt_results(out: Path, pictures: Sequence, nrow: int | None = None)
     for picture in (p for p in pictures if p.kept):
         path = _save_new(out / f"{stem}-seed{picture.seed}.png", partial(_write_picture, picture))
         records.append({"file": path.name, **picture_fields(picture)})
+        if picture.frames:
+            preview = _save_new(path.with_suffix(".webp"), partial(_write_preview, picture.frames))
+            records[-1]["preview"] = preview.name
     first, last = min(p.seed for p in pictures), max(p.seed for p in pictures)
     shown = sorted(pictures[:GRID_CELLS], key=lambda p: p.candidate)  # the best ones, when --n is huge
     title = prompt if len(shown) == len(pictures) else f"{prompt}\n(the best {len(shown)} of {len(pictures)})"
-    size = shown[0].image.size[0]
-    grid = image_grid(torch.stack([from_pil(p.image, size) for p in shown]), nrow=nrow or min(8, len(shown)),
+    grid = image_grid(torch.stack([picture_pixels(p.image) for p in shown]), nrow=nrow or min(8, len(shown)),
                       marked=[i for i, p in enumerate(shown) if p.kept], title=title,
                       labels=[_label(p) for p in shown])
     seeds = f"seeds{first}-{last}" if last > first else f"seed{first}"

@@ -3,6 +3,13 @@ them with the VQGAN, score them with the CLIP-style scorer, keep the best K. Can
 and scored in passes of at most CANDIDATES_PER_PASS, which bounds the memory a call needs whatever N is;
 candidate j of a prompt has seed ``seed + j`` in any pass, so the passes change no picture.
 
+Edits (sample/edit.py): with an ``Edit`` every candidate starts from the same picture's tokens, keeps the
+marked ones and draws the rest; inpainting candidates are ranked by the scorer together with the model's
+likelihood of the kept tokens that follow the hole (``likelihood_weight``). Previews: every ``preview_every``
+positions the partial grids are decoded and handed to ``on_step`` (and kept as each ``Picture.frames``).
+Wider or taller canvases than the run's (``size``) are drawn with a sliding window (seq2seq/canvas.py) and
+scored as the mean of the scorer over canvas-sized crops at half-canvas strides.
+
 `generate_images` is the Python API; `python -m sample` (sample/__main__.py) wraps it for the shell.
 """
 
@@ -10,8 +17,9 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from PIL import Image
@@ -20,7 +28,7 @@ from tqdm import tqdm
 from checkpoint import CheckpointError, UserError
 
 __all__ = ["DEMO_RUN", "SHIPPED_RUNS", "MAX_CANDIDATES", "CANDIDATES_PER_PASS", "resolve_run", "SamplingSettings",
-           "Picture", "Pipeline", "generate_images"]
+           "Picture", "Preview", "Pipeline", "generate_images", "make_edit"]
 
 # Candidates per prompt: each one's picture is held until the prompt's are ranked (10 000 pictures of 256 px
 # are 2 GB). More is one line asking to split the work by --seed, which gives the same pictures.
@@ -34,6 +42,7 @@ CANDIDATES_PER_PASS = 64
 # NaN fall outside too.
 MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-3, 100.0
 MAX_CFG = 100.0
+MAX_LIKELIHOOD_WEIGHT = 100.0
 MAX_SEED = 2**63 - 1  # seeds are int64 tensors
 
 DEMO_RUN = Path(__file__).resolve().parent / "demo_run"
@@ -63,6 +72,9 @@ class SamplingSettings:
     cfg: float = 1.5  # measured best on held-out `shapes` prompts of another seed than the benchmark's
     seed: int = 0
     rerank: bool = True
+    # Inpainting ranks by z(scorer) + likelihood_weight * z(likelihood of the kept tokens after the hole),
+    # z-scores among a prompt's candidates; 0 ranks by the scorer alone. See BENCHMARKS.md.
+    likelihood_weight: float = 1.0
 
     def __post_init__(self) -> None:
         if self.n < 1:
@@ -86,12 +98,17 @@ class SamplingSettings:
         if not 0 <= self.cfg <= MAX_CFG:
             raise UserError(f"--cfg must be >= 0 and at most {MAX_CFG:g} (1 turns guidance off; more overflows the "
                             f"logits), got {self.cfg}")
+        if not 0 <= self.likelihood_weight <= MAX_LIKELIHOOD_WEIGHT:
+            raise UserError(f"--likelihood-weight must be from 0 to {MAX_LIKELIHOOD_WEIGHT:g}, got "
+                            f"{self.likelihood_weight}")
 
 
 @dataclass
 class Picture:
     """One candidate: its picture, the prompt, its seed, its score (None without reranking), its rank among
-    the prompt's candidates (1 = best; without reranking, candidate order), kept or not.
+    the prompt's candidates (1 = best; without reranking, candidate order), kept or not. An edit's
+    candidate also has ``likelihood``: the mean log-likelihood (nats) of the kept tokens after the hole;
+    with previews, ``frames`` holds the partial pictures in decoding order. ``tokens`` are its image ids.
 
     ``python -m sample PROMPT --seed SEED --n 1`` with the same sampling settings (top-k, top-p,
     temperature, cfg) draws it again.
@@ -105,6 +122,9 @@ class Picture:
     kept: bool = False
     settings: dict = field(default_factory=dict)
     rank: int | None = None
+    likelihood: float | None = None
+    frames: list[Image.Image] | None = field(default=None, repr=False)
+    tokens: torch.Tensor | None = field(default=None, repr=False)  # (h, w) the image ids it was decoded from
 
     def save(self, path: str | Path) -> Path:
         """Write the picture as PNG at ``path`` (overwriting it, like PIL), with the prompt, seed, settings,
@@ -112,6 +132,21 @@ class Picture:
         from sample.output import save_picture
 
         return save_picture(self, path)
+
+
+@dataclass
+class Preview:
+    """Partial pictures of one pass: ``filled`` of ``total`` tokens known (drawn or kept), the rest grey.
+
+    ``images[r]`` is candidate ``candidates[r]`` (its index among its prompt's) of prompt ``prompts[r]``
+    (an index into the call's prompts).
+    """
+
+    filled: int
+    total: int
+    prompts: list[int]
+    candidates: list[int]
+    images: list[Image.Image]
 
 
 class Pipeline:
@@ -157,6 +192,42 @@ class Pipeline:
             floor = other.get("p95") if isinstance(other, dict) else None
             self.score_floor = float(floor) if isinstance(floor, (int, float)) else None
 
+    @property
+    def token_size(self) -> int:
+        """Pixels per token along each side."""
+        return self.vqgan.downsample
+
+    @property
+    def canvas_size(self) -> int:
+        """The side of the pictures this run draws, in pixels."""
+        return self.model.config.grid_size * self.token_size
+
+    def completion(self, init: str | Path | Image.Image, keep_rows: int):
+        """An :class:`sample.edit.Edit` keeping the first ``keep_rows`` token rows of ``init``."""
+        from sample.edit import completion
+
+        return completion(init, keep_rows, canvas=self.canvas_size, token=self.token_size)
+
+    def inpainting(self, init: str | Path | Image.Image, *, mask=None, box=None):
+        """An :class:`sample.edit.Edit` redrawing what ``mask`` (white) or ``box`` (x0,y0,x1,y1) marks."""
+        from sample.edit import inpainting
+
+        return inpainting(init, mask=mask, box=box, canvas=self.canvas_size, token=self.token_size)
+
+    def canvas_tokens(self, size: tuple[int, int] | None) -> tuple[int, int] | None:
+        """(height, width) in tokens for a canvas of ``size`` = (width, height) pixels; None for the run's own."""
+        if size is None or tuple(size) == (self.canvas_size, self.canvas_size):
+            return None
+        token, canvas = self.token_size, self.canvas_size
+        for flag, pixels in zip(("--width", "--height"), size):
+            if pixels % token:
+                raise UserError(f"{flag} {pixels} is not a multiple of the {token}-pixel token size; try "
+                                f"{max(canvas, pixels // token * token)}")
+            if pixels < canvas:
+                raise UserError(f"{flag} {pixels} is smaller than the {canvas} pixels this run draws; give {canvas} "
+                                "or more")
+        return size[1] // token, size[0] // token
+
     def encode_prompts(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Prompts to (ids, mask); an over-long prompt is truncated with a one-line warning naming the limit."""
         for prompt in prompts:
@@ -192,17 +263,31 @@ class Pipeline:
 
     @torch.inference_mode()
     def __call__(self, prompts: Sequence[str], settings: SamplingSettings, progress: bool = False,
-                 per_pass: int = CANDIDATES_PER_PASS) -> list[list[Picture]]:
+                 per_pass: int = CANDIDATES_PER_PASS, edit=None, preview_every: int | None = None,
+                 on_step: Callable[[Preview], None] | None = None,
+                 size: tuple[int, int] | None = None) -> list[list[Picture]]:
         """All candidates of every prompt, each list sorted best first, the first ``keep`` marked kept.
 
         Drawn in passes of at most ``per_pass`` candidates. ``progress`` shows a bar over the decoding
-        steps when one pass does it all, else over the candidates.
+        steps when one pass does it all, else over the candidates. ``edit`` (a :class:`sample.edit.Edit`)
+        starts every candidate from its picture. ``preview_every`` K decodes the partial grids every K
+        tokens: into each picture's ``frames``, and to ``on_step`` as they come. ``size`` (width, height) in
+        pixels, multiples of the token size and at least the run's, draws larger canvases.
         """
         from seq2seq import generate
-        from train.images import to_pil
+        from seq2seq.canvas import generate_canvas
+        from train.images import from_pil, to_pil
 
         if per_pass < 1:
             raise ValueError(f"per_pass must be >= 1, got {per_pass}")
+        if preview_every is not None and preview_every < 1:
+            raise UserError(f"--preview must be >= 1 tokens between frames, got {preview_every}")
+        canvas = self.canvas_tokens(size)
+        if canvas is not None and (edit is not None or preview_every):
+            raise UserError("--width/--height draw a new picture: they do not combine with --init or --preview")
+        init_ids = None
+        if edit is not None:
+            init_ids = self.vqgan.encode(from_pil(edit.image, self.canvas_size)[None].to(self.device))  # (1, h, w)
         # Text that is not valid Unicode (lone surrogates, as from undecodable command-line bytes) is
         # repaired with U+FFFD rather than refused: no prompt should stop the tool.
         prompts = [p.encode("utf-8", "surrogatepass").decode("utf-8", "replace") for p in prompts]
@@ -210,43 +295,96 @@ class Pipeline:
         total = len(prompts) * settings.n  # rows i * n + j: candidate j of prompt i, seed + j
         one_pass = total <= per_pass
         images: list[Image.Image] = []
+        tokens: list[torch.Tensor] = []
         scores: list[torch.Tensor] = []
         half = torch.autocast(self.device.type, dtype=self.dtype or torch.bfloat16, enabled=self.dtype is not None)
+        likelihoods: list[torch.Tensor] = []
+        frames: list[list[Image.Image]] = [[] for _ in range(total)] if preview_every else []
         with tqdm(total=total, desc="candidates", unit="candidate", leave=False,
                   disable=not progress or one_pass) as bar, half:
             for start in range(0, total, per_pass):
                 rows = torch.arange(start, min(start + per_pass, total))
                 which = rows.div(settings.n, rounding_mode="floor")  # the prompt of each row
-                image_ids = generate(
-                    self.model, text_ids[which.to(self.device)], text_mask[which.to(self.device)],
-                    seeds=(rows % settings.n + settings.seed).to(self.device), temperature=settings.temperature,
-                    top_k=settings.top_k, top_p=settings.top_p, cfg_scale=settings.cfg,
-                    progress=progress and one_pass,
-                )  # (rows, h, w)
+                forced = {} if edit is None else dict(init_ids=init_ids.expand(len(rows), -1, -1), keep_mask=edit.keep)
+                watch = {} if not preview_every else dict(
+                    preview_every=preview_every,
+                    on_step=partial(self._preview, rows, settings.n, [frames[r] for r in rows.tolist()], on_step))
+                sampling = dict(seeds=(rows % settings.n + settings.seed).to(self.device),
+                                temperature=settings.temperature, top_k=settings.top_k, top_p=settings.top_p,
+                                cfg_scale=settings.cfg, progress=progress and one_pass)
+                pass_ids, pass_mask = text_ids[which.to(self.device)], text_mask[which.to(self.device)]
+                if canvas is None:
+                    image_ids, likelihood = generate(self.model, pass_ids, pass_mask, return_likelihood=True,
+                                                     **sampling, **forced, **watch)  # (rows, h, w), (rows,)
+                    likelihoods.append(likelihood.float().cpu())
+                else:
+                    image_ids = generate_canvas(self.model, pass_ids, pass_mask, height=canvas[0], width=canvas[1],
+                                                **sampling)  # (rows, H, W) tokens
                 decoded = self.vqgan.decode(image_ids).float()  # (rows, 3, H, W) in [-1, 1]
                 if self.scorer is not None:
-                    scores.append(self.scorer.score(decoded, [prompts[i] for i in which.tolist()]))
+                    scores.append(self._score(decoded, [prompts[i] for i in which.tolist()]))
                 images += [to_pil(image) for image in decoded.cpu()]
+                tokens += list(image_ids.cpu())
                 bar.update(len(rows))
         every_score = torch.cat(scores) if scores else None
-        n = settings.n
-        ranked = [self._rank(prompt, images[i * n:(i + 1) * n],
-                             None if every_score is None else every_score[i * n:(i + 1) * n], settings)
-                  for i, prompt in enumerate(prompts)]
-        for prompt, pictures in zip(prompts, ranked):
-            self._warn_out_of_domain(prompt, pictures[0])
-        return ranked
-
-    def _rank(self, prompt: str, images: list[Image.Image], scores: torch.Tensor | None,
-              settings: SamplingSettings) -> list[Picture]:
+        every_likelihood = torch.cat(likelihoods) if edit is not None and edit.keeps_after_hole else None
         record = {k: v for k, v in asdict(settings).items() if k not in ("seed",)}
+        if edit is not None:
+            record["edit"] = edit.record
+        n = settings.n
+        pictures = []
+        for i, prompt in enumerate(prompts):
+            part = slice(i * n, (i + 1) * n)
+            pictures.append(self._rank(prompt, images[part], None if every_score is None else every_score[part],
+                                       None if every_likelihood is None else every_likelihood[part], settings,
+                                       record))
+            for picture in pictures[-1]:
+                picture.tokens = tokens[i * n + picture.candidate]
+                picture.frames = frames[i * n + picture.candidate] if frames else None
+            self._warn_out_of_domain(prompt, pictures[-1][0])
+        return pictures
+
+    def _score(self, pictures: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        """The scorer's (B,) scores; for a larger canvas, the mean over crops of the run's size."""
+        side = self.canvas_size
+        height, width = pictures.shape[-2:]
+        if (height, width) == (side, side):
+            return self.scorer.score(pictures, prompts)
+        tops = sorted({*range(0, height - side + 1, side // 2), height - side})
+        lefts = sorted({*range(0, width - side + 1, side // 2), width - side})
+        crops = [self.scorer.score(pictures[..., top:top + side, left:left + side], prompts)
+                 for top in tops for left in lefts]
+        return torch.stack(crops).mean(0)
+
+    def _preview(self, rows: torch.Tensor, n: int, frames: list[list[Image.Image]],
+                 on_step: Callable[[Preview], None] | None, filled: int, grid: torch.Tensor) -> None:
+        """Decode a pass's partial grids (rows, h, w), the tokens not drawn yet grey; keep and hand them out."""
+        from sample.edit import preview_images
+        from seq2seq.generate import UNDRAWN
+        from train.images import to_pil
+
+        undrawn = grid == UNDRAWN
+        decoded = preview_images(self.vqgan.decode(grid.clamp(min=0)).float(), undrawn)
+        pictures = [to_pil(image) for image in decoded.cpu()]
+        for kept, picture in zip(frames, pictures):
+            kept.append(picture)
+        if on_step is not None:
+            on_step(Preview(filled, grid[0].numel(), rows.div(n, rounding_mode="floor").tolist(), (rows % n).tolist(),
+                            pictures))
+
+    @staticmethod
+    def _rank(prompt: str, images: list[Image.Image], scores: torch.Tensor | None, likelihoods: torch.Tensor | None,
+              settings: SamplingSettings, record: dict) -> list[Picture]:
         pictures = [
             Picture(image, prompt, settings.seed + j, j, None if scores is None else float(scores[j]),
-                    settings=record)
+                    settings=record, likelihood=None if likelihoods is None else float(likelihoods[j]))
             for j, image in enumerate(images)
         ]
         if scores is not None:  # best first; without a scorer the candidates are already in random order
-            pictures.sort(key=lambda p: -p.score)
+            merit = _standardized(scores)
+            if likelihoods is not None:
+                merit = merit + settings.likelihood_weight * _standardized(likelihoods)
+            pictures = [pictures[j] for j in sorted(range(len(pictures)), key=lambda j: -merit[j])]
         for rank, picture in enumerate(pictures, start=1):
             picture.rank = rank
             picture.kept = rank <= settings.keep
@@ -284,6 +422,11 @@ def _read_optional_json(path: Path) -> dict:
     except (OSError, ValueError):
         return {}
     return record if isinstance(record, dict) else {}
+def _standardized(values: torch.Tensor) -> torch.Tensor:
+    """z-scores among one prompt's candidates (zeros when they are all alike)."""
+    values = values.double()
+    spread = values.std(unbiased=False) if values.numel() > 1 else values.new_zeros(())
+    return (values - values.mean()) / spread if spread > 0 else torch.zeros_like(values)
 
 
 def generate_images(
@@ -302,6 +445,15 @@ def generate_images(
     device: str = "auto",
     dtype: str = "auto",
     pipeline: Pipeline | None = None,
+    init: str | Path | Image.Image | None = None,
+    keep_rows: int | None = None,
+    mask: str | Path | Image.Image | None = None,
+    box: str | tuple[int, int, int, int] | None = None,
+    likelihood_weight: float = SamplingSettings.likelihood_weight,
+    preview_every: int | None = None,
+    on_step: Callable[[Preview], None] | None = None,
+    width: int | None = None,
+    height: int | None = None,
 ) -> list[list[Picture]]:
     """Pictures for each prompt: the best ``keep`` of ``n`` candidates, best first, with their scores.
 
@@ -312,10 +464,41 @@ def generate_images(
     the run's own scorer. ``dtype`` (auto, fp32, bf16, fp16) is the precision the models run in: auto is
     fp32 on a CPU (half precision is slower there) and bf16 or fp16 on CUDA. Pass a ``Pipeline`` to reuse
     loaded weights across calls.
+
+    Edits start from the picture ``init`` (a path or a PIL image of the run's size): ``keep_rows`` R keeps
+    its first R rows of tokens and draws the rest (completion); ``mask`` (white = redraw) or ``box``
+    (x0, y0, x1, y1 in pixels) redraws what it marks (inpainting), ranked with the likelihood of what
+    follows the hole at ``likelihood_weight``. ``preview_every`` K calls ``on_step(Preview)`` every K
+    tokens with the partial pictures and keeps them in each picture's ``frames``. ``width`` and ``height``
+    in pixels (multiples of the token size, at least the run's size) draw a larger canvas with a sliding
+    window.
     """
     if isinstance(prompts, str):
         prompts = [prompts]
     settings = SamplingSettings(n=n, keep=keep, top_k=top_k, top_p=top_p, temperature=temperature, cfg=cfg,
-                                seed=seed, rerank=rerank)
+                                seed=seed, rerank=rerank, likelihood_weight=likelihood_weight)
     pipeline = pipeline or Pipeline(checkpoint, device=device, rerank=rerank, reranker=reranker, dtype=dtype)
-    return [[p for p in candidates if p.kept] for candidates in pipeline(prompts, settings)]
+    edit = make_edit(pipeline, init, keep_rows=keep_rows, mask=mask, box=box)
+    size = None
+    if width is not None or height is not None:
+        size = (width or pipeline.canvas_size, height or pipeline.canvas_size)
+    return [[p for p in candidates if p.kept]
+            for candidates in pipeline(prompts, settings, edit=edit, preview_every=preview_every, on_step=on_step,
+                                       size=size)]
+
+
+def make_edit(pipeline: Pipeline, init, *, keep_rows: int | None = None, mask=None, box=None):
+    """The :class:`sample.edit.Edit` that ``init`` with one of ``keep_rows``, ``mask``, ``box`` asks for, or
+    None without ``init``; a UserError for any other combination."""
+    given = [name for name, value in (("--keep-rows", keep_rows), ("--mask", mask), ("--box", box))
+             if value is not None]
+    if init is None:
+        if given:
+            raise UserError(f"{given[0]} edits a picture: give it with --init PICTURE")
+        return None
+    if len(given) != 1:
+        raise UserError("--init takes one of --keep-rows R (complete), --mask MASK or --box x0,y0,x1,y1 (inpaint)"
+                        + (f", not {' and '.join(given)}" if given else ""))
+    if keep_rows is not None:
+        return pipeline.completion(init, keep_rows)
+    return pipeline.inpainting(init, mask=mask, box=box)

@@ -8,11 +8,19 @@ drawn. Nothing in the loop waits for the device: each draw uses the candidate's 
 :func:`seq2seq.filters.counter_uniform`, so a candidate's picture depends on its seed only, not on the
 batch size or its place in the batch. ``use_cache=False`` recomputes the whole prefix at every step: the
 same ids, slowly; the baseline ``bench/decode_cache.py`` measures the cache against.
+
+Editing (DALL-E 1's image completion; inpainting): ``init_ids`` with ``keep_mask`` gives ids that are forced
+rather than drawn. The leading run of forced ids is read in the one prefill pass; after it every position is
+decoded in raster order, and a forced one replaces the draw (its draw is made and discarded, so the draws of
+the other positions stay a function of the seed). A causal model never sees what follows a hole while it
+fills it, so :class:`Forcing` also sums each candidate's log-likelihood of the forced ids after the hole:
+a seam that breaks the rest of the picture scores low. ``on_step`` hands out the partial grid every few
+positions (previews); without it the loop is the plain one.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 
@@ -24,11 +32,45 @@ from seq2seq.filters import counter_uniform, filter_logits, sample_from_probs
 from seq2seq.model import Seq2Seq
 from tokenizer.text import EOS_ID
 
-__all__ = ["generate", "EMPTY_TEXT_IDS"]
+__all__ = ["generate", "EMPTY_TEXT_IDS", "Forcing", "UNDRAWN"]
 
 # The tokenizer's encoding of the empty caption, [eos]: what caption dropout feeds the model during
 # training, so it is the unconditional prompt of guidance.
 EMPTY_TEXT_IDS: tuple[int, ...] = (EOS_ID,)
+# What a preview grid holds where no id is known yet.
+UNDRAWN = -1
+
+
+@dataclass(frozen=True)
+class Forcing:
+    """Ids given rather than drawn, per candidate, and the log-likelihood of those that follow the hole.
+
+    ``after_hole`` marks the forced positions past a candidate's first drawn one; ``log_likelihood`` (C,)
+    sums, over them, the log-probability the conditional rows gave the forced id (temperature 1, no
+    filters, no guidance: the model's own likelihood).
+    """
+
+    ids: Tensor  # (C, S) given ids (any value where not kept)
+    keep: Tensor  # (C, S) True where the id is given
+    after_hole: Tensor  # (C, S)
+    log_likelihood: Tensor  # (C,) fp32, summed as decoding goes
+
+    @classmethod
+    def from_mask(cls, ids: Tensor, keep: Tensor) -> Forcing:
+        drawn_before = torch.cumsum((~keep).long(), dim=1) > 0  # (C, S): some position up to here is drawn
+        return cls(ids, keep, keep & drawn_before, torch.zeros(ids.shape[0], device=ids.device))
+
+    @property
+    def prefix_len(self) -> int:
+        """The longest run of forced positions at the start of every candidate's grid (read in the prefill)."""
+        return int(self.keep.long().cumprod(1).sum(1).min())
+
+    def __call__(self, drawn: Tensor, cond_logits: Tensor, step: Tensor) -> Tensor:
+        """The ids (C,) of position ``step`` (1,): the given id where forced, else the one drawn."""
+        given = self.ids.index_select(1, step)[:, 0]  # (C,)
+        log_probs = cond_logits.float().log_softmax(-1).gather(1, given[:, None])[:, 0]  # (C,)
+        self.log_likelihood.add_(torch.where(self.after_hole.index_select(1, step)[:, 0], log_probs, 0.0))
+        return torch.where(self.keep.index_select(1, step)[:, 0], given, drawn)
 
 
 @dataclass(frozen=True)
@@ -40,6 +82,7 @@ class Sampler:
     top_k: int | None
     top_p: float | None
     cfg_scale: float
+    forcing: Forcing | None = None
 
     @property
     def guided(self) -> bool:
@@ -47,12 +90,13 @@ class Sampler:
 
     def __call__(self, logits: Tensor, step: Tensor) -> Tensor:
         """``logits`` (C, V), or (2C, V) conditional rows then unconditional when guided; ids (C,) of ``step``."""
-        logits = logits.float()
+        logits = cond_logits = logits.float()
         if self.guided:
-            cond, uncond = logits.chunk(2)
-            logits = uncond + self.cfg_scale * (cond - uncond)  # (C, V)
+            cond_logits, uncond = logits.chunk(2)
+            logits = uncond + self.cfg_scale * (cond_logits - uncond)  # (C, V)
         probs = filter_logits(logits, self.temperature, self.top_k, self.top_p)
-        return sample_from_probs(probs, counter_uniform(self.seeds, step, logits.shape[-1]))
+        ids = sample_from_probs(probs, counter_uniform(self.seeds, step, logits.shape[-1]))
+        return ids if self.forcing is None else self.forcing(ids, cond_logits, step)
 
     def rows(self, ids: Tensor) -> Tensor:
         """The decoder input (R, 1) for every row: each candidate's id, twice when guided."""
@@ -74,10 +118,15 @@ def generate(
     cfg_scale: float = 1.0,
     uncond_ids: Sequence[int] = EMPTY_TEXT_IDS,
     prefix_ids: Tensor | None = None,
+    init_ids: Tensor | None = None,
+    keep_mask: Tensor | None = None,
+    on_step: Callable[[int, Tensor], None] | None = None,
+    preview_every: int = 8,
+    return_likelihood: bool = False,
     use_cache: bool = True,
     compile: bool = False,
     progress: bool = False,
-) -> Tensor:
+) -> Tensor | tuple[Tensor, Tensor]:
     """Image ids (B * num_candidates, h, w) for the prompts ``text_ids`` (B, L) with ``text_mask`` (B, L).
 
     Candidates come prompt by prompt: rows ``i * num_candidates + j`` for prompt i.
@@ -88,7 +137,17 @@ def generate(
         temperature, top_k, top_p: see :func:`seq2seq.filters.filter_logits`.
         cfg_scale: classifier-free guidance scale; 1.0 is plain conditional sampling (no extra rows).
         uncond_ids: the unconditional prompt's token ids (default: the empty caption, [eos]).
-        prefix_ids: (B, k) the first k ids of every prompt's pictures, in raster order (completion).
+        prefix_ids: (B, k) the first k ids of every prompt's pictures, in raster order (completion); the
+            same as ``init_ids`` with the first k positions kept.
+        init_ids, keep_mask: (B, h, w) codebook ids of each prompt's picture and (B, h, w) or (h, w) bools,
+            True where the id is kept (forced) rather than drawn: completion and inpainting. Where not
+            kept, ``init_ids`` may hold anything. The prefill reads the kept run that starts every grid
+            of the batch, so candidates drawn under one keep mask depend on their seeds only.
+        on_step: called as ``on_step(filled, grid)`` after the forced prefix and then every
+            ``preview_every`` positions and at the last, with ``grid`` (C, h, w) holding the ids known so
+            far (drawn, or forced anywhere) and ``UNDRAWN`` elsewhere.
+        return_likelihood: also return (C,) the mean log-likelihood per forced id after the hole (0.0
+            where none follows it): ``(ids, likelihood)``.
         use_cache: False recomputes the whole prefix at every step (the benchmark's baseline).
         compile: torch.compile the decode step (CUDA graphs on a GPU); pays a compile once per shape.
         progress: show a tqdm bar over the decoding steps.
@@ -106,10 +165,20 @@ def generate(
     n_rows = text_ids.shape[0] * num_candidates
     text_ids = text_ids.repeat_interleave(num_candidates, 0)  # (C, L)
     text_mask = text_mask.repeat_interleave(num_candidates, 0)
-    prefix = _candidate_prefix(prefix_ids, num_candidates, n_rows, config.codebook_size, config.image_len, device)
-    sampler = Sampler(_candidate_seeds(seeds, n_rows, device), temperature, top_k, top_p, float(cfg_scale))
+    if prefix_ids is not None:
+        if init_ids is not None:
+            raise ValueError("give prefix_ids or init_ids with keep_mask, not both")
+        init_ids, keep_mask = _prefix_as_mask(prefix_ids, config.image_len)
+    forcing = _candidate_forcing(init_ids, keep_mask, num_candidates, n_rows, config.codebook_size,
+                                 config.image_len, device)
+    prefix = forcing.ids[:, : forcing.prefix_len] if forcing is not None else text_ids.new_zeros(n_rows, 0)
+    if preview_every < 1:
+        raise ValueError(f"preview_every must be >= 1, got {preview_every}")
+    previews = None if on_step is None else _Previews(on_step, preview_every, prefix.shape[1], forcing, n_rows,
+                                                      config.grid_size)
+    sampler = Sampler(candidate_seeds(seeds, n_rows, device), temperature, top_k, top_p, float(cfg_scale), forcing)
     if sampler.guided:
-        text_ids, text_mask = _with_unconditional(text_ids, text_mask, uncond_ids)  # (2C, L')
+        text_ids, text_mask = with_unconditional(text_ids, text_mask, uncond_ids)  # (2C, L')
     if text_ids.shape[1] > config.max_text_len:
         raise ValueError(f"text of {text_ids.shape[1]} tokens; the model reads at most {config.max_text_len}")
 
@@ -117,30 +186,41 @@ def generate(
     model.eval()
     try:
         decode = _decode_cached if use_cache else _decode_recompute
-        image_ids = decode(model, text_ids, text_mask, prefix, sampler, compile, progress)
+        image_ids = decode(model, text_ids, text_mask, prefix, sampler, compile, progress, previews)
     finally:
         model.train(was_training)
-    return image_ids.view(n_rows, config.grid_size, config.grid_size)
+    image_ids = image_ids.view(n_rows, config.grid_size, config.grid_size)
+    if not return_likelihood:
+        return image_ids
+    if forcing is None:
+        return image_ids, torch.zeros(n_rows, device=device)
+    return image_ids, forcing.log_likelihood / forcing.after_hole.sum(1).clamp(min=1)
 
 
 def _decode_cached(model: Seq2Seq, text_ids: Tensor, text_mask: Tensor, prefix: Tensor, sampler: Sampler,
-                   compile: bool, progress: bool) -> Tensor:
+                   compile: bool, progress: bool, previews: _Previews | None = None) -> Tensor:
     """Prefill once, then one cached decode step per token; returns (C, h * w)."""
     device = text_ids.device
     start, total = prefix.shape[1], model.config.image_len
     model.setup_caches(text_ids.shape[0], device=device)
     logits = model.prefill(text_ids, text_mask, torch.cat([prefix, prefix]) if sampler.guided else prefix)
+    if previews is not None:
+        previews(start, [prefix])
     input_pos = torch.tensor([start], device=device)  # the position whose id is drawn next
     ids = sampler(logits, input_pos)
     generated = [prefix, ids[:, None]]
+    if previews is not None:
+        previews(start + 1, generated)
     step = partial(_next_id, model, sampler)
     if compile:
         mode = "reduce-overhead" if device.type == "cuda" else "default"
         step = torch.compile(step, mode=mode, fullgraph=True)
-    for _ in tqdm(range(start + 1, total), desc="decoding", unit="token", disable=not progress):
+    for position in tqdm(range(start + 1, total), desc="decoding", unit="token", disable=not progress):
         input_pos += 1
         ids = step(ids, input_pos).clone()  # clone: a CUDA graph reuses its output buffer
         generated.append(ids[:, None])
+        if previews is not None:
+            previews(position + 1, generated)
     return torch.cat(generated, dim=1)
 
 
@@ -150,21 +230,25 @@ def _next_id(model: Seq2Seq, sampler: Sampler, ids: Tensor, input_pos: Tensor) -
 
 
 def _decode_recompute(model: Seq2Seq, text_ids: Tensor, text_mask: Tensor, prefix: Tensor, sampler: Sampler,
-                      compile: bool, progress: bool) -> Tensor:
+                      compile: bool, progress: bool, previews: _Previews | None = None) -> Tensor:
     """The baseline: encode once, then run the decoder over the whole prefix for every token."""
     start, total = prefix.shape[1], model.config.image_len
     memory = model.encode(text_ids, text_mask)
     bos = prefix.new_full((prefix.shape[0], 1), model.config.bos_id)
     decoder_ids = torch.cat([bos, prefix], dim=1)  # (C, 1 + k)
+    if previews is not None:
+        previews(start, [prefix])
     for position in tqdm(range(start, total), desc="decoding", unit="token", disable=not progress):
         rows = torch.cat([decoder_ids, decoder_ids]) if sampler.guided else decoder_ids
         logits = model.decode(memory, text_mask, rows)[:, -1]  # (R, V)
         ids = sampler(logits, torch.full((1,), position, device=prefix.device))
         decoder_ids = torch.cat([decoder_ids, ids[:, None]], dim=1)
+        if previews is not None:
+            previews(position + 1, [decoder_ids[:, 1:]])
     return decoder_ids[:, 1:]
 
 
-def _candidate_seeds(seeds: int | Sequence[int] | Tensor | None, n_rows: int, device: torch.device) -> Tensor:
+def candidate_seeds(seeds: int | Sequence[int] | Tensor | None, n_rows: int, device: torch.device) -> Tensor:
     if seeds is None:
         return torch.randint(0, 2**62, (n_rows,)).to(device)
     if isinstance(seeds, int):
@@ -175,22 +259,59 @@ def _candidate_seeds(seeds: int | Sequence[int] | Tensor | None, n_rows: int, de
     return seeds
 
 
-def _candidate_prefix(prefix_ids: Tensor | None, num_candidates: int, n_rows: int, codebook_size: int,
-                      image_len: int, device: torch.device) -> Tensor:
-    """The given first ids of every candidate (C, k), k = 0 when none are given."""
-    if prefix_ids is None:
-        return torch.zeros(n_rows, 0, dtype=torch.long, device=device)
-    prefix = prefix_ids.to(device=device, dtype=torch.long).flatten(1)  # (B, k)
-    if prefix.shape[0] * num_candidates != n_rows:
-        raise ValueError(f"prefix_ids has {prefix.shape[0]} rows for {n_rows // num_candidates} prompts")
-    if prefix.shape[1] >= image_len:
-        raise ValueError(f"a prefix of {prefix.shape[1]} ids leaves nothing of the {image_len} to generate")
-    if prefix.numel() and not bool(((prefix >= 0) & (prefix < codebook_size)).all()):
-        raise ValueError(f"prefix_ids must be codebook ids in [0, {codebook_size})")
-    return prefix.repeat_interleave(num_candidates, 0)
+def _prefix_as_mask(prefix_ids: Tensor, image_len: int) -> tuple[Tensor, Tensor]:
+    """``prefix_ids`` (B, k) as init ids (B, S) with a keep mask (S,) whose first k positions are True."""
+    prefix = prefix_ids.flatten(1)  # (B, k)
+    k = prefix.shape[1]
+    if k >= image_len:
+        raise ValueError(f"a prefix of {k} ids leaves nothing of the {image_len} to generate")
+    init = torch.cat([prefix, prefix.new_zeros(prefix.shape[0], image_len - k)], dim=1)  # (B, S)
+    return init, torch.arange(image_len, device=prefix.device) < k
 
 
-def _with_unconditional(text_ids: Tensor, text_mask: Tensor, uncond_ids: Sequence[int]) -> tuple[Tensor, Tensor]:
+def _candidate_forcing(init_ids: Tensor | None, keep_mask: Tensor | None, num_candidates: int, n_rows: int,
+                       codebook_size: int, image_len: int, device: torch.device) -> Forcing | None:
+    """Every candidate's given ids and keep mask, (C, S) each; None when nothing is given."""
+    if (init_ids is None) != (keep_mask is None):
+        raise ValueError("init_ids and keep_mask go together")
+    if init_ids is None:
+        return None
+    ids = init_ids.to(device=device, dtype=torch.long).flatten(1)  # (B, S)
+    keep = keep_mask.to(device=device, dtype=torch.bool).reshape(-1, image_len)  # (B, S), or (1, S) for all
+    keep = keep.expand(ids.shape[0], -1)
+    if ids.shape[1] != image_len or keep.shape != ids.shape:
+        raise ValueError(f"init_ids {tuple(init_ids.shape)} and keep_mask {tuple(keep_mask.shape)} must hold the "
+                         f"grid's {image_len} positions for each prompt")
+    if ids.shape[0] * num_candidates != n_rows:
+        raise ValueError(f"init_ids has {ids.shape[0]} rows for {n_rows // num_candidates} prompts")
+    if bool(keep.all(1).any()):
+        raise ValueError("keep_mask keeps every position of a grid: nothing is left to generate")
+    if not bool(((ids >= 0) & (ids < codebook_size) | ~keep).all()):
+        raise ValueError(f"kept ids must be codebook ids in [0, {codebook_size})")
+    ids = ids.masked_fill(~keep, 0)  # what is not kept is never read
+    return Forcing.from_mask(ids.repeat_interleave(num_candidates, 0), keep.repeat_interleave(num_candidates, 0))
+
+
+class _Previews:
+    """Hands the partial grids to ``on_step``: after the forced prefix, every ``every`` positions, and the last."""
+
+    def __init__(self, on_step: Callable[[int, Tensor], None], every: int, start: int, forcing: Forcing | None,
+                 n_rows: int, grid_size: int):
+        self.on_step, self.every, self.start, self.grid_size = on_step, every, start, grid_size
+        self.total = grid_size * grid_size
+        self.pending = (torch.full((n_rows, self.total), UNDRAWN, dtype=torch.long) if forcing is None
+                        else forcing.ids.masked_fill(~forcing.keep, UNDRAWN))  # (C, S): known before drawing
+
+    def __call__(self, filled: int, known: list[Tensor]) -> None:
+        """``filled`` positions are known: ``known`` (pieces of (C, ...) along positions) holds them."""
+        if (filled - self.start) % self.every and filled != self.total:
+            return
+        grid = self.pending.to(known[0].device).clone()
+        grid[:, :filled] = torch.cat(known, dim=1)
+        self.on_step(filled, grid.view(-1, self.grid_size, self.grid_size))  # (C, h, w)
+
+
+def with_unconditional(text_ids: Tensor, text_mask: Tensor, uncond_ids: Sequence[int]) -> tuple[Tensor, Tensor]:
     """Append one unconditional row per conditional row, padding both to a common length: (2C, L')."""
     uncond = torch.as_tensor(list(uncond_ids), dtype=torch.long, device=text_ids.device)  # (U,)
     if uncond.numel() == 0:
