@@ -166,7 +166,6 @@ class Pipeline:
         steps when one pass does it all, else over the candidates.
         """
         from seq2seq import generate
-        from train.images import to_pil
 
         if per_pass < 1:
             raise ValueError(f"per_pass must be >= 1, got {per_pass}")
@@ -189,16 +188,26 @@ class Pipeline:
                     top_k=settings.top_k, top_p=settings.top_p, cfg_scale=settings.cfg,
                     progress=progress and one_pass,
                 )  # (rows, h, w)
-                decoded = self.vqgan.decode(image_ids).float()  # (rows, 3, H, W) in [-1, 1]
-                if self.scorer is not None:
-                    scores.append(self.scorer.score(decoded, [prompts[i] for i in which.tolist()]))
-                images += [to_pil(image) for image in decoded.cpu()]
+                pass_images, pass_scores = self.render(image_ids, [prompts[i] for i in which.tolist()])
+                images += pass_images
+                if pass_scores is not None:
+                    scores.append(pass_scores)
                 bar.update(len(rows))
         every_score = torch.cat(scores) if scores else None
         n = settings.n
         return [self._rank(prompt, images[i * n:(i + 1) * n],
                            None if every_score is None else every_score[i * n:(i + 1) * n], settings)
                 for i, prompt in enumerate(prompts)]
+
+    @torch.inference_mode()
+    def render(self, image_ids: torch.Tensor, prompts: Sequence[str]) -> tuple[list[Image.Image], torch.Tensor | None]:
+        """Pictures of image ids (B, h, w) by the VQGAN, and each one's score (B,) against its prompt (None
+        without a scorer)."""
+        from train.images import to_pil
+
+        decoded = self.vqgan.decode(image_ids).float()  # (B, 3, H, W) in [-1, 1]
+        scores = None if self.scorer is None else self.scorer.score(decoded, prompts)
+        return [to_pil(image) for image in decoded.cpu()], scores
 
     def _rank(self, prompt: str, images: list[Image.Image], scores: torch.Tensor | None,
               settings: SamplingSettings) -> list[Picture]:
