@@ -9,6 +9,7 @@ A kept picture is named by its prompt and its own seed, ``<prompt>-seed<seed>.pn
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -21,7 +22,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from checkpoint import UserError, atomic_write
 
-__all__ = ["safe_stem", "prepare_out_dir", "picture_fields", "save_picture", "write_prompt_results"]
+__all__ = ["safe_stem", "prepare_out_dir", "picture_fields", "picture_png", "save_picture", "write_prompt_results"]
 
 MAX_STEM = 60
 GRID_CELLS = 256  # a grid of more candidates shows the best 256: 10 000 cells would be too big to open
@@ -86,6 +87,14 @@ def save_picture(picture, path: str | Path) -> Path:
                          f"file *.png, not {path.name}, or use picture.image.save for other formats")
     atomic_write(path, partial(_write_picture, picture))
     return path
+
+
+def picture_png(picture) -> bytes:
+    """``picture`` (a sample.pipeline.Picture) as PNG bytes with :func:`picture_fields` in its text chunks,
+    as :func:`save_picture` writes it (the service's downloads)."""
+    buffer = io.BytesIO()
+    picture.image.save(buffer, format="PNG", pnginfo=_png_info(picture_fields(picture)))
+    return buffer.getvalue()
 
 
 def _write_picture(picture, tmp: str) -> None:

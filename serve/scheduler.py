@@ -306,6 +306,8 @@ class Scheduler:
         """Render, score and rank the job's pictures as the sampling pipeline does, and hand them over."""
         n = job.settings.n
         images, scores = self.pipeline.render(image_ids.view(n, self.grid_size, self.grid_size), [job.prompt] * n)
+        if job.preview_every:  # the finished candidates, unranked, on the preview grid
+            job.on_event("preview", {"step": self.image_len, "of": self.image_len, "images": list(images)})
         pictures: list[Picture] = self.pipeline._rank(job.prompt, images, scores, job.settings)
         job.on_event("done", {"pictures": pictures})
 
