@@ -11,14 +11,15 @@ draw of candidate j at step t depends on its seed and t only. Finished requests 
 into their slots, so the batch is always the caches' first rows (Orca, Yu et al. 2022; vLLM's scheduler).
 
 A picture served for (prompt, seed, settings) is therefore the picture ``sample.generate_images`` draws
-for them, whoever else is being served. Finished ids go through the same :meth:`Pipeline.render` (VQGAN,
-scorer) and ranking as ``python -m sample``. Previews decode the ids drawn so far with the VQGAN, the
-cells not drawn yet painted grey.
+for them, whoever else is being served. A second thread draws the pictures while decoding goes on:
+finished ids go through the same :meth:`Pipeline.render` (VQGAN, scorer) and ranking as ``python -m
+sample``; previews decode the ids drawn so far with the VQGAN, the cells not drawn yet painted grey.
 """
 
 from __future__ import annotations
 
 import sys
+import queue
 import threading
 import time
 import traceback
@@ -109,6 +110,10 @@ class Scheduler:
         self.waiting: deque[Job] = deque()
         self.cond = threading.Condition()
         self.thread: threading.Thread | None = None
+        self.render_thread: threading.Thread | None = None
+        # Pictures to draw from finished or partial ids: (job, ids (n, image_len), step). Another thread draws
+        # them (VQGAN, scorer, ranking), so decoding goes on meanwhile.
+        self.renders: queue.Queue = queue.Queue()
         self.stopping = False
         self.ready = False
         self.steps = 0  # decode steps run, for /readyz and the benchmarks
@@ -118,7 +123,9 @@ class Scheduler:
 
     def start(self) -> None:
         self.thread = threading.Thread(target=self._run, name="decode", daemon=True)
+        self.render_thread = threading.Thread(target=self._render_loop, name="render", daemon=True)
         self.thread.start()
+        self.render_thread.start()
 
     def close(self) -> None:
         with self.cond:
@@ -126,6 +133,8 @@ class Scheduler:
             self.cond.notify_all()
         if self.thread is not None:
             self.thread.join()
+            self.renders.put(None)
+            self.render_thread.join()
 
     def submit(self, job: Job) -> None:
         """Queue ``job``; raise QueueFull when ``max_queue`` jobs are waiting already, ValueError if it cannot fit."""
@@ -267,12 +276,11 @@ class Scheduler:
             if job.step == self.image_len:
                 finished.append(job)
             elif job.preview_every and job.step % job.preview_every == 0:
-                self._preview(job)
+                self.renders.put((job, self.drawn[self.job_rows[job][: job.settings.n]].clone(), job.step))
         if finished:
-            done = {job: self.drawn[self.job_rows[job][: job.settings.n]].clone() for job in finished}
-            self._remove(finished)
             for job in finished:
-                self._finish(job, done[job])
+                self.renders.put((job, self.drawn[self.job_rows[job][: job.settings.n]].clone(), self.image_len))
+            self._remove(finished)
 
     def _remove(self, jobs: list[Job]) -> None:
         """Free the jobs' rows; the last rows move into the holes so the batch stays the first rows."""
@@ -294,16 +302,39 @@ class Scheduler:
         self.active = [job for job in self.active if job not in gone]
         self._regroup()
 
-    def _preview(self, job: Job) -> None:
-        """The job's candidates as drawn so far, decoded by the VQGAN, the cells still to draw grey."""
-        ids = self.drawn[self.job_rows[job][: job.settings.n]].clone()  # (n, image_len)
-        ids[:, job.step:] = 0
-        decoded = self.pipeline.vqgan.decode(ids.view(-1, self.grid_size, self.grid_size)).float()
-        images = [_grey_undrawn(to_pil(image), job.step, self.grid_size) for image in decoded.cpu()]
-        job.on_event("preview", {"step": job.step, "of": self.image_len, "images": images})
+    # ------------------------------------------------------------------------------ the render thread
+
+    def _render_loop(self) -> None:
+        with torch.inference_mode():
+            while (item := self.renders.get()) is not None:
+                self._render(*item)
+
+    def render_pending(self) -> None:
+        """Draw every queued preview and result in this thread (what the render thread does; for tests)."""
+        while not self.renders.empty():
+            self._render(*self.renders.get_nowait())
+
+    def _render(self, job: Job, image_ids: torch.Tensor, step: int) -> None:
+        if job.cancelled:
+            return
+        try:
+            if step < self.image_len:
+                self._preview(job, image_ids, step)
+            else:
+                self._finish(job, image_ids)
+        except Exception:  # a bug: this job fails, the service goes on
+            traceback.print_exc(file=sys.stderr)
+            job.on_event("error", {"message": "internal error while drawing the pictures; see the server's log"})
+
+    def _preview(self, job: Job, image_ids: torch.Tensor, step: int) -> None:
+        """The candidates as drawn so far (n, image_len), decoded by the VQGAN, the cells still to draw grey."""
+        image_ids[:, step:] = 0
+        decoded = self.pipeline.vqgan.decode(image_ids.view(-1, self.grid_size, self.grid_size)).float()
+        images = [_grey_undrawn(to_pil(image), step, self.grid_size) for image in decoded.cpu()]
+        job.on_event("preview", {"step": step, "of": self.image_len, "images": images})
 
     def _finish(self, job: Job, image_ids: torch.Tensor) -> None:
-        """Render, score and rank the job's pictures as the sampling pipeline does, and hand them over."""
+        """Render, score and rank the job's pictures (n, image_len) as the sampling pipeline does; hand them over."""
         n = job.settings.n
         images, scores = self.pipeline.render(image_ids.view(n, self.grid_size, self.grid_size), [job.prompt] * n)
         if job.preview_every:  # the finished candidates, unranked, on the preview grid

@@ -87,6 +87,7 @@ def test_continuous_batching_draws_the_pictures_generate_images_draws(pipeline, 
         scheduler.cancel(leaving)
         while scheduler.busy_rows:
             scheduler.run_once()
+        scheduler.render_pending()
     assert leaving.step < 16 and scheduler.busy_rows == 0
     for i, (prompt, options, _) in enumerate(REQUESTS):
         kinds = [kind for kind, _ in events[i]]
