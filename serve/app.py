@@ -245,7 +245,8 @@ def create_app(pipeline: Pipeline, limits: Limits = Limits()) -> FastAPI:
         if not scheduler.ready or scheduler.thread is None or not scheduler.thread.is_alive():
             raise ApiError(503, "the decoder is not running yet", None, "unavailable")
         return {"status": "ready", "queue": scheduler.queue_length, "busy_rows": scheduler.busy_rows,
-                "max_rows": limits.max_rows}
+                "max_rows": limits.max_rows, "steps": scheduler.steps, "rows_decoded": scheduler.rows_decoded,
+                "decode_busy_s": round(scheduler.busy_s, 3)}
 
     @app.get("/", include_in_schema=False)
     async def page() -> FileResponse:

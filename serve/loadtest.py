@@ -57,6 +57,7 @@ class LoadResult:
     rss: list[int] = field(default_factory=list)  # the server's, after each answer
     failures: list[str] = field(default_factory=list)
     pictures: int = 0  # valid PNGs received
+    decoder: dict = field(default_factory=dict)
 
     def summary(self, candidates: int) -> dict:
         ordered = sorted(self.latencies)
@@ -64,7 +65,8 @@ class LoadResult:
         return {"requests": len(self.latencies), "seconds": round(self.seconds, 2),
                 "requests_per_s": round(len(self.latencies) / self.seconds, 3),
                 "candidates_per_s": round(candidates / self.seconds, 2),
-                "p50_s": pct and pct(0.5), "p95_s": pct and pct(0.95), "failures": len(self.failures)}
+                "p50_s": pct and pct(0.5), "p95_s": pct and pct(0.95), "failures": len(self.failures),
+                "decoder": self.decoder}
 
 
 def _check_answer(answer: httpx.Response, body: dict) -> tuple[int, str | None]:
@@ -87,7 +89,9 @@ def _check_answer(answer: httpx.Response, body: dict) -> tuple[int, str | None]:
 
 def run_load(url: str, bodies: list[dict], clients: int, server_pid: int | None = None,
              timeout: float = 300.0) -> LoadResult:
-    """POST every body to ``url``/v1/pictures from ``clients`` threads, each taking the next body when free."""
+    """POST every body to ``url``/v1/pictures from ``clients`` threads, each taking the next body when free;
+    with the decoder's figures over the run (from /readyz) in ``decoder``."""
+    before = httpx.get(url + "/readyz", timeout=30).json()
     next_index = iter(range(len(bodies)))
     lock = threading.Lock()
     result = LoadResult(seconds=0.0)
@@ -121,6 +125,13 @@ def run_load(url: str, bodies: list[dict], clients: int, server_pid: int | None 
     for t in threads:
         t.join()
     result.seconds = time.perf_counter() - start
+    after = httpx.get(url + "/readyz", timeout=30).json()
+    steps = after["steps"] - before["steps"]
+    busy = after["decode_busy_s"] - before["decode_busy_s"]
+    result.decoder = {"steps": steps, "rows_per_step": round((after["rows_decoded"] - before["rows_decoded"])
+                                                             / max(steps, 1), 1),
+                      "ms_per_step": round(1000 * busy / max(steps, 1), 1),
+                      "decode_thread_busy": round(busy / result.seconds, 3)}
     return result
 
 
@@ -221,7 +232,7 @@ def measure(url: str, args: argparse.Namespace, server_pid: int | None) -> dict:
     sequential = LoadResult(seconds=sum(r.seconds for r in one_at_a_time),
                             latencies=[x for r in one_at_a_time for x in r.latencies],
                             failures=[x for r in one_at_a_time for x in r.failures],
-                            pictures=sum(r.pictures for r in one_at_a_time))
+                            pictures=sum(r.pictures for r in one_at_a_time), decoder=one_at_a_time[0].decoder)
     report = {
         "load": {"clients": args.clients, "requests": args.requests, "sequential_requests": len(sequential_bodies),
                  "n": args.n, "keep": args.keep, "cfg": 1.5},

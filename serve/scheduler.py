@@ -116,8 +116,9 @@ class Scheduler:
         self.renders: queue.Queue = queue.Queue()
         self.stopping = False
         self.ready = False
-        self.steps = 0  # decode steps run, for /readyz and the benchmarks
+        self.steps = 0  # decode steps run, rows decoded and seconds spent: for /readyz and the benchmarks
         self.rows_decoded = 0
+        self.busy_s = 0.0
 
     # ------------------------------------------------------------------------------ the caller's side
 
@@ -191,9 +192,11 @@ class Scheduler:
         """One step boundary: admit what fits, decode one token for every row, hand out what finished."""
         with self.cond:
             admitted = self._take_admissible()
+        start = time.perf_counter()
         try:
             self._admit(admitted)
             self._step()
+            self.busy_s += time.perf_counter() - start
         except Exception:  # a bug, not a request's fault: fail the jobs at hand, keep serving
             traceback.print_exc(file=sys.stderr)
             failed = set(self.active) | set(admitted)
