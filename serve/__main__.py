@@ -12,7 +12,13 @@ import ipaddress
 import socket
 import sys
 
-from checkpoint import ArgumentParser, UserError, add_threads_argument, run_command, set_threads
+from checkpoint import (
+    ArgumentParser,
+    UserError,
+    add_threads_argument,
+    run_command,
+    set_threads,
+)
 from serve.schemas import Limits
 
 

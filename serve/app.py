@@ -21,9 +21,9 @@ import re
 import secrets
 import time
 from collections import OrderedDict
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -33,7 +33,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from sample.output import picture_fields, picture_png, safe_stem
 from sample.pipeline import Picture, Pipeline
 from serve.scheduler import Job, QueueFull, Scheduler
-from serve.schemas import ErrorResponse, Limits, PictureOut, PictureRequest, PicturesResponse
+from serve.schemas import (
+    ErrorResponse,
+    Limits,
+    PictureOut,
+    PictureRequest,
+    PicturesResponse,
+)
 
 __all__ = ["create_app", "ApiError"]
 
@@ -146,8 +152,9 @@ async def _events(job: Job, events: asyncio.Queue, service: Service) -> AsyncIte
             service.scheduler.cancel(job)
 
 
-def create_app(pipeline: Pipeline, limits: Limits = Limits()) -> FastAPI:
+def create_app(pipeline: Pipeline, limits: Limits | None = None) -> FastAPI:
     """The service for a loaded pipeline; the decode thread starts and stops with the app's lifespan."""
+    limits = limits or Limits()
     service = Service(pipeline, limits)
 
     @asynccontextmanager
@@ -296,9 +303,10 @@ def _error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
-        kinds = {404: "not_found", 405: "method_not_allowed"}
-        return JSONResponse({"error": {"field": None, "message": str(e.detail), "type": kinds.get(e.status_code,
-                                                                                                  "http_error")}},
+        kinds = {400: "invalid_request", 404: "not_found", 405: "method_not_allowed"}
+        field = "body" if e.status_code == 400 else None  # FastAPI's 400: a body it could not parse
+        return JSONResponse({"error": {"field": field, "message": str(e.detail),
+                                       "type": kinds.get(e.status_code, "http_error")}},
                             status_code=e.status_code, headers=getattr(e, "headers", None))
 
 

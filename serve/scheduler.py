@@ -18,15 +18,15 @@ sample``; previews decode the ids drawn so far with the VQGAN, the cells not dra
 
 from __future__ import annotations
 
-import sys
 import queue
+import sys
 import threading
 import time
 import traceback
 import warnings
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 from PIL import Image, ImageDraw

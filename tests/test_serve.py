@@ -17,13 +17,13 @@ from PIL import Image
 
 pytest.importorskip("fastapi", reason="the service needs the serve extra: pip install -e '.[serve]'")
 
-from fastapi.testclient import TestClient  # noqa: E402
+from fastapi.testclient import TestClient
 
-import serve.__main__ as serve_cli  # noqa: E402
-from sample.pipeline import Pipeline, SamplingSettings  # noqa: E402
-from serve.app import create_app  # noqa: E402
-from serve.scheduler import Job, Scheduler  # noqa: E402
-from serve.schemas import Limits  # noqa: E402
+import serve.__main__ as serve_cli
+from sample.pipeline import Pipeline, SamplingSettings
+from serve.app import create_app
+from serve.scheduler import Job, Scheduler
+from serve.schemas import Limits
 
 LIMITS = Limits(max_n=6, max_rows=24, max_queue=8, max_body_bytes=2048, timeout_s=60.0, preview_every=4)
 
@@ -288,6 +288,16 @@ def test_bodies_that_are_not_a_request_are_4xx_json(client, content, headers, st
     answer = client.post("/v1/pictures", content=content, headers=headers)
     assert answer.status_code == status, answer.text
     assert answer.json()["error"]["field"] == field
+
+
+def test_json_nested_past_the_parsers_depth_is_a_4xx_naming_the_body(client):
+    answer = client.post("/v1/pictures", content=b"[" * 1000 + b"]" * 1000,
+                         headers={"content-type": "application/json"})
+    assert 400 <= answer.status_code < 500 and answer.json()["error"]["field"] == "body"
+
+
+def test_the_service_listens_on_this_machine_only_by_default():
+    assert serve_cli.build_parser().parse_args([]).host == "127.0.0.1"
 
 
 def test_a_body_streamed_past_the_limit_is_refused_while_it_arrives(client):

@@ -6,12 +6,12 @@ import pytest
 
 pytest.importorskip("fastapi", reason="the service needs the serve extra: pip install -e '.[serve]'")
 
-import os  # noqa: E402
+import os
 
-from sample.pipeline import Pipeline  # noqa: E402
-from serve.app import create_app  # noqa: E402
-from serve.loadtest import request_bodies, run_load, serve_in_thread  # noqa: E402
-from serve.schemas import Limits  # noqa: E402
+from sample.pipeline import Pipeline
+from serve.app import create_app
+from serve.loadtest import request_bodies, run_load, serve_in_thread
+from serve.schemas import Limits
 
 MAX_GROWTH = 24 * 2**20  # bytes; a leak of a picture or a cache a request would pass this within 64 requests
 
