@@ -143,9 +143,9 @@ async def _events(job: Job, events: asyncio.Queue, service: Service) -> AsyncIte
             except (TimeoutError, asyncio.TimeoutError):
                 raise ApiError(408, f"not answered within the service's {service.limits.timeout_s:g} s; ask for a "
                                     "smaller n or try again when it is less busy", None, "timeout") from None
+            finished = kind in ("done", "error")
             yield kind, payload
-            if kind in ("done", "error"):
-                finished = True
+            if finished:
                 return
     finally:
         if not finished:  # a timeout, or the client went away

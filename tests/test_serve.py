@@ -294,7 +294,8 @@ def test_bodies_that_are_not_a_request_are_4xx_json(client, content, headers, st
 
 FIELDS = ["prompt", "n", "keep", "top_k", "top_p", "temperature", "cfg", "seed", "response_format"]
 JSON_VALUES = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False) | st.text(max_size=30),
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=30),
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
     max_leaves=6)
 
