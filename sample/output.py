@@ -10,6 +10,7 @@ A picture drawn with previews gets an animated WebP of its decoding beside it, t
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -22,8 +23,8 @@ from PIL.PngImagePlugin import PngInfo
 
 from checkpoint import UserError, atomic_write
 
-__all__ = ["safe_stem", "prepare_out_dir", "picture_fields", "picture_pixels", "save_picture", "save_preview",
-           "write_prompt_results"]
+__all__ = ["safe_stem", "prepare_out_dir", "picture_fields", "picture_pixels", "picture_png", "save_picture",
+           "save_preview", "write_prompt_results"]
 
 MAX_STEM = 60
 GRID_CELLS = 256  # a grid of more candidates shows the best 256: 10 000 cells would be too big to open
@@ -93,6 +94,14 @@ def save_picture(picture, path: str | Path) -> Path:
                          f"file *.png, not {path.name}, or use picture.image.save for other formats")
     atomic_write(path, partial(_write_picture, picture))
     return path
+
+
+def picture_png(picture) -> bytes:
+    """``picture`` (a sample.pipeline.Picture) as PNG bytes with :func:`picture_fields` in its text chunks,
+    as :func:`save_picture` writes it (the service's downloads)."""
+    buffer = io.BytesIO()
+    picture.image.save(buffer, format="PNG", pnginfo=_png_info(picture_fields(picture)))
+    return buffer.getvalue()
 
 
 def _write_picture(picture, tmp: str) -> None:

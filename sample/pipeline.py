@@ -276,7 +276,7 @@ class Pipeline:
         """
         from seq2seq import generate
         from seq2seq.canvas import generate_canvas
-        from train.images import from_pil, to_pil
+        from train.images import from_pil
 
         if per_pass < 1:
             raise ValueError(f"per_pass must be >= 1, got {per_pass}")
@@ -320,17 +320,15 @@ class Pipeline:
                 else:
                     image_ids = generate_canvas(self.model, pass_ids, pass_mask, height=canvas[0], width=canvas[1],
                                                 **sampling)  # (rows, H, W) tokens
-                decoded = self.vqgan.decode(image_ids).float()  # (rows, 3, H, W) in [-1, 1]
-                if self.scorer is not None:
-                    scores.append(self._score(decoded, [prompts[i] for i in which.tolist()]))
-                images += [to_pil(image) for image in decoded.cpu()]
+                pass_images, pass_scores = self.render(image_ids, [prompts[i] for i in which.tolist()])
+                images += pass_images
+                if pass_scores is not None:
+                    scores.append(pass_scores)
                 tokens += list(image_ids.cpu())
                 bar.update(len(rows))
         every_score = torch.cat(scores) if scores else None
         every_likelihood = torch.cat(likelihoods) if edit is not None and edit.keeps_after_hole else None
-        record = {k: v for k, v in asdict(settings).items() if k not in ("seed",)}
-        if edit is not None:
-            record["edit"] = edit.record
+        record = self.settings_record(settings, edit)
         n = settings.n
         pictures = []
         for i, prompt in enumerate(prompts):
@@ -343,6 +341,24 @@ class Pipeline:
                 picture.frames = frames[i * n + picture.candidate] if frames else None
             self._warn_out_of_domain(prompt, pictures[-1][0])
         return pictures
+
+    @torch.inference_mode()
+    def render(self, image_ids: torch.Tensor, prompts: Sequence[str]) -> tuple[list[Image.Image], torch.Tensor | None]:
+        """Pictures of image ids (B, h, w) by the VQGAN, and each one's score (B,) against its prompt (None
+        without a scorer); the sampling pipeline's and the service's."""
+        from train.images import to_pil
+
+        decoded = self.vqgan.decode(image_ids).float()  # (B, 3, H, W) in [-1, 1]
+        scores = None if self.scorer is None else self._score(decoded, list(prompts))
+        return [to_pil(image) for image in decoded.cpu()], scores
+
+    @staticmethod
+    def settings_record(settings: SamplingSettings, edit=None) -> dict:
+        """What a picture records of how it was drawn: the settings but the base seed, and the edit if any."""
+        record = {k: v for k, v in asdict(settings).items() if k not in ("seed",)}
+        if edit is not None:
+            record["edit"] = edit.record
+        return record
 
     def _score(self, pictures: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         """The scorer's (B,) scores; for a larger canvas, the mean over crops of the run's size."""

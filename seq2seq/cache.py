@@ -3,7 +3,9 @@
 Decoding one image token then costs one token's worth of projections, not a pass over the whole prefix.
 The buffers never grow (no ``torch.cat``), so every decode step sees tensors of the same shape and can be
 compiled and captured as a CUDA graph (gpt-fast ``KVCache``). A cache holds up to ``batch_size`` rows; a
-smaller batch uses its first rows.
+smaller batch uses its first rows. A service hands the rows out as slots (continuous batching, serve/): each
+row may be at its own position, one request's rows are written wherever slots are free, and rows are moved
+to keep the batch's rows first.
 """
 
 from __future__ import annotations
@@ -36,7 +38,8 @@ class KVCache(nn.Module):
         return self.k_cache.shape[2]
 
     def update(self, input_pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Write ``k``, ``v`` (B, H, T, D) at positions ``input_pos`` (T,); return the first B rows, all positions.
+        """Write ``k``, ``v`` (B, H, T, D) at positions ``input_pos`` (T,), or (B, T) one row's positions a row;
+        return the first B rows, all positions.
 
         The returned (B, H, length, D) views hold every position written so far; the caller masks the
         positions not written yet.
@@ -45,9 +48,24 @@ class KVCache(nn.Module):
         if batch > self.batch_size:
             raise ValueError(f"a batch of {batch} rows does not fit a cache set up for {self.batch_size}")
         k_out, v_out = self.read(batch)
+        if input_pos.dim() == 2:  # (B, T): each row at its own positions
+            index = input_pos[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])  # (B, H, T, D)
+            k_out.scatter_(2, index, k.to(k_out.dtype))
+            v_out.scatter_(2, index, v.to(v_out.dtype))
+            return k_out, v_out
         k_out.index_copy_(2, input_pos, k.to(k_out.dtype))
         v_out.index_copy_(2, input_pos, v.to(v_out.dtype))
         return k_out, v_out
+
+    def write_slots(self, slots: Tensor, k: Tensor, v: Tensor) -> None:
+        """Write ``k``, ``v`` (N, H, T, D) at positions 0..T-1 of the rows ``slots`` (N,), any rows of the cache."""
+        self.k_cache[slots, :, : k.shape[2]] = k.to(self.k_cache.dtype)
+        self.v_cache[slots, :, : v.shape[2]] = v.to(self.v_cache.dtype)
+
+    def move_slots(self, source: Tensor, target: Tensor) -> None:
+        """Copy whole rows ``source`` (N,) of the cache onto rows ``target`` (N,)."""
+        self.k_cache[target] = self.k_cache[source]
+        self.v_cache[target] = self.v_cache[source]
 
     def read(self, batch: int) -> tuple[Tensor, Tensor]:
         """The keys and values of the first ``batch`` rows: two (batch, H, length, D) views."""

@@ -68,12 +68,14 @@ def sample_from_probs(probs: Tensor, uniform: Tensor) -> Tensor:
 def counter_uniform(seeds: Tensor, step: Tensor | int, vocab_size: int) -> Tensor:
     """Uniforms (R, vocab_size) in (0, 1), a fixed function of each row's seed, the step and the column.
 
-    ``seeds`` (R,) are integers (taken modulo 2**64); ``step`` a scalar or (1,) integer tensor. Row r
-    is the same whatever the other rows are, on every device. The values are 23-bit: in
-    [2**-24, 1 - 2**-24], so ``-log(u)`` is finite and positive.
+    ``seeds`` (R,) are integers (taken modulo 2**64); ``step`` a scalar or (1,) integer tensor, or (R,)
+    one step a row. Row r is the same whatever the other rows are, on every device. The values are
+    23-bit: in [2**-24, 1 - 2**-24], so ``-log(u)`` is finite and positive.
     """
     seeds = seeds.long()
-    step = torch.as_tensor(step, dtype=torch.long, device=seeds.device).reshape(-1)[:1]  # (1,)
+    step = torch.as_tensor(step, dtype=torch.long, device=seeds.device).reshape(-1)  # (1,) or (R,)
+    if step.numel() not in (1, seeds.numel()):
+        raise ValueError(f"step must be one number or one per row ({seeds.numel()}), got {step.numel()}")
     key = _mix32((seeds & _MASK32) ^ _mix32(((seeds >> 32) & _MASK32) + 0x632BE5AB))  # (R,) fold 64 bits
     key = _mix32(key ^ _mix32((step & _MASK32) + 0x85157AF5))  # (R,) this step's key
     columns = _mix32(torch.arange(vocab_size, device=seeds.device) + 0x9E3779B9)  # (V,)

@@ -146,7 +146,8 @@ class CausalSelfAttention(Attention):
 
         With ``input_pos`` (T,), the grid positions of ``x``'s tokens, their keys and values are written
         into the cache and the queries attend over the whole cache; ``mask`` (1, 1, T, S) hides the
-        positions not yet written.
+        positions not yet written. ``input_pos`` (B, T) gives every row its own positions, with ``mask``
+        (B, 1, T, S).
         """
         q, k, v = self.heads(self.wq(x)), self.heads(self.wk(x)), self.heads(self.wv(x))
         if input_pos is not None:
@@ -169,7 +170,12 @@ class CrossAttention(Attention):
             k, v = self.heads(self.wk(memory)), self.heads(self.wv(memory))
         return self.attend(q, k, v, mask)
 
-    def fill_cache(self, memory: Tensor) -> None:
-        """Project the encoded text (B, L, C) to keys and values once per prompt and cache them."""
+    def fill_cache(self, memory: Tensor, slots: Tensor | None = None) -> None:
+        """Project the encoded text (B, L, C) to keys and values once per prompt and cache them: in the
+        first B rows, or in the rows ``slots`` (B,)."""
+        k, v = self.heads(self.wk(memory)), self.heads(self.wv(memory))
+        if slots is not None:
+            self.cache().write_slots(slots, k, v)
+            return
         positions = torch.arange(memory.shape[1], device=memory.device)
-        self.cache().update(positions, self.heads(self.wk(memory)), self.heads(self.wv(memory)))
+        self.cache().update(positions, k, v)

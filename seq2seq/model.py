@@ -111,12 +111,13 @@ class ImageDecoder(nn.Module):
         """Logits (B, T, codebook_size) for decoder inputs ``input_ids`` (B, T) at grid positions ``input_pos`` (T,).
 
         With ``memory`` (B, L, C) and ``text_mask`` (B, L): attention over these inputs alone, which must
-        be the positions 0..T-1. Without them: attention over the caches, which this call extends.
+        be the positions 0..T-1. Without them: attention over the caches, which this call extends; there
+        ``input_pos`` may also be (B, T), every row at its own positions (rows at different steps).
         """
         rows = torch.div(input_pos, self.grid_size, rounding_mode="floor")
         cols = input_pos % self.grid_size
         x = self.embed(input_ids) + self.row_embed(rows) + self.col_embed(cols)  # (B, T, C)
-        self_mask = self.causal_mask[input_pos]  # (T, S)
+        self_mask = self.causal_mask[input_pos]  # (T, S), or (B, T, S) per row
         if memory is None:
             if self.text_mask_cache is None:
                 raise RuntimeError("decoding needs key/value caches: call setup_caches(batch_size) first")
@@ -126,8 +127,9 @@ class ImageDecoder(nn.Module):
             self_mask = self_mask[:, : x.shape[1]]  # (T, T)
             cross_mask = text_mask.bool()[:, None, None, :]  # (B, 1, 1, L)
             pos = None
+        self_mask = self_mask[:, None] if self_mask.dim() == 3 else self_mask[None, None]  # (B or 1, 1, T, S)
         for block in self.blocks:
-            x = block(x, self_mask[None, None], cross_mask, pos, memory)
+            x = block(x, self_mask, cross_mask, pos, memory)
         return self.head(self.norm(x))
 
     def setup_caches(self, batch_size: int, max_text_len: int, dtype: torch.dtype, device: torch.device) -> None:
@@ -139,13 +141,22 @@ class ImageDecoder(nn.Module):
             block.cross_attn.kv_cache = KVCache(batch_size, attn.n_heads, max_text_len, attn.head_dim, dtype, device)
         self.text_mask_cache = torch.zeros(batch_size, max_text_len, dtype=torch.bool, device=device)
 
-    def fill_caches(self, memory: Tensor, text_mask: Tensor) -> None:
-        """Cache the text's keys and values (B, L, C) in every layer, and its mask (B, L)."""
+    def fill_caches(self, memory: Tensor, text_mask: Tensor, slots: Tensor | None = None) -> None:
+        """Cache the text's keys and values (B, L, C) in every layer, and its mask (B, L): in the first B
+        rows, or in the rows ``slots`` (B,)."""
         batch, length = text_mask.shape
         for block in self.blocks:
-            block.cross_attn.fill_cache(memory)
-        self.text_mask_cache[:batch].zero_()
-        self.text_mask_cache[:batch, :length] = text_mask.bool()
+            block.cross_attn.fill_cache(memory, slots)
+        rows = slice(0, batch) if slots is None else slots
+        self.text_mask_cache[rows] = False
+        self.text_mask_cache[rows, :length] = text_mask.bool()
+
+    def move_slots(self, source: Tensor, target: Tensor) -> None:
+        """Copy every cache's rows ``source`` (N,) onto rows ``target`` (N,): self- and cross-attention, text mask."""
+        for block in self.blocks:
+            block.self_attn.cache().move_slots(source, target)
+            block.cross_attn.cache().move_slots(source, target)
+        self.text_mask_cache[target] = self.text_mask_cache[source]
 
 
 class Seq2Seq(nn.Module):
@@ -222,12 +233,30 @@ class Seq2Seq(nn.Module):
         return self.decoder(decoder_ids, positions)[:, -1]  # (B, V)
 
     @torch.no_grad()
+    def prefill_slots(self, text_ids: Tensor, text_mask: Tensor, slots: Tensor) -> None:
+        """Start decoding rows ``slots`` (B,) of the caches, whatever the other rows are doing: encode the
+        text (B, L) and cache its keys, values and mask in those rows.
+
+        Each row then reads ``bos`` at decoder position 0 in :meth:`decode_one_token` with per-row
+        positions, which gives the logits :meth:`prefill` returns (without a prefix).
+        """
+        self.decoder.fill_caches(self.encode(text_ids, text_mask), text_mask, slots)
+
+    def move_slots(self, source: Tensor, target: Tensor) -> None:
+        """Copy the cache rows ``source`` (N,) onto rows ``target`` (N,), to keep a batch's rows first."""
+        self.decoder.move_slots(source, target)
+
+    @torch.no_grad()
     def decode_one_token(self, token_ids: Tensor, input_pos: Tensor) -> Tensor:
         """Read image ids (B, 1) at decoder position ``input_pos`` (1,); logits (B, codebook_size) of the next.
 
         The token at decoder position p is image token p - 1 (position 0 holds ``bos``), so the logits
         returned predict image token ``input_pos``. Static shapes: compile this with torch.compile.
+        ``input_pos`` (B,) puts every row at its own position: rows of different requests at different
+        steps in one batch (continuous batching).
         """
+        if input_pos.shape[0] != 1:
+            input_pos = input_pos[:, None]  # (B, 1)
         return self.decoder(token_ids, input_pos)[:, -1]  # (B, V)
 
     def generate(self, text_ids: Tensor, text_mask: Tensor, **options) -> Tensor:
