@@ -204,10 +204,12 @@ def canvas_scores(pipeline: Pipeline, prompts: int, candidates: int, width: int,
             "seam_psnr_min": min(seams), "windows": len(seams)}
 
 
-def plain_sampling_ratio(pipeline: Pipeline, baseline: Path, *, prompts: int = 8, candidates: int = 8,
-                         repeats: int = 15, cfg: float = SamplingSettings.cfg) -> dict:
-    """Median seconds of plain sampling with seq2seq.generate now and with the copy in ``baseline``, run in
-    turns (A, B, A, B, ...) in this process, on the same prompts and seeds; both must draw the same ids."""
+def plain_sampling_ratio(pipeline: Pipeline, baseline: Path, *, prompts: int = 8, candidates: int = 2,
+                         repeats: int = 40, cfg: float = SamplingSettings.cfg) -> dict:
+    """Median seconds of plain sampling with seq2seq.generate now and with the copy in ``baseline``, on the same
+    prompts and seeds (both must draw the same ids), in turns in this process: now, before, now again, then
+    the reverse order, and so on. "now again" against "now" is the control: how far two runs of the same
+    code differ here, the resolution of the ratio."""
     from seq2seq import generate
     from train.shapes import evaluation_prompts
 
@@ -218,20 +220,20 @@ def plain_sampling_ratio(pipeline: Pipeline, baseline: Path, *, prompts: int = 8
     texts = [t for t, _ in evaluation_prompts("relation", prompts)]
     text_ids, text_mask = pipeline.encode_prompts(texts)
     options = dict(num_candidates=candidates, seeds=0, cfg_scale=cfg)
-    times = {"now": [], "before": []}
+    order = [("now", generate), ("before", before.generate), ("now again", generate)]
+    times = {name: [] for name, _ in order}
     with torch.inference_mode():
         same = torch.equal(generate(pipeline.model, text_ids, text_mask, **options),
                            before.generate(pipeline.model, text_ids, text_mask, **options))  # also warms up
-        for _ in range(repeats):
-            for name, function in (("now", generate), ("before", before.generate)):
+        for repeat in range(repeats):
+            for name, function in order if repeat % 2 == 0 else order[::-1]:  # neither always first
                 start = time.perf_counter()
                 function(pipeline.model, text_ids, text_mask, **options)
                 times[name].append(time.perf_counter() - start)
-    now, old = statistics.median(times["now"]), statistics.median(times["before"])
-    ratios = [a / b for a, b in zip(times["now"], times["before"])]
-    return {"now_s": now, "before_s": old, "ratio": now / old, "pair_ratio_median": statistics.median(ratios),
-            "same_ids": same, "repeats": repeats, "rows": prompts * candidates, "threads": torch.get_num_threads(),
-            "load": os.getloadavg()}
+    median = {name: statistics.median(values) for name, values in times.items()}
+    return {"now_s": median["now"], "before_s": median["before"], "ratio": median["now"] / median["before"],
+            "control": median["now again"] / median["now"], "same_ids": same, "repeats": repeats,
+            "rows": prompts * candidates, "threads": torch.get_num_threads(), "load": os.getloadavg()}
 
 
 def canvas_time_ratio(pipeline: Pipeline, width: int, *, prompts: int = 8, repeats: int = 3,
@@ -309,10 +311,10 @@ def _run(args) -> int:
               f"the run's size {result['plain_s']:.2f} s: {result['ratio']:.1f}x")
     if args.speed_baseline is not None and args.only in (None, "speed"):
         result = plain_sampling_ratio(pipeline, args.speed_baseline)
-        print(f"plain sampling, {result['rows']} candidates, median of {result['repeats']} interleaved: now "
-              f"{result['now_s']:.3f} s, before {result['before_s']:.3f} s, ratio {result['ratio']:.3f} (median of "
-              f"pair ratios {result['pair_ratio_median']:.3f}); same ids: {result['same_ids']}; "
-              f"{result['threads']} threads, load {result['load'][0]:.2f}")
+        print(f"plain sampling, {result['rows']} candidates, medians of {result['repeats']} runs in turns: now "
+              f"{result['now_s']:.3f} s, before {result['before_s']:.3f} s, ratio {result['ratio']:.3f} (control, now "
+              f"again / now: {result['control']:.3f}); same ids: {result['same_ids']}; {result['threads']} threads, "
+              f"load {result['load'][0]:.2f}")
     return 0
 
 
