@@ -71,6 +71,25 @@ def _nan(t):
     return t
 
 
+def _edited_config(tiny_run: Path, to: Path, part: str, edit) -> Path:
+    """A run whose ``part``/config.json is ``edit(config)`` (a dict to change, or the text to write instead)."""
+    run = _copy_run(tiny_run, to)
+    path = run / part / "config.json"
+    config = json.loads(path.read_text())
+    edited = edit(config)
+    path.write_text(edited if isinstance(edited, str) else json.dumps(config if edited is None else edited))
+    return run
+
+
+def _set(**fields):
+    return lambda config: config.update(fields)
+
+
+def _latest(tmp: Path, text: str) -> Path:
+    """A run whose vqgan stage's latest.json holds ``text``."""
+    return _write(tmp / "run" / "state" / "vqgan" / "latest.json", text)
+
+
 def _write(path: Path, data: str | bytes) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data if isinstance(data, bytes) else data.encode())
@@ -122,6 +141,19 @@ CASES = [
     ("train", "pack --run {run} --out {tmp}/run", lambda t, r: _copy_run(r, t / "run"), "already holds a run"),
     ("train", "export --data shapes --n 0 --out {tmp}/out", None, "--n must be >= 1"),
     ("train", "nonsense", None, "invalid choice"),
+    ("train", "vqgan --data shapes --out {tmp}/out --heldout-examples 1000000", None,
+     "--heldout-examples 1000000 holds 45.8 GiB at once"),
+    ("train", "clip --data shapes --out {tmp}/out --heldout-examples 1000000", None, "--heldout-examples 1000000 holds"),
+    ("train", "seq2seq --data shapes --out {tmp}/run --size 32 --cache-examples 1000000000",
+     lambda t, r: _copy_run(r, t / "run"), "--cache-examples 1000000000 holds"),
+    ("train", "vqgan --data shapes --out {tmp}/out --max-pixels 0", None, "--max-pixels: must be >= 1"),
+    ("train", "vqgan --data shapes --out {tmp}/run --resume --preset tiny",
+     lambda t: _latest(t, '{"step": 3, "dir": "../../other_run/state/vqgan/step-0000003"}'),
+     "does not name a checkpoint of this run"),
+    ("train", "vqgan --data shapes --out {tmp}/run --resume --preset tiny", lambda t: _latest(t, '["step-0000003"]'),
+     "but a list; restore it"),
+    ("train", "vqgan --data shapes --out {tmp}/run --resume --preset tiny", lambda t: _latest(t, '{"step": 3, "di'),
+     "latest.json is not valid JSON"),
     ("train", "vqgan --data shapes --out {tmp}/out --heldout-fraction 0", None, "--heldout-fraction"),
     ("train", "vqgan --data shapes --out {tmp}/out --heldout-fraction 1.5", None, "--heldout-fraction"),
     ("train", "vqgan --data shapes --out {tmp}/out --augment flip", None, "--augment"),
@@ -179,9 +211,30 @@ CASES = [
     ("sample", "x --checkpoint {tmp}/run", lambda t, r: _edited_weights(r, t / "run", "clip", lambda w: w * float("inf")),
      "values (a run that diverged"),
     ("sample", "x --checkpoint {run} --reranker {tmp}", None, "--reranker"),
+    ("sample", "x --checkpoint {tmp}/run", lambda t, r: _edited_config(r, t / "run", "vqgan", lambda c: [c]),
+     "config.json holds a list, not an object"),
+    ("sample", "x --checkpoint {tmp}/run", lambda t, r: _edited_config(r, t / "run", "seq2seq", lambda c: "null"),
+     "config.json holds null"),
+    ("sample", "x --checkpoint {tmp}/run", lambda t, r: _edited_config(r, t / "run", "vqgan", _set(groups=4.5)),
+     "gives groups = 4.5, which is not an int"),
+    ("sample", "x --checkpoint {tmp}/run", lambda t, r: _edited_config(r, t / "run", "clip", _set(heads=True)),
+     "gives heads = true, which is not an int"),
+    ("sample", "x --checkpoint {tmp}/run", lambda t, r: _edited_config(r, t / "run", "seq2seq", _set(rope_base=None)),
+     "gives rope_base = null, which is not a float"),
+    ("sample", "x --checkpoint {tmp}/run",
+     lambda t, r: _edited_config(r, t / "run", "vqgan", lambda c: "[" * 100_000 + "]" * 100_000),
+     "nests too deep"),
+    ("sample", "x --checkpoint {tmp}/run",
+     lambda t, r: _edited_config(r, t / "run", "vqgan", _set(codebook_size=10_000_000_000)),
+     "but the config builds (10000000000"),
+    ("sample", "x --checkpoint {tmp}/run",
+     lambda t, r: _edited_config(r, t / "run", "seq2seq", _set(max_text_len=10**9)), "elements of buffers"),
     # bench
     ("bench", "--checkpoint {tmp}/missing", None, "is not a directory"),
     ("bench", "--checkpoint {run} --candidates 0", None, "must be >= 1"),
+    ("bench", "--checkpoint {run} --out {tmp}/b", lambda t: (t / "b" / "bench.json").mkdir(parents=True),
+     "bench.json there is not a regular file"),
+    ("bench", "--checkpoint {run} --out {tmp}/b", lambda t: _write(t / "b", "a file"), "cannot write --out"),
 ]
 TOOLS = {"train": train_cli.main, "sample": sample_cli.main, "bench": bench_cli.main}
 

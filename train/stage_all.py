@@ -60,7 +60,8 @@ REAL_PICTURES: dict[str, dict[str, list[str]]] = {
     },
 }
 STAGE_ORDER = ("tokenizer", "vqgan", "seq2seq", "clip")
-SHARED = ("data", "size", "seed", "image_column", "text_column", "heldout_fraction", "augment")
+SHARED = ("data", "size", "seed", "image_column", "text_column", "heldout_fraction", "augment", "max_pixels",
+          "follow_symlinks")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -87,7 +88,9 @@ def stage_argv(stage: str, preset: str, args: argparse.Namespace) -> list[str]:
     argv = ["--out", str(args.out)]
     for name in SHARED:
         value = getattr(args, name)
-        if value is not None and not (stage == "tokenizer" and name == "size"):
+        if value is True:  # a flag
+            argv.append(f"--{name.replace('_', '-')}")
+        elif value not in (None, False) and not (stage == "tokenizer" and name == "size"):
             argv += [f"--{name.replace('_', '-')}", str(value)]
     if stage != "tokenizer":
         argv += ["--device", args.device] + (["--resume"] if args.resume and _has_state(args.out, stage) else [])

@@ -37,7 +37,8 @@ from torch import nn
 from checkpoint import UserError
 from scorer import Scorer, ScorerConfig, contrastive_loss, retrieval_accuracy
 from train import dist
-from train.loop import Run, StageOptions, add_common_arguments, autocast, autocast_dtype, cosine_schedule, progress
+from train.loop import (Run, StageOptions, add_common_arguments, autocast, autocast_dtype, check_held_in_memory,
+                        cosine_schedule, progress)
 
 
 @dataclass
@@ -136,6 +137,7 @@ class ClipTrainer:
                 raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(o, name)}")
         if o.weight_decay < 0 or o.grad_clip <= 0:
             raise UserError("--weight-decay must be >= 0 and --grad-clip > 0")
+        check_held_in_memory("heldout-examples", o.heldout_examples, 3 * o.size * o.size * 4)  # (3, S, S) fp32 each
         out = Path(o.out)
         if not (out / "tokenizer.model").is_file():
             raise UserError(f"{out / 'tokenizer.model'} is missing; run `python -m train tokenizer --out {out}` first")

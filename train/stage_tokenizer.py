@@ -8,7 +8,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from checkpoint import UserError, remove_temporaries
-from train.data import DEFAULT_HELDOUT_FRACTION
+from train.data import DEFAULT_HELDOUT_FRACTION, DEFAULT_MAX_PIXELS
 from train.loop import add_data_arguments
 
 
@@ -23,6 +23,8 @@ class TokenizerOptions:
     text_column: str | None = None
     heldout_fraction: float = DEFAULT_HELDOUT_FRACTION  # captions of held-out rows are not trained on
     augment: str = "crop"  # taken for the same command line as the other stages; captions are not augmented
+    max_pixels: int = DEFAULT_MAX_PIXELS  # opening a source reads its first pictures
+    follow_symlinks: bool = False
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -57,7 +59,8 @@ def train_tokenizer(options: TokenizerOptions) -> Path:
     remove_temporaries(path.parent)  # what a killed stage left in the run, as every stage does at its start
     dataset = open_dataset(options.data, size=32, split="train", image_column=options.image_column,
                            text_column=options.text_column, seed=options.seed,
-                           heldout_fraction=options.heldout_fraction)
+                           heldout_fraction=options.heldout_fraction, max_pixels=options.max_pixels,
+                           follow_symlinks=options.follow_symlinks)
     # Every phrasing of a cell that holds several; rows whose caption is not text are skipped and counted.
     captions, skipped = caption_texts(dataset, options.max_texts, every=True)
     if not captions:

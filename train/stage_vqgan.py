@@ -27,8 +27,8 @@ import torch
 
 from checkpoint import UserError
 from train import dist
-from train.loop import (Run, StageOptions, add_common_arguments, autocast, autocast_dtype, cosine_schedule, progress,
-                        warn_if_not_below_steps)
+from train.loop import (Run, StageOptions, add_common_arguments, autocast, autocast_dtype, check_held_in_memory,
+                        cosine_schedule, progress, warn_if_not_below_steps)
 from vqgan import VQGAN, VQGANConfig
 from vqgan.discriminator import DISCRIMINATOR_PRESETS, PatchDiscriminator
 from vqgan.losses import LossWeights, discriminator_loss, generator_loss, psnr
@@ -286,6 +286,7 @@ def _check(o: VQGANOptions) -> None:
         raise UserError(f"--codebook-size must be >= 2, got {o.codebook_size}")
     if o.eval_every < 1 or o.heldout_examples < 1:
         raise UserError("--eval-every and --heldout-examples must be >= 1")
+    check_held_in_memory("heldout-examples", o.heldout_examples, 3 * o.size * o.size * 4)  # (3, S, S) fp32 each
     warn_if_not_below_steps(o.steps, "vqgan", disc_start=o.disc_start if o.disc_weight > 0 else 0, warmup=o.warmup)
 
 
