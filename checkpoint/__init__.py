@@ -102,6 +102,9 @@ class ArgumentParser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+MAX_THREADS = 1024  # more would only wait for each other; 2**31 overflowed torch's int
+
+
 def add_threads_argument(parser: argparse.ArgumentParser) -> None:
     """``--threads N``: the CPU threads PyTorch computes with (default: one per core)."""
     parser.add_argument("--threads", type=int, default=None, metavar="N",
@@ -110,11 +113,11 @@ def add_threads_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def set_threads(threads: int | None) -> None:
-    """Apply ``--threads``: a UserError below 1."""
+    """Apply ``--threads``: a UserError below 1 or above MAX_THREADS."""
     if threads is None:
         return
-    if threads < 1:
-        raise UserError(f"--threads must be >= 1, got {threads}")
+    if not 1 <= threads <= MAX_THREADS:
+        raise UserError(f"--threads must be >= 1 and at most {MAX_THREADS}, got {threads}")
     torch.set_num_threads(threads)
 
 
@@ -377,7 +380,7 @@ def _check_size(model_cls: Callable[[Any], torch.nn.Module], config: Any, path: 
     if max(_integers(dataclasses.asdict(config)), default=0) <= largest_side:
         return
     with torch.device("meta"):
-        shell = model_cls(config)
+        shell = _build(model_cls, config, part)
     expected = shell.state_dict()
     _check_shapes({k: tuple(v.shape) for k, v in expected.items()}, found, part)
     others = sum(b.numel() for name, b in shell.named_buffers() if name not in expected)
@@ -395,6 +398,17 @@ def _integers(value: Any) -> list[int]:
     return [value] if isinstance(value, int) and not isinstance(value, bool) else []
 
 
+def _build(model_cls: Callable[[Any], torch.nn.Module], config: Any, part: str) -> torch.nn.Module:
+    """``model_cls(config)``; a config whose values its dataclass let through but a layer refuses (a dropout of 2,
+    channels that groups do not divide) is a CheckpointError."""
+    try:
+        return model_cls(config)
+    except Exception as e:  # noqa: BLE001 - torch's layers refuse bad sizes with several exception types
+        text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise CheckpointError(f"{part}: config.json does not build a model ({type(e).__name__}: {text[:150]}); "
+                              "restore it from the run or retrain") from None
+
+
 def load_pretrained(
     model_cls: Callable[[Any], torch.nn.Module], config_cls: type, directory: str | Path, part: str
 ) -> torch.nn.Module:
@@ -405,7 +419,7 @@ def load_pretrained(
     config = load_config(config_cls, directory, part)
     if (directory / WEIGHTS_NAME).is_file():  # else load_weights says it is missing
         _check_size(model_cls, config, directory / WEIGHTS_NAME, part)
-    model = model_cls(config)
+    model = _build(model_cls, config, part)
     load_weights(model, directory / WEIGHTS_NAME, part)
     return model.eval()
 

@@ -127,6 +127,8 @@ CASES = [
     ("train", "vqgan --data shapes --out {tmp}/out --size 36 --preset tiny", None, "--size"),
     ("train", "vqgan --data shapes --out {tmp}/out --downsample 3", None, "--downsample"),
     ("train", "vqgan --data shapes --out {tmp}/out --codebook-size 1", None, "--codebook-size"),
+    ("train", "vqgan --data shapes --out {tmp}/out --codebook-size 10000000000", None, "--codebook-size must be from 2"),
+    ("train", "vqgan --data shapes --out {tmp}/out --batch-size 100000000", None, "--batch-size 100000000 holds"),
     ("train", "vqgan --data shapes --out {tmp}/out --disc-weight -1", None, "--disc-weight"),
     ("train", "vqgan --data shapes --out {tmp}/out --preset huge", None, "preset"),
     ("train", "seq2seq --data shapes --out {tmp}/out", None, "tokenizer.model is missing"),
@@ -137,6 +139,8 @@ CASES = [
     ("train", "all --data shapes --out {tmp}/run --preset tiny --size 32 --device cpu",
      lambda t, r: _copy_run(r, t / "run"), "holds a finished run"),
     ("train", "all --data shapes --out {tmp}/out --resume --overwrite", None, "contradict"),
+    ("bench", "--checkpoint {tmp}/run --only quality", lambda t, r: _write(_copy_run(r, t / "run") / "all.json",
+                                                                        "[" * 100_000), "all.json (RecursionError)"),
     ("train", "pack --run {tmp}/missing --out {tmp}/out", None, "lacks tokenizer.model"),
     ("train", "pack --run {run} --out {tmp}/run", lambda t, r: _copy_run(r, t / "run"), "already holds a run"),
     ("train", "export --data shapes --n 0 --out {tmp}/out", None, "--n must be >= 1"),
@@ -147,6 +151,8 @@ CASES = [
     ("train", "seq2seq --data shapes --out {tmp}/run --size 32 --cache-examples 1000000000",
      lambda t, r: _copy_run(r, t / "run"), "--cache-examples 1000000000 holds"),
     ("train", "vqgan --data shapes --out {tmp}/out --max-pixels 0", None, "--max-pixels: must be >= 1"),
+    ("train", "vqgan --data shapes --out {tmp}/out --seed 18446744073709551616", None, "--seed: must be from 0 to"),
+    ("train", "all --data shapes --out {tmp}/out --seed -1", None, "--seed: must be from 0 to 4294967295"),
     ("train", "vqgan --data shapes --out {tmp}/run --resume --preset tiny",
      lambda t: _latest(t, '{"step": 3, "dir": "../../other_run/state/vqgan/step-0000003"}'),
      "does not name a checkpoint of this run"),
@@ -166,6 +172,7 @@ CASES = [
                                                                             '{"image": "a.png", "text": "a"}\n{"ima'),
      "line 2 of"),
     ("sample", "x --checkpoint {run} --threads 0", None, "--threads must be >= 1"),
+    ("sample", "x --checkpoint {run} --threads 2147483648", None, "--threads must be >= 1 and at most 1024"),
     # sample: settings
     ("sample", '"" --checkpoint {run}', None, "prompt is empty"),
     ("sample", '"   " --checkpoint {run}', None, "prompt is empty"),
@@ -194,6 +201,10 @@ CASES = [
     ("sample", "--checkpoint {run} --prompts-file {tmp}/blank.txt", lambda t: _write(t / "blank.txt", "\n  \n"),
      "has no prompts"),
     ("sample", "x --checkpoint {run} --out /proc/tilecraft-out", None, "--out"),
+    ("sample", "x --checkpoint {run} --out {tmp}/o", lambda t: (t / "o" / "samples.jsonl").mkdir(parents=True),
+     "samples.jsonl there is a symlink or not a regular file"),
+    ("sample", "x --checkpoint {run} --out {tmp}/o", lambda t: (t / "o").mkdir() or (t / "o" / "samples.jsonl").symlink_to(
+        _write(t / "elsewhere.jsonl", "")), "samples.jsonl there is a symlink"),
     ("sample", "x --checkpoint {run} --n 1000000", None, "--n 1000000 candidates is more than one prompt may have"),
     ("sample", "x --checkpoint {run} --batch-size 0", None, "--batch-size must be >= 1"),
     ("sample", "x --checkpoint {run} --n 5000 --batch-size 3", None, "15000 candidates held at once"),
@@ -288,6 +299,23 @@ def test_sample_repairs_text_that_is_not_unicode(pipeline):
 
     pictures = pipeline(["a red circle \udcff\ud800"], SamplingSettings(n=1, keep=1))[0]
     assert pictures[0].prompt == "a red circle \ufffd\ufffd\ufffd\ufffd\ufffd\ufffd"
+
+
+def test_a_huge_prompt_is_stored_cut_to_a_few_thousand_characters(pipeline, tmp_path):
+    from PIL import Image
+
+    from sample.output import MAX_STORED_PROMPT, prepare_out_dir, write_prompt_results
+    from sample.pipeline import SamplingSettings
+
+    prompt = "a red circle " * 80_000  # 1 MB
+    candidates = pipeline([prompt], SamplingSettings(n=2, keep=1))[0]
+    out = prepare_out_dir(tmp_path / "out")
+    (record,) = write_prompt_results(out, candidates)
+    assert record["prompt"] == prompt[:MAX_STORED_PROMPT] + "..."
+    assert (out / "samples.jsonl").stat().st_size < 2 * MAX_STORED_PROMPT
+    for name in (record["file"], record["grid"]):
+        assert Image.open(out / name).text["prompt"] == record["prompt"]
+        assert (out / name).stat().st_size < 100_000
 
 
 @pytest.mark.slow

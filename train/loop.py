@@ -41,6 +41,7 @@ __all__ = [
     "progress",
     "warn_if_not_below_steps",
     "add_data_arguments",
+    "seed_number",
     "check_held_in_memory",
     "Run",
 ]
@@ -116,7 +117,7 @@ def add_common_arguments(
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
                         help="bf16 autocast or fp32; auto: bf16 where the device multiplies bf16 matrices natively "
                              "(CUDA with bf16, a CPU with AMX), fp32 elsewhere")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=seed_number, default=0, help=SEED_HELP)
     parser.add_argument("--workers", type=_nonnegative_int, default=0, help="DataLoader worker processes")
     parser.add_argument("--image-column", default=None, help="image column of a file or hub dataset")
     parser.add_argument("--text-column", default=None, help="caption column of a file or hub dataset")
@@ -141,6 +142,18 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--follow-symlinks", action="store_true",
                         help="read pictures whose path leads outside the data folder (an absolute path, .. or a "
                              "symlink); by default they are skipped and counted")
+
+
+MAX_SEED = 2**32 - 1  # seeds are mixed with positions and epochs (seed * 1_000_003 + p) into 64-bit generators
+SEED_HELP = f"seed of the data order, augmentation and initialisation, 0 to {MAX_SEED} (default 0)"
+
+
+def seed_number(text: str) -> int:
+    """``--seed`` of a training command: an integer from 0 to MAX_SEED (argparse type)."""
+    value = int(text)
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must be from 0 to {MAX_SEED}, got {value}")
+    return value
 
 
 def _fraction(text: str) -> float:

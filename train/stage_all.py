@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from checkpoint import UserError
-from train.loop import add_data_arguments
+from train.loop import SEED_HELP, add_data_arguments, seed_number
 
 # Per-stage options for each preset, as command-line flags of that stage.
 PRESETS: dict[str, dict[str, list[str]]] = {
@@ -72,7 +72,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "CUDA device), tiny (a smoke test: a few steps a stage, its pictures are noise); auto "
                              "(default): gpu when CUDA is visible, else cpu")
     parser.add_argument("--size", type=int, default=64)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=seed_number, default=0, help=SEED_HELP)
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--resume", action="store_true", help="skip finished stages, continue a killed one")
     parser.add_argument("--overwrite", action="store_true",
@@ -108,7 +108,7 @@ def _read_record(record_path: Path) -> dict:
     """RUN/all.json: the stages finished, their seconds, the preset and data; empty where missing or unreadable."""
     try:
         record = json.loads(record_path.read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # RecursionError: JSON nested past Python's stack
         record = None
     if not isinstance(record, dict) or not isinstance(record.get("finished"), list):
         return {"finished": [], "seconds": {}}

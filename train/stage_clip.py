@@ -137,7 +137,8 @@ class ClipTrainer:
                 raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(o, name)}")
         if o.weight_decay < 0 or o.grad_clip <= 0:
             raise UserError("--weight-decay must be >= 0 and --grad-clip > 0")
-        check_held_in_memory("heldout-examples", o.heldout_examples, 3 * o.size * o.size * 4)  # (3, S, S) fp32 each
+        for option in ("heldout-examples", "batch-size"):  # (3, S, S) fp32 pictures held at once
+            check_held_in_memory(option, getattr(o, option.replace("-", "_")), 3 * o.size * o.size * 4)
         out = Path(o.out)
         if not (out / "tokenizer.model").is_file():
             raise UserError(f"{out / 'tokenizer.model'} is missing; run `python -m train tokenizer --out {out}` first")

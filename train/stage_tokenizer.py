@@ -9,7 +9,7 @@ from pathlib import Path
 
 from checkpoint import UserError, remove_temporaries
 from train.data import DEFAULT_HELDOUT_FRACTION, DEFAULT_MAX_PIXELS
-from train.loop import add_data_arguments
+from train.loop import SEED_HELP, add_data_arguments, seed_number
 
 
 @dataclass
@@ -34,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="upper bound on the vocabulary (a small corpus gets fewer pieces)")
     parser.add_argument("--max-texts", type=int, default=TokenizerOptions.max_texts,
                         help="captions read to train on")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=seed_number, default=0, help=SEED_HELP)
     parser.add_argument("--image-column", default=None)
     parser.add_argument("--text-column", default=None)
     add_data_arguments(parser)
