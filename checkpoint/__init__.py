@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import errno
+import hashlib
 import json
 import math
 import os
@@ -42,6 +43,9 @@ __all__ = [
     "load_pretrained",
     "save_torch",
     "load_torch",
+    "file_digest",
+    "TOKENIZER_DIGEST",
+    "check_tokenizer_digest",
 ]
 
 TEMPORARY_SUFFIX = ".tmp"
@@ -422,6 +426,34 @@ def load_pretrained(
     model = _build(model_cls, config, part)
     load_weights(model, directory / WEIGHTS_NAME, part)
     return model.eval()
+
+
+# The weights' metadata key under which a part records the digest of the tokenizer it was trained with.
+TOKENIZER_DIGEST = "tokenizer_sha256"
+
+
+def file_digest(path: str | Path) -> str:
+    """The first 16 hex digits of a file's SHA-256."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
+def check_tokenizer_digest(tokenizer_path: str | Path, weights_path: str | Path, part: str) -> None:
+    """A CheckpointError where ``part``'s weights record the digest of another tokenizer than ``tokenizer_path``
+    (one of the same vocabulary size from another run loads, and draws garbage). Weights without the record
+    (runs from before it) pass."""
+    try:
+        with safe_open(str(weights_path), framework="pt") as f:
+            recorded = (f.metadata() or {}).get(TOKENIZER_DIGEST)
+    except (SafetensorError, OSError, ValueError):
+        return  # loading the weights says what is wrong with them
+    if recorded is not None and recorded != file_digest(tokenizer_path):
+        raise CheckpointError(f"tokenizer does not fit {part}: {tokenizer_path} is not the tokenizer {part} was "
+                              f"trained with (digest {file_digest(tokenizer_path)}, not {recorded}); put the run's own "
+                              "tokenizer.model back")
 
 
 def save_torch(obj: Any, path: str | Path) -> None:

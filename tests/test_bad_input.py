@@ -6,6 +6,7 @@ property test feeds `sample` random Unicode, control characters and very long pr
 """
 
 import json
+import random
 import shutil
 import string
 from pathlib import Path
@@ -42,6 +43,19 @@ def _other_vocab_run(tiny_run: Path, to: Path) -> Path:
     vocab = TextTokenizer.load(run / "tokenizer.model").vocab_size
     texts = [f"word{i} {string.ascii_lowercase[i % 26] * (1 + i % 5)}" for i in range(3000)]
     TextTokenizer.train(texts, vocab_size=vocab + 40).save(run / "tokenizer.model")
+    return run
+
+
+def _same_size_other_tokenizer(tiny_run: Path, to: Path) -> Path:
+    """A run whose tokenizer is another one with as many ids as the run's: check_fits cannot tell them apart."""
+    from tokenizer import TextTokenizer
+
+    run = _copy_run(tiny_run, to)
+    vocab = TextTokenizer.load(run / "tokenizer.model").vocab_size
+    words = ["".join(random.Random(i).choices(string.ascii_lowercase, k=7)) for i in range(3000)]
+    other = TextTokenizer.train([f"{a} {b}" for a, b in zip(words, words[1:])], vocab_size=vocab)
+    assert other.vocab_size == vocab
+    other.save(run / "tokenizer.model")
     return run
 
 
@@ -214,6 +228,8 @@ CASES = [
     ("sample", "x --checkpoint {tmp}/run", lambda t, r: _copy_run(r, t / "run", without="seq2seq"), "seq2seq"),
     ("sample", "x --checkpoint {tmp}/run", lambda t, r: _copy_run(r, t / "run", without="tokenizer.model"), "tokenizer"),
     ("sample", "x --checkpoint {tmp}/run", lambda t, r: _other_vocab_run(r, t / "run"), "tokenizer does not fit seq2seq"),
+    ("sample", "x --checkpoint {tmp}/run", lambda t, r: _same_size_other_tokenizer(r, t / "run"),
+     "is not the tokenizer seq2seq was trained with"),
     ("sample", "x --checkpoint {tmp}/run", lambda t, r: _truncated_weights(r, t / "run"), "damaged or truncated"),
     ("sample", "x --checkpoint {tmp}/run", lambda t, r: _edited_weights(r, t / "run", "seq2seq", _nan),
      "holds NaN or infinite values"),

@@ -107,9 +107,8 @@ def test_train_all_stopped_at_any_write_resumes_to_the_same_run(stopped_runs, ca
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("write", ["tokenizer.model", "state/vqgan/step-0000003/state.pt", "latest.json",
-                                   "vqgan/model.safetensors", "codes-train", "seq2seq/model.safetensors",
-                                   "clip/config.json", "all.json"])
+@pytest.mark.parametrize("write", ["state/vqgan/step-0000003/state.pt", "codes-train", "seq2seq/model.safetensors",
+                                   "all.json"])
 def test_a_disk_that_fills_up_mid_run_ends_it_with_one_line_and_resume_finishes_it(write, stopped_runs, tmp_path,
                                                                                    capsys):
     """The first write into the run whose target holds ``write`` fails with ENOSPC, as on a full disk."""

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from checkpoint import UserError, save_pretrained
+from checkpoint import TOKENIZER_DIGEST, UserError, file_digest, save_pretrained
 from seq2seq.evaluate import caption_gap
 from train import dist
 from train.loop import (Run, StageOptions, add_common_arguments, autocast, autocast_dtype, check_held_in_memory,
@@ -313,8 +313,9 @@ class Seq2SeqTrainer:
         if self.run.is_main:
             model = self.ema or self.model
             state = self.modules["model"].state_dict() if self.ctx.fsdp else None
-            save_pretrained(model, self.config, Path(self.options.out) / "seq2seq", state=state,
-                            metadata={"step": str(self.step)})
+            out = Path(self.options.out)
+            save_pretrained(model, self.config, out / "seq2seq", state=state,
+                            metadata={"step": str(self.step), TOKENIZER_DIGEST: file_digest(out / "tokenizer.model")})
 
     def export_at_end(self) -> None:
         """Make RUN/seq2seq/ hold what it should once training is over, whatever a kill did to it.
