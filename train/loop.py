@@ -43,6 +43,7 @@ __all__ = [
     "add_data_arguments",
     "seed_number",
     "check_held_in_memory",
+    "check_pictures_held",
     "Run",
 ]
 
@@ -198,6 +199,12 @@ def check_held_in_memory(option: str, count: int, bytes_each: int) -> None:
     if count * bytes_each > MAX_HELD_BYTES:
         raise UserError(f"--{option} {count} holds {count * bytes_each / 2**30:.1f} GiB at once; at most "
                         f"{MAX_HELD_BYTES // bytes_each} fit in the {MAX_HELD_BYTES >> 30} GiB a stage may hold")
+
+
+def check_pictures_held(options: StageOptions, heldout_examples: int) -> None:
+    """:func:`check_held_in_memory` for a stage that holds a batch and its held-out pictures, (3, S, S) fp32 each."""
+    for option, count in (("batch-size", options.batch_size), ("heldout-examples", heldout_examples)):
+        check_held_in_memory(option, count, 3 * options.size * options.size * 4)
 
 
 def resolve_device(name: str) -> torch.device:

@@ -37,7 +37,7 @@ from torch import nn
 from checkpoint import UserError
 from scorer import Scorer, ScorerConfig, contrastive_loss, retrieval_accuracy
 from train import dist
-from train.loop import (Run, StageOptions, add_common_arguments, autocast, autocast_dtype, check_held_in_memory,
+from train.loop import (Run, StageOptions, add_common_arguments, autocast, autocast_dtype, check_pictures_held,
                         cosine_schedule, progress)
 
 
@@ -137,8 +137,7 @@ class ClipTrainer:
                 raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(o, name)}")
         if o.weight_decay < 0 or o.grad_clip <= 0:
             raise UserError("--weight-decay must be >= 0 and --grad-clip > 0")
-        for option in ("heldout-examples", "batch-size"):  # (3, S, S) fp32 pictures held at once
-            check_held_in_memory(option, getattr(o, option.replace("-", "_")), 3 * o.size * o.size * 4)
+        check_pictures_held(o, o.heldout_examples)
         out = Path(o.out)
         if not (out / "tokenizer.model").is_file():
             raise UserError(f"{out / 'tokenizer.model'} is missing; run `python -m train tokenizer --out {out}` first")

@@ -27,7 +27,7 @@ import torch
 
 from checkpoint import UserError
 from train import dist
-from train.loop import (Run, StageOptions, add_common_arguments, autocast, autocast_dtype, check_held_in_memory,
+from train.loop import (Run, StageOptions, add_common_arguments, autocast, autocast_dtype, check_pictures_held,
                         cosine_schedule, progress, warn_if_not_below_steps)
 from vqgan import VQGAN, VQGANConfig
 from vqgan.discriminator import DISCRIMINATOR_PRESETS, PatchDiscriminator
@@ -288,8 +288,7 @@ def _check(o: VQGANOptions) -> None:
         raise UserError(f"--codebook-size must be from 2 to {MAX_CODEBOOK_SIZE}, got {o.codebook_size}")
     if o.eval_every < 1 or o.heldout_examples < 1:
         raise UserError("--eval-every and --heldout-examples must be >= 1")
-    for option in ("heldout-examples", "batch-size"):  # (3, S, S) fp32 pictures held at once
-        check_held_in_memory(option, getattr(o, option.replace("-", "_")), 3 * o.size * o.size * 4)
+    check_pictures_held(o, o.heldout_examples)
     warn_if_not_below_steps(o.steps, "vqgan", disc_start=o.disc_start if o.disc_weight > 0 else 0, warmup=o.warmup)
 
 
