@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -26,7 +27,8 @@ from pathlib import Path
 
 import torch
 
-from checkpoint import ArgumentParser, UserError, add_threads_argument, load_config, run_command, set_threads
+from checkpoint import (ArgumentParser, UserError, add_threads_argument, atomic_write, load_config, run_command,
+                        set_threads)
 from train.data import DEFAULT_HELDOUT_FRACTION
 
 GOALS = {"cache_speedup": 10.0, "cpu_share_of_peak": 0.5, "gpu_bandwidth_share": 0.6, "gpu_mfu": 0.35,
@@ -34,6 +36,7 @@ GOALS = {"cache_speedup": 10.0, "cpu_share_of_peak": 0.5, "gpu_bandwidth_share":
 # A share measured on fewer pictures is reported with its count, never as a goal met or not: on 32 pictures
 # one picture moves it by 3 points.
 MIN_PICTURES_TO_JUDGE = 100
+REPORT_FILES = ("bench.json", "bench.md")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -133,8 +136,8 @@ def run_data(run: Path, args: argparse.Namespace) -> dict:
     record_path = run / "all.json"
     try:
         record = json.loads(record_path.read_text()) if record_path.is_file() else {}
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot read {record_path} ({e}); pass --data") from None
+    except (OSError, ValueError, RecursionError) as e:
+        raise UserError(f"cannot read {record_path} ({type(e).__name__}); pass --data") from None
     fraction = record.get("heldout_fraction") if isinstance(record, dict) else None
     fraction = fraction if isinstance(fraction, float) and 0 < fraction < 1 else DEFAULT_HELDOUT_FRACTION
     if args.data is not None:
@@ -355,6 +358,11 @@ def run(args: argparse.Namespace) -> dict:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"cannot write --out {out}: {e.strerror}") from None
+    for name in REPORT_FILES:  # found out now, not after minutes of measuring
+        if os.path.lexists(out / name) and not (out / name).is_file():
+            raise UserError(f"--out {out}: {name} there is not a regular file; move it or pass another --out")
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write --out {out}: permission denied; pass a writable directory")
     start = time.perf_counter()
     report = {"checkpoint": str(checkpoint), "machine": machine(device), "command": "python -m bench " + " ".join(
         sys.argv[1:] if args.argv is None else args.argv)}
@@ -365,7 +373,7 @@ def run(args: argparse.Namespace) -> dict:
     report["seconds"] = time.perf_counter() - start
     write_json(out / "bench.json", report)
     text = markdown(report)
-    (out / "bench.md").write_text(text)
+    atomic_write(out / "bench.md", lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
     print(text)
     return report
 

@@ -46,7 +46,7 @@ def _record(run: Path) -> dict:
     path = run / "all.json"
     try:
         return json.loads(path.read_text()) if path.is_file() else {}
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return {}
 
 

@@ -9,22 +9,28 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
+import hashlib
 import json
+import math
 import os
 import re
 import shutil
 import sys
 import tempfile
+import types
+import typing
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 __all__ = [
     "UserError",
     "CheckpointError",
+    "WriteError",
     "ArgumentParser",
     "run_command",
     "atomic_write",
@@ -37,6 +43,9 @@ __all__ = [
     "load_pretrained",
     "save_torch",
     "load_torch",
+    "file_digest",
+    "TOKENIZER_DIGEST",
+    "check_tokenizer_digest",
 ]
 
 TEMPORARY_SUFFIX = ".tmp"
@@ -48,6 +57,8 @@ _TEMPORARY = re.compile(r"\..+\.(?:(\d+)-)?[A-Za-z0-9_]+\.tmp")
 _SAFETENSORS_TEMPORARY = re.compile(r"\.tmp[A-Za-z0-9]{6}")  # the Rust tempfile crate's names
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+# Elements of the buffers a config may ask for beyond its weights (masks, rotary tables): 256 MiB of fp32.
+MAX_BUFFER_ELEMENTS = 1 << 26
 
 T = TypeVar("T")
 
@@ -60,12 +71,29 @@ class CheckpointError(UserError):
     """A checkpoint that is missing, damaged or does not fit; the message says which part and what to do."""
 
 
+class WriteError(UserError):
+    """A file could not be written (a full disk, a read-only or foreign directory); what was there is intact."""
+
+
+# What the machine, not the program, got wrong: a full disk, a read-only or foreign file system, a failing device.
+ENVIRONMENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO})
+WRITE_HINT = ("free some space or make the directory writable, then run the command again (a training stage goes on "
+              "from its last checkpoint with --resume)")
+
+
 def run_command(body: Callable[[], object]) -> int:
-    """Run a command line's work: 0 when it ends, 2 with its one ``error: ...`` line when it raises UserError."""
+    """Run a command line's work: 0 when it ends, 2 with its one ``error: ...`` line when it raises UserError
+    or an OSError of the machine (:data:`ENVIRONMENT_ERRNOS`: a disk that filled up during the work)."""
     try:
         body()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if e.errno not in ENVIRONMENT_ERRNOS:
+            raise
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"error: {e.strerror}{where}; {WRITE_HINT}", file=sys.stderr)
         return 2
     return 0
 
@@ -78,6 +106,9 @@ class ArgumentParser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+MAX_THREADS = 1024  # more would only wait for each other; 2**31 overflowed torch's int
+
+
 def add_threads_argument(parser: argparse.ArgumentParser) -> None:
     """``--threads N``: the CPU threads PyTorch computes with (default: one per core)."""
     parser.add_argument("--threads", type=int, default=None, metavar="N",
@@ -86,11 +117,11 @@ def add_threads_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def set_threads(threads: int | None) -> None:
-    """Apply ``--threads``: a UserError below 1."""
+    """Apply ``--threads``: a UserError below 1 or above MAX_THREADS."""
     if threads is None:
         return
-    if threads < 1:
-        raise UserError(f"--threads must be >= 1, got {threads}")
+    if not 1 <= threads <= MAX_THREADS:
+        raise UserError(f"--threads must be >= 1 and at most {MAX_THREADS}, got {threads}")
     torch.set_num_threads(threads)
 
 
@@ -106,12 +137,16 @@ def atomic_write(path: str | Path, write: Callable[[str], None], exclusive: bool
     ``<name>.partial`` inside the folder (so no search for finished files finds it),
     gets the mode a file opened for writing gets, 0666 less the umask, whatever ``write`` did to it (mkstemp
     and safetensors make 0600, which hid a run's files from everyone but their owner).
+
+    A write the machine refuses (a full disk, a read-only directory: :data:`ENVIRONMENT_ERRNOS`, however the
+    writer reports it) is a :class:`WriteError` naming ``path``; the file there stays as it was.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    folder = tempfile.mkdtemp(prefix=f".{path.name}.{os.getpid()}-", suffix=TEMPORARY_SUFFIX, dir=path.parent)
-    tmp = os.path.join(folder, path.name + PARTIAL_SUFFIX)  # never the final name, even inside its folder
+    folder = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        folder = tempfile.mkdtemp(prefix=f".{path.name}.{os.getpid()}-", suffix=TEMPORARY_SUFFIX, dir=path.parent)
+        tmp = os.path.join(folder, path.name + PARTIAL_SUFFIX)  # never the final name, even inside its folder
         os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))  # the kernel applies the umask
         mode = os.stat(tmp).st_mode & 0o777
         write(tmp)
@@ -122,8 +157,29 @@ def atomic_write(path: str | Path, write: Callable[[str], None], exclusive: bool
             _place_new(tmp, path)
         else:
             os.replace(tmp, path)
+    except Exception as e:  # noqa: BLE001 - the writers report a full disk as OSError, RuntimeError or their own
+        cause = _system_error(e)
+        if cause is None or cause.errno not in ENVIRONMENT_ERRNOS:
+            raise
+        raise WriteError(f"cannot write {path}: {cause.strerror}; {WRITE_HINT}") from None
     finally:
-        shutil.rmtree(folder, ignore_errors=True)
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _system_error(error: BaseException) -> OSError | None:
+    """The operating system's error behind a failed write, or None: an OSError in the chain of causes (torch.save
+    wraps it in a RuntimeError), or safetensors' ``(os error N)``."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno is not None:
+            return seen
+        number = re.search(r"\(os error (\d+)\)", str(seen))
+        if number is not None:
+            code = int(number.group(1))
+            return OSError(code, os.strerror(code))
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def _place_new(tmp: str, path: Path) -> None:
@@ -191,6 +247,8 @@ def read_json(path: str | Path, part: str) -> dict:
         return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{part}: {path} is not valid JSON ({e.msg if hasattr(e, 'msg') else e})") from None
+    except RecursionError:
+        raise CheckpointError(f"{part}: {path} nests too deep to be one of this program's files") from None
 
 
 def save_pretrained(model: torch.nn.Module, config: Any, directory: str | Path, state: dict | None = None,
@@ -218,14 +276,58 @@ def save_pretrained(model: torch.nn.Module, config: Any, directory: str | Path, 
 def load_config(config_cls: type[T], directory: str | Path, part: str) -> T:
     """Rebuild a dataclass config from ``directory/config.json``; unknown or missing fields name the part."""
     raw = read_json(Path(directory) / CONFIG_NAME, part)
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{part}: config.json holds {json_kind(raw)}, not an object of fields; restore it from "
+                              "the run or retrain")
     fields = {f.name for f in dataclasses.fields(config_cls) if f.init}
     unknown = sorted(set(raw) - fields)
     if unknown:
         raise CheckpointError(f"{part}: config.json has fields this version does not know: {', '.join(unknown)}")
+    hints = typing.get_type_hints(config_cls)
+    for name, value in raw.items():
+        if not _fits_type(value, hints.get(name, Any)):
+            shown = json.dumps(value)
+            shown = shown if len(shown) <= 40 else shown[:37] + "..."
+            raise CheckpointError(f"{part}: config.json gives {name} = {shown}, which is not "
+                                  f"{_type_name(hints[name])}; restore it from the run or retrain")
     try:
         return config_cls(**raw)
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, OverflowError) as e:
         raise CheckpointError(f"{part}: config.json does not make a valid {config_cls.__name__}: {e}") from None
+
+
+def json_kind(value: Any) -> str:
+    """What a parsed JSON value is, in JSON's words: "null", "a list", "a number", ..."""
+    kinds = {type(None): "null", bool: "true or false", int: "a number", float: "a number", str: "a string",
+             list: "a list", dict: "an object"}
+    return kinds.get(type(value), type(value).__name__)
+
+
+def _fits_type(value: Any, kind: Any) -> bool:
+    """Whether a JSON value is of a config field's annotated type (kinds it does not know pass: the config's own
+    checks see them). Numbers must be finite, a bool is no int, and an int serves where a float is asked."""
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits_type(value, arg) for arg in args)
+    if kind is type(None):
+        return value is None
+    if kind is bool:
+        return isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if kind is str:
+        return isinstance(value, str)
+    if origin in (tuple, list):
+        item = args[0] if args else Any
+        return isinstance(value, (list, tuple)) and all(_fits_type(v, item) for v in value)
+    return True
+
+
+def _type_name(kind: Any) -> str:
+    text = getattr(kind, "__name__", None) if typing.get_origin(kind) is None else None
+    return f"a{'n' if (text or str(kind))[0] in 'aeiou' else ''} {text or str(kind).replace('typing.', '')}"
 
 
 def load_weights(model: torch.nn.Module, path: str | Path, part: str) -> None:
@@ -238,17 +340,8 @@ def load_weights(model: torch.nn.Module, path: str | Path, part: str) -> None:
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{part}: {path} is damaged or truncated ({e}); retrain or restore it") from None
     expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    extra = sorted(set(state) - set(expected))
-    if missing or extra:
-        detail = f"missing {missing[:3]}" if missing else f"unexpected {extra[:3]}"
-        raise CheckpointError(f"{part}: weights do not fit config.json ({detail}); the files come from different runs")
-    for name, tensor in expected.items():  # in the model's order, so the first layer that differs is named
-        if state[name].shape != tensor.shape:
-            raise CheckpointError(
-                f"{part}: weights do not fit config.json: {name} is {tuple(state[name].shape)} "
-                f"but the config builds {tuple(tensor.shape)}; the files come from different runs"
-            )
+    _check_shapes({k: tuple(v.shape) for k, v in expected.items()}, {k: tuple(v.shape) for k, v in state.items()}, part)
+    for name, tensor in expected.items():
         # A weight of the wrong kind, or one that is not finite, would load and draw garbage: refuse it here.
         if state[name].is_floating_point() != tensor.is_floating_point():
             raise CheckpointError(f"{part}: {name} is {state[name].dtype} in {path} but the model holds {tensor.dtype}; "
@@ -259,6 +352,67 @@ def load_weights(model: torch.nn.Module, path: str | Path, part: str) -> None:
     model.load_state_dict(state, strict=True)
 
 
+def _check_shapes(expected: dict[str, tuple], found: dict[str, tuple], part: str) -> None:
+    """The weights a config builds (``expected``, name -> shape) against a file's; a CheckpointError naming the
+    first difference, in the model's order."""
+    missing = sorted(set(expected) - set(found))
+    extra = sorted(set(found) - set(expected))
+    if missing or extra:
+        detail = f"missing {missing[:3]}" if missing else f"unexpected {extra[:3]}"
+        raise CheckpointError(f"{part}: weights do not fit config.json ({detail}); the files come from different runs")
+    for name, shape in expected.items():
+        if found[name] != shape:
+            raise CheckpointError(f"{part}: weights do not fit config.json: {name} is {found[name]} but the config "
+                                  f"builds {shape}; the files come from different runs")
+
+
+def _check_size(model_cls: Callable[[Any], torch.nn.Module], config: Any, path: Path, part: str) -> None:
+    """Before a real model is allocated: the one ``config`` builds, made on the meta device (no memory), must fit
+    the shapes in the weights file's header, and ask for no more than MAX_BUFFER_ELEMENTS in other buffers. A
+    config.json edited to 10^10 codes is refused here, instead of allocating 300 GB.
+
+    The meta build costs seconds (its first use imports sympy), so it runs only for a config with a number larger
+    than every side of every tensor in the file, as a size nobody trained would be: the configs of real runs
+    (sides of 64 to 1024, counts of layers and windows below them) load without it.
+    """
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            found = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{part}: {path} is damaged or truncated ({e}); retrain or restore it") from None
+    largest_side = max((side for shape in found.values() for side in shape), default=0)
+    if max(_integers(dataclasses.asdict(config)), default=0) <= largest_side:
+        return
+    with torch.device("meta"):
+        shell = _build(model_cls, config, part)
+    expected = shell.state_dict()
+    _check_shapes({k: tuple(v.shape) for k, v in expected.items()}, found, part)
+    others = sum(b.numel() for name, b in shell.named_buffers() if name not in expected)
+    if others > MAX_BUFFER_ELEMENTS:
+        raise CheckpointError(f"{part}: config.json asks for {others:.3g} elements of buffers beside its weights (at "
+                              f"most {MAX_BUFFER_ELEMENTS:.3g}); restore it from the run or retrain")
+
+
+def _integers(value: Any) -> list[int]:
+    """Every integer in a config's fields, lists included (bools left out): the sizes and counts."""
+    if isinstance(value, dict):
+        return [n for v in value.values() for n in _integers(v)]
+    if isinstance(value, (list, tuple)):
+        return [n for v in value for n in _integers(v)]
+    return [value] if isinstance(value, int) and not isinstance(value, bool) else []
+
+
+def _build(model_cls: Callable[[Any], torch.nn.Module], config: Any, part: str) -> torch.nn.Module:
+    """``model_cls(config)``; a config whose values its dataclass let through but a layer refuses (a dropout of 2,
+    channels that groups do not divide) is a CheckpointError."""
+    try:
+        return model_cls(config)
+    except Exception as e:  # noqa: BLE001 - torch's layers refuse bad sizes with several exception types
+        text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise CheckpointError(f"{part}: config.json does not build a model ({type(e).__name__}: {text[:150]}); "
+                              "restore it from the run or retrain") from None
+
+
 def load_pretrained(
     model_cls: Callable[[Any], torch.nn.Module], config_cls: type, directory: str | Path, part: str
 ) -> torch.nn.Module:
@@ -267,14 +421,49 @@ def load_pretrained(
     if not directory.is_dir():
         raise CheckpointError(f"{part}: {directory} is not a directory; train that stage first")
     config = load_config(config_cls, directory, part)
-    model = model_cls(config)
+    if (directory / WEIGHTS_NAME).is_file():  # else load_weights says it is missing
+        _check_size(model_cls, config, directory / WEIGHTS_NAME, part)
+    model = _build(model_cls, config, part)
     load_weights(model, directory / WEIGHTS_NAME, part)
     return model.eval()
 
 
+# The weights' metadata key under which a part records the digest of the tokenizer it was trained with.
+TOKENIZER_DIGEST = "tokenizer_sha256"
+
+
+def file_digest(path: str | Path) -> str:
+    """The first 16 hex digits of a file's SHA-256."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
+def check_tokenizer_digest(tokenizer_path: str | Path, weights_path: str | Path, part: str) -> None:
+    """A CheckpointError where ``part``'s weights record the digest of another tokenizer than ``tokenizer_path``
+    (one of the same vocabulary size from another run loads, and draws garbage). Weights without the record
+    (runs from before it) pass."""
+    try:
+        with safe_open(str(weights_path), framework="pt") as f:
+            recorded = (f.metadata() or {}).get(TOKENIZER_DIGEST)
+    except (SafetensorError, OSError, ValueError):
+        return  # loading the weights says what is wrong with them
+    if recorded is not None and recorded != file_digest(tokenizer_path):
+        raise CheckpointError(f"tokenizer does not fit {part}: {tokenizer_path} is not the tokenizer {part} was "
+                              f"trained with (digest {file_digest(tokenizer_path)}, not {recorded}); put the run's own "
+                              "tokenizer.model back")
+
+
 def save_torch(obj: Any, path: str | Path) -> None:
     """Save tensors-and-primitives state (optimizer, RNG) with torch.save, atomically."""
-    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:  # through a Python file, so that a full disk raises OSError (as its cause)
+            torch.save(obj, f)
+
+    atomic_write(path, write)
 
 
 def load_torch(path: str | Path, part: str) -> Any:

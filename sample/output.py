@@ -23,13 +23,17 @@ from PIL.PngImagePlugin import PngInfo
 
 from checkpoint import UserError, atomic_write
 
-__all__ = ["safe_stem", "prepare_out_dir", "picture_fields", "picture_pixels", "picture_png", "save_picture",
-           "save_preview", "write_prompt_results"]
+__all__ = ["safe_stem", "prepare_out_dir", "stored_prompt", "picture_fields", "picture_pixels", "picture_png",
+           "save_picture", "save_preview", "write_prompt_results"]
 
 MAX_STEM = 60
 GRID_CELLS = 256  # a grid of more candidates shows the best 256: 10 000 cells would be too big to open
 FRAME_MS = 120  # how long a preview shows each frame; the last (the picture) stays FINAL_FRAME_MS
 FINAL_FRAME_MS = 1500
+# Characters of a prompt stored in PNG chunks and samples.jsonl: far more than the model's 64 text tokens
+# read, so a 10 MB prompt is not stored three times over.
+MAX_STORED_PROMPT = 4096
+RECORDS = "samples.jsonl"
 
 
 def safe_stem(prompt: str) -> str:
@@ -48,7 +52,16 @@ def prepare_out_dir(out: str | Path) -> Path:
         raise UserError(f"cannot create --out {out}: {e.strerror}; pass a writable directory") from None
     if not out.is_dir() or not os.access(out, os.W_OK | os.X_OK):
         raise UserError(f"--out {out} is not a writable directory; pass a writable directory")
+    records = out / RECORDS
+    if os.path.lexists(records) and (records.is_symlink() or not records.is_file()):
+        raise UserError(f"--out {out}: {RECORDS} there is a symlink or not a regular file; move it or pass "
+                        "another --out")
     return out
+
+
+def stored_prompt(prompt: str) -> str:
+    """The prompt as files record it: its first MAX_STORED_PROMPT characters, marked where cut."""
+    return prompt if len(prompt) <= MAX_STORED_PROMPT else prompt[:MAX_STORED_PROMPT] + "..."
 
 
 def _save_new(path: Path, write: Callable[[str], None]) -> Path:
@@ -77,8 +90,8 @@ def _png_info(fields: dict) -> PngInfo:
 def picture_fields(picture) -> dict:
     """What a picture's PNG text chunks and its samples.jsonl line hold: prompt, seed, rank, score, settings,
     candidate (a sample.pipeline.Picture)."""
-    fields = {"prompt": picture.prompt, "seed": picture.seed, "rank": picture.rank, "score": picture.score,
-              "settings": picture.settings, "candidate": picture.candidate}
+    fields = {"prompt": stored_prompt(picture.prompt), "seed": picture.seed, "rank": picture.rank,
+              "score": picture.score, "settings": picture.settings, "candidate": picture.candidate}
     if picture.likelihood is not None:
         fields["likelihood"] = picture.likelihood
     return fields
@@ -161,16 +174,20 @@ def write_prompt_results(out: Path, pictures: Sequence, nrow: int | None = None)
             records[-1]["preview"] = preview.name
     first, last = min(p.seed for p in pictures), max(p.seed for p in pictures)
     shown = sorted(pictures[:GRID_CELLS], key=lambda p: p.candidate)  # the best ones, when --n is huge
-    title = prompt if len(shown) == len(pictures) else f"{prompt}\n(the best {len(shown)} of {len(pictures)})"
+    title = stored_prompt(prompt)
+    title = title if len(shown) == len(pictures) else f"{title}\n(the best {len(shown)} of {len(pictures)})"
     grid = image_grid(torch.stack([picture_pixels(p.image) for p in shown]), nrow=nrow or min(8, len(shown)),
                       marked=[i for i, p in enumerate(shown) if p.kept], title=title,
                       labels=[_label(p) for p in shown])
     seeds = f"seeds{first}-{last}" if last > first else f"seed{first}"
-    info = _png_info({"prompt": prompt, "seed": first, "candidates": len(pictures), "settings": pictures[0].settings})
+    info = _png_info({"prompt": stored_prompt(prompt), "seed": first, "candidates": len(pictures),
+                      "settings": pictures[0].settings})
     grid_path = _save_new(out / f"{stem}-{seeds}-grid.png", lambda tmp: grid.save(tmp, format="PNG", pnginfo=info))
     for record in records:
         record["grid"] = grid_path.name
-    with open(out / "samples.jsonl", "a", encoding="utf-8") as f:
+    # Appended to only as a file of its own: never through a symlink to somewhere else.
+    descriptor = os.open(out / RECORDS, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o666)
+    with open(descriptor, "a", encoding="utf-8") as f:
         for record in records:
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
     return records

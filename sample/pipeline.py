@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from checkpoint import CheckpointError, UserError
+from checkpoint import CheckpointError, UserError, check_tokenizer_digest
 
 __all__ = ["DEMO_RUN", "SHIPPED_RUNS", "MAX_CANDIDATES", "CANDIDATES_PER_PASS", "resolve_run", "SamplingSettings",
            "Picture", "Preview", "Pipeline", "generate_images", "make_edit"]
@@ -170,6 +170,7 @@ class Pipeline:
         self.vqgan = VQGAN.from_pretrained(run / "vqgan").to(self.device)
         self.model = Seq2Seq.from_pretrained(run / "seq2seq").to(self.device)
         self.model.check_fits(self.tokenizer.vocab_size, self.vqgan.codebook_size, self.model.config.grid_size)
+        check_tokenizer_digest(run / "tokenizer.model", run / "seq2seq" / "model.safetensors", "seq2seq")
         self.scorer = None
         if reranker is not None:
             from sample.rerank import HFClipScorer

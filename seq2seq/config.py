@@ -54,6 +54,9 @@ class Seq2SeqConfig:
             raise ValueError(f"head_dim={self.head_dim} must be even for rotary positions")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if not (self.rope_base > 1 and self.norm_eps > 0 and self.mlp_ratio > 0):  # NaN fails each comparison
+            raise ValueError(f"rope_base must be > 1, norm_eps and mlp_ratio > 0; got {self.rope_base}, "
+                             f"{self.norm_eps}, {self.mlp_ratio}")
         if self.mlp_hidden is None:
             self.mlp_hidden = find_multiple(round(self.mlp_ratio * self.d_model), 64)
 

@@ -6,6 +6,7 @@ property test feeds `sample` random Unicode, control characters and very long pr
 """
 
 import json
+import random
 import shutil
 import string
 from pathlib import Path
@@ -45,6 +46,19 @@ def _other_vocab_run(tiny_run: Path, to: Path) -> Path:
     return run
 
 
+def _same_size_other_tokenizer(tiny_run: Path, to: Path) -> Path:
+    """A run whose tokenizer is another one with as many ids as the run's: check_fits cannot tell them apart."""
+    from tokenizer import TextTokenizer
+
+    run = _copy_run(tiny_run, to)
+    vocab = TextTokenizer.load(run / "tokenizer.model").vocab_size
+    words = ["".join(random.Random(i).choices(string.ascii_lowercase, k=7)) for i in range(3000)]
+    other = TextTokenizer.train([f"{a} {b}" for a, b in zip(words, words[1:])], vocab_size=vocab)
+    assert other.vocab_size == vocab
+    other.save(run / "tokenizer.model")
+    return run
+
+
 def _truncated_weights(tiny_run: Path, to: Path) -> Path:
     run = _copy_run(tiny_run, to)
     weights = run / "vqgan" / "model.safetensors"
@@ -69,6 +83,25 @@ def _nan(t):
     t = t.clone()
     t.view(-1)[1] = float("nan")
     return t
+
+
+def _edited_config(tiny_run: Path, to: Path, part: str, edit) -> Path:
+    """A run whose ``part``/config.json is ``edit(config)`` (a dict to change, or the text to write instead)."""
+    run = _copy_run(tiny_run, to)
+    path = run / part / "config.json"
+    config = json.loads(path.read_text())
+    edited = edit(config)
+    path.write_text(edited if isinstance(edited, str) else json.dumps(config if edited is None else edited))
+    return run
+
+
+def _set(**fields):
+    return lambda config: config.update(fields)
+
+
+def _latest(tmp: Path, text: str) -> Path:
+    """A run whose vqgan stage's latest.json holds ``text``."""
+    return _write(tmp / "run" / "state" / "vqgan" / "latest.json", text)
 
 
 def _write(path: Path, data: str | bytes) -> Path:
@@ -108,6 +141,8 @@ CASES = [
     ("train", "vqgan --data shapes --out {tmp}/out --size 36 --preset tiny", None, "--size"),
     ("train", "vqgan --data shapes --out {tmp}/out --downsample 3", None, "--downsample"),
     ("train", "vqgan --data shapes --out {tmp}/out --codebook-size 1", None, "--codebook-size"),
+    ("train", "vqgan --data shapes --out {tmp}/out --codebook-size 10000000000", None, "--codebook-size must be from 2"),
+    ("train", "vqgan --data shapes --out {tmp}/out --batch-size 100000000", None, "--batch-size 100000000 holds"),
     ("train", "vqgan --data shapes --out {tmp}/out --disc-weight -1", None, "--disc-weight"),
     ("train", "vqgan --data shapes --out {tmp}/out --preset huge", None, "preset"),
     ("train", "seq2seq --data shapes --out {tmp}/out", None, "tokenizer.model is missing"),
@@ -118,10 +153,27 @@ CASES = [
     ("train", "all --data shapes --out {tmp}/run --preset tiny --size 32 --device cpu",
      lambda t, r: _copy_run(r, t / "run"), "holds a finished run"),
     ("train", "all --data shapes --out {tmp}/out --resume --overwrite", None, "contradict"),
+    ("bench", "--checkpoint {tmp}/run --only quality", lambda t, r: _write(_copy_run(r, t / "run") / "all.json",
+                                                                        "[" * 100_000), "all.json (RecursionError)"),
     ("train", "pack --run {tmp}/missing --out {tmp}/out", None, "lacks tokenizer.model"),
     ("train", "pack --run {run} --out {tmp}/run", lambda t, r: _copy_run(r, t / "run"), "already holds a run"),
     ("train", "export --data shapes --n 0 --out {tmp}/out", None, "--n must be >= 1"),
     ("train", "nonsense", None, "invalid choice"),
+    ("train", "vqgan --data shapes --out {tmp}/out --heldout-examples 1000000", None,
+     "--heldout-examples 1000000 holds 45.8 GiB at once"),
+    ("train", "clip --data shapes --out {tmp}/out --heldout-examples 1000000", None, "--heldout-examples 1000000 holds"),
+    ("train", "seq2seq --data shapes --out {tmp}/run --size 32 --cache-examples 1000000000",
+     lambda t, r: _copy_run(r, t / "run"), "--cache-examples 1000000000 holds"),
+    ("train", "vqgan --data shapes --out {tmp}/out --max-pixels 0", None, "--max-pixels: must be >= 1"),
+    ("train", "vqgan --data shapes --out {tmp}/out --seed 18446744073709551616", None, "--seed: must be from 0 to"),
+    ("train", "all --data shapes --out {tmp}/out --seed -1", None, "--seed: must be from 0 to 4294967295"),
+    ("train", "vqgan --data shapes --out {tmp}/run --resume --preset tiny",
+     lambda t: _latest(t, '{"step": 3, "dir": "../../other_run/state/vqgan/step-0000003"}'),
+     "does not name a checkpoint of this run"),
+    ("train", "vqgan --data shapes --out {tmp}/run --resume --preset tiny", lambda t: _latest(t, '["step-0000003"]'),
+     "but a list; restore it"),
+    ("train", "vqgan --data shapes --out {tmp}/run --resume --preset tiny", lambda t: _latest(t, '{"step": 3, "di'),
+     "latest.json is not valid JSON"),
     ("train", "vqgan --data shapes --out {tmp}/out --heldout-fraction 0", None, "--heldout-fraction"),
     ("train", "vqgan --data shapes --out {tmp}/out --heldout-fraction 1.5", None, "--heldout-fraction"),
     ("train", "vqgan --data shapes --out {tmp}/out --augment flip", None, "--augment"),
@@ -134,6 +186,7 @@ CASES = [
                                                                             '{"image": "a.png", "text": "a"}\n{"ima'),
      "line 2 of"),
     ("sample", "x --checkpoint {run} --threads 0", None, "--threads must be >= 1"),
+    ("sample", "x --checkpoint {run} --threads 2147483648", None, "--threads must be >= 1 and at most 1024"),
     # sample: settings
     ("sample", '"" --checkpoint {run}', None, "prompt is empty"),
     ("sample", '"   " --checkpoint {run}', None, "prompt is empty"),
@@ -162,6 +215,10 @@ CASES = [
     ("sample", "--checkpoint {run} --prompts-file {tmp}/blank.txt", lambda t: _write(t / "blank.txt", "\n  \n"),
      "has no prompts"),
     ("sample", "x --checkpoint {run} --out /proc/tilecraft-out", None, "--out"),
+    ("sample", "x --checkpoint {run} --out {tmp}/o", lambda t: (t / "o" / "samples.jsonl").mkdir(parents=True),
+     "samples.jsonl there is a symlink or not a regular file"),
+    ("sample", "x --checkpoint {run} --out {tmp}/o", lambda t: (t / "o").mkdir() or (t / "o" / "samples.jsonl").symlink_to(
+        _write(t / "elsewhere.jsonl", "")), "samples.jsonl there is a symlink"),
     ("sample", "x --checkpoint {run} --n 1000000", None, "--n 1000000 candidates is more than one prompt may have"),
     ("sample", "x --checkpoint {run} --batch-size 0", None, "--batch-size must be >= 1"),
     ("sample", "x --checkpoint {run} --n 5000 --batch-size 3", None, "15000 candidates held at once"),
@@ -171,6 +228,8 @@ CASES = [
     ("sample", "x --checkpoint {tmp}/run", lambda t, r: _copy_run(r, t / "run", without="seq2seq"), "seq2seq"),
     ("sample", "x --checkpoint {tmp}/run", lambda t, r: _copy_run(r, t / "run", without="tokenizer.model"), "tokenizer"),
     ("sample", "x --checkpoint {tmp}/run", lambda t, r: _other_vocab_run(r, t / "run"), "tokenizer does not fit seq2seq"),
+    ("sample", "x --checkpoint {tmp}/run", lambda t, r: _same_size_other_tokenizer(r, t / "run"),
+     "is not the tokenizer seq2seq was trained with"),
     ("sample", "x --checkpoint {tmp}/run", lambda t, r: _truncated_weights(r, t / "run"), "damaged or truncated"),
     ("sample", "x --checkpoint {tmp}/run", lambda t, r: _edited_weights(r, t / "run", "seq2seq", _nan),
      "holds NaN or infinite values"),
@@ -179,9 +238,30 @@ CASES = [
     ("sample", "x --checkpoint {tmp}/run", lambda t, r: _edited_weights(r, t / "run", "clip", lambda w: w * float("inf")),
      "values (a run that diverged"),
     ("sample", "x --checkpoint {run} --reranker {tmp}", None, "--reranker"),
+    ("sample", "x --checkpoint {tmp}/run", lambda t, r: _edited_config(r, t / "run", "vqgan", lambda c: [c]),
+     "config.json holds a list, not an object"),
+    ("sample", "x --checkpoint {tmp}/run", lambda t, r: _edited_config(r, t / "run", "seq2seq", lambda c: "null"),
+     "config.json holds null"),
+    ("sample", "x --checkpoint {tmp}/run", lambda t, r: _edited_config(r, t / "run", "vqgan", _set(groups=4.5)),
+     "gives groups = 4.5, which is not an int"),
+    ("sample", "x --checkpoint {tmp}/run", lambda t, r: _edited_config(r, t / "run", "clip", _set(heads=True)),
+     "gives heads = true, which is not an int"),
+    ("sample", "x --checkpoint {tmp}/run", lambda t, r: _edited_config(r, t / "run", "seq2seq", _set(rope_base=None)),
+     "gives rope_base = null, which is not a float"),
+    ("sample", "x --checkpoint {tmp}/run",
+     lambda t, r: _edited_config(r, t / "run", "vqgan", lambda c: "[" * 100_000 + "]" * 100_000),
+     "nests too deep"),
+    ("sample", "x --checkpoint {tmp}/run",
+     lambda t, r: _edited_config(r, t / "run", "vqgan", _set(codebook_size=10_000_000_000)),
+     "but the config builds (10000000000"),
+    ("sample", "x --checkpoint {tmp}/run",
+     lambda t, r: _edited_config(r, t / "run", "seq2seq", _set(max_text_len=10**9)), "elements of buffers"),
     # bench
     ("bench", "--checkpoint {tmp}/missing", None, "is not a directory"),
     ("bench", "--checkpoint {run} --candidates 0", None, "must be >= 1"),
+    ("bench", "--checkpoint {run} --out {tmp}/b", lambda t: (t / "b" / "bench.json").mkdir(parents=True),
+     "bench.json there is not a regular file"),
+    ("bench", "--checkpoint {run} --out {tmp}/b", lambda t: _write(t / "b", "a file"), "cannot write --out"),
 ]
 TOOLS = {"train": train_cli.main, "sample": sample_cli.main, "bench": bench_cli.main}
 
@@ -235,6 +315,23 @@ def test_sample_repairs_text_that_is_not_unicode(pipeline):
 
     pictures = pipeline(["a red circle \udcff\ud800"], SamplingSettings(n=1, keep=1))[0]
     assert pictures[0].prompt == "a red circle \ufffd\ufffd\ufffd\ufffd\ufffd\ufffd"
+
+
+def test_a_huge_prompt_is_stored_cut_to_a_few_thousand_characters(pipeline, tmp_path):
+    from PIL import Image
+
+    from sample.output import MAX_STORED_PROMPT, prepare_out_dir, write_prompt_results
+    from sample.pipeline import SamplingSettings
+
+    prompt = "a red circle " * 80_000  # 1 MB
+    candidates = pipeline([prompt], SamplingSettings(n=2, keep=1))[0]
+    out = prepare_out_dir(tmp_path / "out")
+    (record,) = write_prompt_results(out, candidates)
+    assert record["prompt"] == prompt[:MAX_STORED_PROMPT] + "..."
+    assert (out / "samples.jsonl").stat().st_size < 2 * MAX_STORED_PROMPT
+    for name in (record["file"], record["grid"]):
+        assert Image.open(out / name).text["prompt"] == record["prompt"]
+        assert (out / name).stat().st_size < 100_000
 
 
 @pytest.mark.slow

@@ -167,3 +167,77 @@ def test_a_new_checkpoint_replaces_the_old_only_once_whole(tmp_path):
     state = tmp_path / "state" / "tiny"
     assert sorted(p.name for p in state.iterdir()) == ["latest.json", "step-0000002"]
     assert json.loads((state / "latest.json").read_text())["step"] == 2
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full, a device that is always full")
+@pytest.mark.parametrize("writer", ["python", "torch.save", "safetensors"])
+def test_a_full_disk_is_one_write_error_naming_the_file_and_the_old_file_stays(writer, tmp_path, monkeypatch):
+    """Each writer reports a full disk its own way (OSError; a RuntimeError caused by one; safetensors' text)."""
+    from safetensors import SafetensorError
+
+    from checkpoint import WriteError, atomic_write, run_command, save_torch
+
+    target = tmp_path / "state.pt"
+    target.write_bytes(b"old")
+
+    def fill(tmp: str) -> None:
+        if writer == "safetensors":  # it writes by path, so /dev/full cannot stand in: its message, as it is
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        with open("/dev/full", "wb") as full:
+            if writer == "python":
+                full.write(b"x" * 100_000)
+                full.flush()
+            else:
+                torch.save({"w": torch.zeros(100_000)}, full)
+
+    with pytest.raises(WriteError, match=f"cannot write {target}: No space left on device; free some space"):
+        atomic_write(target, fill)
+    assert target.read_bytes() == b"old" and os.listdir(tmp_path) == ["state.pt"]
+    assert run_command(lambda: atomic_write(target, fill)) == 2
+    # Through save_torch: torch.save into its file, here one on a full disk.
+    real_save = torch.save
+    with open("/dev/full", "wb", buffering=0) as full:
+        monkeypatch.setattr(torch, "save", lambda obj, f: real_save(obj, full))
+        with pytest.raises(WriteError, match="No space left on device"):
+            save_torch({"w": torch.zeros(100_000)}, target)
+
+
+def test_a_read_only_directory_and_other_os_errors_of_the_machine_are_one_line(tmp_path, monkeypatch, capsys):
+    import errno
+
+    from checkpoint import WriteError, atomic_write, run_command
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    monkeypatch.setattr(os, "replace", read_only)
+    with pytest.raises(WriteError, match="Read-only file system"):
+        atomic_write(tmp_path / "x", lambda tmp: open(tmp, "w").close())
+    # Not the machine's fault: a bug stays a traceback.
+    with pytest.raises(FileNotFoundError):
+        atomic_write(tmp_path / "y", lambda tmp: open(tmp_path / "no" / "such", "r"))
+
+    def append_to_a_full_disk():
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "metrics.jsonl"))
+
+    assert run_command(append_to_a_full_disk) == 2
+    assert capsys.readouterr().err == (f"error: No space left on device ({tmp_path / 'metrics.jsonl'}); free some "
+                                       "space or make the directory writable, then run the command again (a training "
+                                       "stage goes on from its last checkpoint with --resume)\n")
+
+
+def test_a_stage_started_afresh_starts_its_metrics_log_afresh_and_a_resumed_one_keeps_it(tmp_path):
+    module = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(module.parameters(), lr=0.1)
+    run = Run(tmp_path, "vqgan")
+    for step in (1, 2, 3):
+        run.log(step, loss=1.0)
+    run.save_checkpoint(2, {"m": module}, {"o": optimizer}, data_position=0)
+    resumed = Run(tmp_path, "vqgan")
+    resumed.load_checkpoint({"m": module}, {"o": optimizer})
+    resumed.log(3, loss=2.0)
+    steps = [json.loads(line) for line in (tmp_path / "metrics" / "vqgan.jsonl").read_text().splitlines()]
+    assert [(r["step"], r.get("loss")) for r in steps] == [(1, 1.0), (2, 1.0), (2, None), (3, 2.0)]
+    Run(tmp_path, "vqgan").log(1, loss=5.0)  # a killed first attempt's lines do not stay before a new run's
+    steps = [json.loads(line) for line in (tmp_path / "metrics" / "vqgan.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["loss"]) for r in steps] == [(1, 5.0)]

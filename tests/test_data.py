@@ -353,6 +353,71 @@ def test_broken_images_are_skipped_and_counted(tmp_path):
     assert all(b["image"].shape[0] == len(b["text"]) == 6 - b["skipped"] for b in epoch)
 
 
+def _train_rows(folder: Path) -> list[int]:
+    """The numbers of the training split's rows of an :func:`imagefolder`, in its order."""
+    return [int(t.split()[1]) for t in texts(open_dataset(str(folder), S), 100)]
+
+
+def test_paths_that_lead_out_of_the_data_folder_are_skipped_unless_followed(tmp_path):
+    import os
+
+    folder = imagefolder(tmp_path / "folder", 20)
+    (tmp_path / "outside.png").write_bytes(png(5))
+    rows = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()]
+    train = _train_rows(folder)
+    inside = folder / "sub"
+    inside.mkdir()
+    os.symlink(folder / rows[train[4]]["file_name"], inside / "link.png")  # a symlink inside: read
+    bad = {1: "../outside.png", 2: str(tmp_path / "outside.png"), 3: "escape.png", 4: "sub/link.png"}
+    os.symlink(tmp_path / "outside.png", folder / "escape.png")
+    for position, name in bad.items():
+        rows[train[position]]["file_name"] = name
+    write_jsonl(folder / "metadata.jsonl", rows)
+    dataset = open_dataset(str(folder), S)
+    assert [dataset[p] is None for p in range(6)] == [False, True, True, True, False, False]
+    with pytest.raises(ValueError, match="leads outside the data folder .*--follow-symlinks"):
+        dataset.decoder.image(dataset.row(1))
+    followed = open_dataset(str(folder), S, follow_symlinks=True)
+    assert all(followed[p] is not None for p in range(6))
+    assert index_of(followed[1]["image"]) == 5  # outside.png read as asked
+
+
+def test_fifos_and_devices_named_as_pictures_are_skipped_not_waited_on(tmp_path):
+    import os
+
+    folder = imagefolder(tmp_path / "folder", 20)
+    train = _train_rows(folder)
+    fifo = folder / f"{train[0]:03d}.png"
+    fifo.unlink()
+    os.mkfifo(fifo)  # no writer: opening it for reading would wait for ever
+    rows = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()]
+    os.symlink("/dev/zero", folder / "zero.png")  # a device inside the folder by name: endless bytes
+    rows[train[1]]["file_name"] = "zero.png"
+    write_jsonl(folder / "metadata.jsonl", rows)
+    dataset = open_dataset(str(folder), S, follow_symlinks=True)
+    with pytest.raises(ValueError, match="is not a regular file"):
+        dataset.decoder.image(dataset.row(0))
+    assert dataset[0] is None and dataset[1] is None and dataset[2] is not None
+    assert sum(b["skipped"] for b in take(batches(dataset, 6, seed=0), 3)) == 2
+
+
+def test_pictures_over_max_pixels_are_skipped_without_decoding(tmp_path, monkeypatch):
+    folder = imagefolder(tmp_path / "folder", 20)
+    train = _train_rows(folder)
+    (folder / f"{train[2]:03d}.png").write_bytes(png(train[2], size=(300, 200)))  # 60 000 pixels
+    dataset = open_dataset(str(folder), S, max_pixels=50_000)
+    decoded = []
+    real_load = Image.Image.load
+    monkeypatch.setattr(Image.Image, "load", lambda self: decoded.append(self.size) or real_load(self))
+    assert dataset[2] is None and (300, 200) not in decoded
+    with pytest.raises(ValueError, match="300 x 200, more than --max-pixels 50000"):
+        dataset.decoder.image(dataset.row(2))
+    assert dataset[3] is not None
+    assert open_dataset(str(folder), S, max_pixels=60_000)[2] is not None
+    with pytest.raises(DataError, match="--max-pixels must be >= 1"):
+        open_dataset(str(folder), S, max_pixels=0)
+
+
 def test_captions_that_are_not_text_or_not_utf8_are_skipped_and_counted(tmp_path, capsys):
     folder = imagefolder(tmp_path / "folder", 20)
     lines = (folder / "metadata.jsonl").read_bytes().splitlines()

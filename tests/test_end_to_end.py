@@ -304,6 +304,13 @@ def test_pack_halves_the_weights_and_the_packed_run_samples(tiny_run, tmp_path, 
                 assert torch.equal(half[name], tensor)
     kept = generate_images("a large red circle", checkpoint=packed, n=2, keep=1, device="cpu")[0]
     assert len(kept) == 1 and kept[0].score is not None
+    # The packed seq2seq still records its step and the tokenizer it was trained with.
+    from safetensors import safe_open
+
+    from checkpoint import TOKENIZER_DIGEST, file_digest
+
+    with safe_open(str(packed / "seq2seq" / "model.safetensors"), framework="pt") as f:
+        assert f.metadata()[TOKENIZER_DIGEST] == file_digest(packed / "tokenizer.model") and "step" in f.metadata()
 
 
 def test_pack_of_an_incomplete_run_names_what_is_missing(tmp_path, capsys):

@@ -3,7 +3,8 @@
 Stage 2 trains on (caption, image ids) pairs, so images are encoded once, not every epoch. The cache file
 is named by a digest of the VQGAN's weights and config and of the data options, so a later run reuses it
 and a retrained VQGAN gets a new one. It is one safetensors file: ``image_ids`` (N, h*w) and the captions
-as JSON in its metadata, written atomically.
+as JSON in its metadata, written atomically. A cache file that cannot be read, or that does not hold what
+its name promises (ids of this VQGAN's grid and codebook, one caption per entry), is said so and built again.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from checkpoint import UserError, atomic_write
-from train.data import DEFAULT_HELDOUT_FRACTION
+from train.data import DEFAULT_HELDOUT_FRACTION, DEFAULT_MAX_PIXELS
 
 __all__ = ["CodeCache", "cache_path", "load_or_build", "epoch_batch_indices"]
 
@@ -49,9 +50,20 @@ class CodeCache:
             image_ids = f.get_tensor("image_ids").long()
         return cls(image_ids, texts, int(metadata["pictures"]) if "pictures" in metadata else None)
 
+    def check(self, tokens: int, codebook_size: int) -> None:
+        """A ValueError unless every entry is ``tokens`` ids below ``codebook_size`` with a text caption."""
+        ids = self.image_ids
+        if ids.ndim != 2 or ids.shape[1] != tokens or ids.shape[0] != len(self.texts) or not len(self.texts):
+            raise ValueError(f"image_ids {tuple(ids.shape)} for {len(self.texts)} captions, not (N, {tokens})")
+        if int(ids.min()) < 0 or int(ids.max()) >= codebook_size:
+            raise ValueError(f"ids outside the codebook of {codebook_size}")
+        if not all(isinstance(t, str) for t in self.texts):
+            raise ValueError("captions that are not text")
+
 
 def cache_path(run: Path, vqgan_dir: Path, *, data: str, size: int, split: str, limit: int, seed: int,
-               heldout_fraction: float = DEFAULT_HELDOUT_FRACTION, augment: bool = False) -> Path:
+               heldout_fraction: float = DEFAULT_HELDOUT_FRACTION, augment: bool = False,
+               max_pixels: int = DEFAULT_MAX_PIXELS, follow_symlinks: bool = False) -> Path:
     """RUN/cache/codes-<digest>.safetensors, the digest covering the VQGAN and the data options."""
     digest = hashlib.sha256()
     for name in ("config.json", "model.safetensors"):
@@ -61,6 +73,8 @@ def cache_path(run: Path, vqgan_dir: Path, *, data: str, size: int, split: str, 
     options = [data, size, split, limit, seed]
     if data != "shapes":  # shapes has its own split and is never augmented
         options += [heldout_fraction, augment and split == "train"]
+        if (max_pixels, follow_symlinks) != (DEFAULT_MAX_PIXELS, False):  # which pictures are read; the
+            options += [max_pixels, follow_symlinks]  # defaults keep the digests caches had before these options
     digest.update(json.dumps(options).encode())
     return run / "cache" / f"codes-{split}-{digest.hexdigest()[:16]}.safetensors"
 
@@ -69,7 +83,8 @@ def cache_path(run: Path, vqgan_dir: Path, *, data: str, size: int, split: str, 
 def load_or_build(run: Path, vqgan, *, data: str, size: int, split: str, limit: int, seed: int,
                   device: torch.device, batch_size: int = 256, workers: int = 0,
                   image_column: str | None = None, text_column: str | None = None,
-                  heldout_fraction: float = DEFAULT_HELDOUT_FRACTION, augment: bool = False) -> CodeCache:
+                  heldout_fraction: float = DEFAULT_HELDOUT_FRACTION, augment: bool = False,
+                  max_pixels: int = DEFAULT_MAX_PIXELS, follow_symlinks: bool = False) -> CodeCache:
     """The cached codes of up to ``limit`` examples of ``data``; encodes and saves them on a miss.
 
     A finite training split with ``augment`` is read for ``limit`` positions, epoch after epoch, each
@@ -80,11 +95,19 @@ def load_or_build(run: Path, vqgan, *, data: str, size: int, split: str, limit: 
 
     augment = augment and split == "train"
     path = cache_path(run, run / "vqgan", data=data, size=size, split=split, limit=limit, seed=seed,
-                      heldout_fraction=heldout_fraction, augment=augment)
+                      heldout_fraction=heldout_fraction, augment=augment, max_pixels=max_pixels,
+                      follow_symlinks=follow_symlinks)
     if path.is_file():
-        return CodeCache.load(path)
+        try:
+            cache = CodeCache.load(path)
+            cache.check((size // vqgan.downsample) ** 2, vqgan.codebook_size)
+            return cache
+        except Exception as e:  # noqa: BLE001 - a damaged file makes safetensors, json or torch raise anything
+            print(f"encoding: the code cache {path} is damaged ({type(e).__name__}: {str(e)[:120]}); "
+                  "encoding it again")
     dataset = open_dataset(data, size=size, split=split, image_column=image_column, text_column=text_column, seed=seed,
-                           heldout_fraction=heldout_fraction, augment=augment)
+                           heldout_fraction=heldout_fraction, augment=augment, max_pixels=max_pixels,
+                           follow_symlinks=follow_symlinks)
     total = limit if augment and not dataset.endless else min(limit, len(dataset))
     batch_size = min(batch_size, total)
     ids, texts, skipped = [], [], 0

@@ -27,6 +27,13 @@ picture, several photos of one object), else its file name or shard key, else it
 does not depend on the order of the rows, and adding rows moves few others. For a hub dataset they are
 its ``validation`` (else ``test``) split.
 
+Files. A picture's path is read only where it leads inside the data folder (the folder of the metadata or
+the data files): ``..``, absolute paths and symlinks that lead out of it are refused unless
+``follow_symlinks`` (``--follow-symlinks``), and only regular files are opened, never a FIFO or a device
+(which would hang the run or read without end). A picture of more than ``max_pixels`` pixels
+(``--max-pixels``, default 8192 x 8192) is not decoded: its header says its size first. Such rows are
+skipped and counted like unreadable ones.
+
 Captions. A caption cell may hold a list of captions (several phrasings, or COCO's five per picture):
 training draws one per example, evaluation and ``texts`` read the first; the tokenizer sees them all.
 
@@ -54,7 +61,9 @@ import json
 import os
 import random
 import re
+import stat
 import sys
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
@@ -73,6 +82,7 @@ from train import shapes
 from train.images import from_pil
 
 __all__ = ["DataError", "open_dataset", "batches", "texts", "caption_texts", "heldout_count", "DEFAULT_HELDOUT_FRACTION",
+           "DEFAULT_MAX_PIXELS",
            "ShapesDataset", "TableDataset", "StreamDataset"]
 
 IMAGE_COLUMNS = ("image", "img", "file_name", "path", "jpg", "png", "jpeg", "webp")
@@ -83,6 +93,7 @@ HUB_HELDOUT_SPLITS = ("validation", "test")
 PROBE_ROWS = 8  # rows tried at open time: if none of them decodes, the image column is wrong
 STREAM_SHUFFLE_BUFFER = 10_000
 DEFAULT_HELDOUT_FRACTION = 0.05
+DEFAULT_MAX_PIXELS = 8192 * 8192  # a decoded RGB picture of 192 MiB; a 12 000 x 12 000 PNG is refused
 CROP_SCALE = (0.8, 1.0)  # the augmentation's crop side, as a share of the picture's shorter side
 GROUP_COLUMN = "group"
 KEY_COLUMNS = ("file_name", "__key__", "path")
@@ -152,12 +163,15 @@ def random_crop(rng: random.Random) -> tuple[float, float, float]:
 
 @dataclass(frozen=True)
 class RowDecoder:
-    """Turns a row's image cell and caption cell into an example; paths resolve against ``base_dir``."""
+    """Turns a row's image cell and caption cell into an example; paths resolve against ``base_dir`` and must
+    stay inside it unless ``follow_symlinks`` (module doc, Files)."""
 
     image_column: str
     text_column: str
     base_dir: Path
     size: int
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    follow_symlinks: bool = False
 
     def read(self, row: dict, rng: random.Random | None = None) -> dict:
         """The example ``{"image": (3,S,S) in [-1,1], "text": str}``; raises if the image cannot be read or
@@ -179,14 +193,36 @@ class RowDecoder:
         if isinstance(value, (bytes, bytearray, memoryview)):
             source: Any = io.BytesIO(value)
         elif isinstance(value, str) and value:
-            source = Path(value) if os.path.isabs(value) else self.base_dir / value
+            source = self._open(value)
         elif isinstance(value, Image.Image):
             return from_pil(value, self.size, crop)
         else:
             raise ValueError(f"no image in column {self.image_column!r} (found {type(value).__name__})")
-        with Image.open(source) as img:
-            img.draft("RGB", (self.size, self.size))  # JPEG: decode at the smallest scale >= size
-            return from_pil(img, self.size, crop)
+        with source, warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the bound is --max-pixels, below
+            with Image.open(source) as img:
+                width, height = img.size  # from the header: nothing is decoded yet
+                if width * height > self.max_pixels:
+                    raise ValueError(f"the picture is {width} x {height}, more than --max-pixels {self.max_pixels}")
+                img.draft("RGB", (self.size, self.size))  # JPEG: decode at the smallest scale >= size
+                return from_pil(img, self.size, crop)
+
+    def _open(self, value: str) -> io.BufferedReader:
+        """The file a path cell names, opened: inside ``base_dir`` (unless ``follow_symlinks``), a regular file."""
+        path = Path(value) if os.path.isabs(value) else self.base_dir / value
+        if not self.follow_symlinks:
+            real, root = os.path.realpath(path), os.path.realpath(self.base_dir)
+            if os.path.commonpath([real, root]) != root:
+                raise ValueError(f"{value} leads outside the data folder {self.base_dir} (an absolute path, .. or a "
+                                 "symlink); pass --follow-symlinks to read such files")
+        descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO opens at once instead of waiting
+        try:
+            if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+                raise ValueError(f"{value} is not a regular file (a FIFO, a device or a folder)")
+            return os.fdopen(descriptor, "rb")
+        except BaseException:
+            os.close(descriptor)
+            raise
 
     def __call__(self, row: dict, rng: random.Random | None = None) -> dict | None:
         """:meth:`read`, or ``None`` for an unreadable image or a caption that is not text."""
@@ -271,16 +307,20 @@ class TableOptions:
     heldout_fraction: float = DEFAULT_HELDOUT_FRACTION
     augment: bool = False
     seed: int = 0
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    follow_symlinks: bool = False
 
 
 def open_dataset(data: str, size: int, split: str = "train", image_column: str | None = None,
                  text_column: str | None = None, seed: int = 0, heldout_fraction: float = DEFAULT_HELDOUT_FRACTION,
-                 augment: bool = False) -> ShapesDataset | TableDataset | StreamDataset:
+                 augment: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 follow_symlinks: bool = False) -> ShapesDataset | TableDataset | StreamDataset:
     """The ``--data`` source as examples ``{"image": (3,size,size) in [-1,1], "text": str}`` (see module doc).
 
     ``seed`` picks the ``shapes`` stream and the augmentation's draws. ``augment`` applies to the "train"
-    split of tables only. Raises :class:`DataError` for a path that does not exist, a folder without
-    metadata, a missing column or an empty dataset.
+    split of tables only. ``max_pixels`` and ``follow_symlinks``: see the module doc (Files). Raises
+    :class:`DataError` for a path that does not exist, a folder without metadata, a missing column or an
+    empty dataset.
     """
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
@@ -288,11 +328,14 @@ def open_dataset(data: str, size: int, split: str = "train", image_column: str |
         raise DataError(f"--size must be a positive number of pixels, got {size}")
     if not 0 < heldout_fraction < 1:
         raise DataError(f"--heldout-fraction must lie between 0 and 1, got {heldout_fraction}")
+    if max_pixels < 1:
+        raise DataError(f"--max-pixels must be >= 1, got {max_pixels}")
     if data == "shapes":
         if image_column or text_column:
             raise DataError("--image-column and --text-column name columns of a file source; shapes has none")
         return ShapesDataset(size, split, seed)
-    options = TableOptions(size, split, image_column, text_column, heldout_fraction, augment and split == "train", seed)
+    options = TableOptions(size, split, image_column, text_column, heldout_fraction, augment and split == "train", seed,
+                           max_pixels, follow_symlinks)
     if data == "openmoji":
         return _open_openmoji(options)
     path = Path(data).expanduser()
@@ -302,7 +345,7 @@ def open_dataset(data: str, size: int, split: str = "train", image_column: str |
     if files:
         return _open_files(data, files, options)
     if _is_hub_name(data):
-        return _open_hub(data, size, split, image_column, text_column)
+        return _open_hub(data, size, split, image_column, text_column, max_pixels)
     raise DataError(f"--data {data}: no such file or folder; {SOURCES_HINT}")
 
 
@@ -460,7 +503,7 @@ def _table_dataset(table: datasets.Dataset, name: str, base_dir: Path, options: 
     decoder = RowDecoder(
         image_column=_column(table.column_names, options.image_column, IMAGE_COLUMNS, "image", name),
         text_column=_column(table.column_names, options.text_column, TEXT_COLUMNS, "text", name),
-        base_dir=base_dir, size=options.size)
+        base_dir=base_dir, size=options.size, max_pixels=options.max_pixels, follow_symlinks=options.follow_symlinks)
     _check_captions(table, decoder.text_column, name)
     if not whole:
         n = len(table)
@@ -529,7 +572,8 @@ def _column(columns: list[str], wanted: str | None, defaults: tuple[str, ...], k
     raise DataError(f"--data {name}: {what}; its columns are {', '.join(columns)}; pass --{kind}-column")
 
 
-def _open_hub(name: str, size: int, split: str, image_column: str | None, text_column: str | None) -> StreamDataset:
+def _open_hub(name: str, size: int, split: str, image_column: str | None, text_column: str | None,
+              max_pixels: int = DEFAULT_MAX_PIXELS) -> StreamDataset:
     candidates = ("train",) if split == "train" else HUB_HELDOUT_SPLITS
     for hub_split in candidates:
         try:
@@ -541,11 +585,11 @@ def _open_hub(name: str, size: int, split: str, image_column: str | None, text_c
             raise DataError(f"--data {name}: no such file or folder, and the Hugging Face Hub could not give a "
                             f"dataset of that name ({_one_line(e)}); connect this machine to the Hub, or "
                             f"{SOURCES_HINT}") from None
-    return stream_dataset(stream, name, size, image_column, text_column)
+    return stream_dataset(stream, name, size, image_column, text_column, max_pixels)
 
 
 def stream_dataset(stream: datasets.IterableDataset, name: str, size: int, image_column: str | None = None,
-                   text_column: str | None = None) -> StreamDataset:
+                   text_column: str | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> StreamDataset:
     """Wrap an iterable ``datasets`` stream (a hub dataset) with its image and caption columns resolved."""
     if stream.features:
         columns = list(stream.features)
@@ -555,7 +599,8 @@ def stream_dataset(stream: datasets.IterableDataset, name: str, size: int, image
             raise DataError(f"--data {name}: the dataset is empty")
         columns = list(first)
     decoder = RowDecoder(_column(columns, image_column, IMAGE_COLUMNS, "image", name),
-                         _column(columns, text_column, TEXT_COLUMNS, "text", name), Path("."), size)
+                         _column(columns, text_column, TEXT_COLUMNS, "text", name), Path("."), size, max_pixels,
+                         follow_symlinks=True)  # no data folder: the hub's files are where its cache put them
     if stream.features and isinstance(stream.features.get(decoder.image_column), datasets.Image):
         stream = stream.cast_column(decoder.image_column, datasets.Image(decode=False))
     return StreamDataset(stream, decoder, name)

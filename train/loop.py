@@ -15,6 +15,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import sys
 import time
@@ -28,10 +29,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from checkpoint import (CheckpointError, UserError, atomic_write, load_torch, remove_temporaries, save_torch,
-                        write_json)
+from checkpoint import (CheckpointError, UserError, atomic_write, json_kind, load_torch, read_json,
+                        remove_temporaries, save_torch, write_json)
 from tokenizer import TextTokenizer, TruncationWarning
-from train.data import DEFAULT_HELDOUT_FRACTION, open_dataset
+from train.data import DEFAULT_HELDOUT_FRACTION, DEFAULT_MAX_PIXELS, open_dataset
 
 __all__ = [
     "add_common_arguments",
@@ -46,11 +47,16 @@ __all__ = [
     "add_data_arguments",
     "add_model_size_argument",
     "CaptionTokens",
+    "seed_number",
+    "check_held_in_memory",
+    "check_pictures_held",
     "Run",
 ]
 
 
 MAX_NON_FINITE = 5  # non-finite losses in a row that stop a stage
+MAX_HELD_BYTES = 4 << 30  # what a stage may hold of pictures or codes at once (a held-out batch, the code cache)
+CHECKPOINT_NAME = re.compile(r"step-\d{7,}")  # state/<stage>/step-N: latest.json may name nothing else
 
 
 @dataclass
@@ -75,6 +81,8 @@ class StageOptions:
     precision: str = "auto"
     heldout_fraction: float = DEFAULT_HELDOUT_FRACTION
     augment: str = "crop"
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    follow_symlinks: bool = False
 
     @classmethod
     def from_args(cls, args: argparse.Namespace):
@@ -85,7 +93,8 @@ class StageOptions:
     def data_options(self) -> dict[str, Any]:
         """The keyword arguments of :func:`train.data.open_dataset` these options give (split and size apart)."""
         return dict(image_column=self.image_column, text_column=self.text_column, seed=self.seed,
-                    heldout_fraction=self.heldout_fraction, augment=self.augment != "none")
+                    heldout_fraction=self.heldout_fraction, augment=self.augment != "none", max_pixels=self.max_pixels,
+                    follow_symlinks=self.follow_symlinks)
 
     def dataset(self, split: str, size: int | None = None):
         """``--data`` opened at ``size`` (default ``--size``); the training split augmented unless --augment none."""
@@ -136,8 +145,7 @@ def add_common_arguments(
                         help="bf16 autocast or fp32; auto (default): fp32 where the device has no native bf16, "
                              "else whichever a few timed training passes at the start find faster (a second or "
                              "so; said in one line, kept on --resume)")
-    parser.add_argument("--seed", type=int, default=0,
-                        help="seeds the weights, the data order and the held-out split's draws (default 0)")
+    parser.add_argument("--seed", type=seed_number, default=0, help=SEED_HELP)
     parser.add_argument("--workers", type=_nonnegative_int, default=0,
                         help="DataLoader worker processes (default 0: read in the training process)")
     parser.add_argument("--image-column", default=None, help="image column of a file or hub dataset")
@@ -160,6 +168,24 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
                         help="training pictures of a file or folder source: random crops of 80-100%% of the side "
                              "(default), or none; never flips or colour changes, since captions name sides and "
                              "colours; shapes is never augmented")
+    parser.add_argument("--max-pixels", type=_positive_int, default=DEFAULT_MAX_PIXELS,
+                        help="pictures with more pixels are skipped and counted, not decoded (default "
+                             f"{DEFAULT_MAX_PIXELS}, 8192 x 8192)")
+    parser.add_argument("--follow-symlinks", action="store_true",
+                        help="read pictures whose path leads outside the data folder (an absolute path, .. or a "
+                             "symlink); by default they are skipped and counted")
+
+
+MAX_SEED = 2**32 - 1  # seeds are mixed with positions and epochs (seed * 1_000_003 + p) into 64-bit generators
+SEED_HELP = f"seed of the data order, augmentation and initialisation, 0 to {MAX_SEED} (default 0)"
+
+
+def seed_number(text: str) -> int:
+    """``--seed`` of a training command: an integer from 0 to MAX_SEED (argparse type)."""
+    value = int(text)
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must be from 0 to {MAX_SEED}, got {value}")
+    return value
 
 
 def _fraction(text: str) -> float:
@@ -196,6 +222,20 @@ def warn_if_not_below_steps(steps: int, stage: str, **points: int) -> None:
         if value and value >= steps:
             print(f"{stage}: warning: --{name.replace('_', '-')} {value} is not below --steps {steps}, so it "
                   f"{'never starts' if name == 'disc_start' else 'never ends'}; lower it or train longer")
+
+
+def check_held_in_memory(option: str, count: int, bytes_each: int) -> None:
+    """A UserError, before any work, where ``count`` examples of ``bytes_each`` (``--option count``, held at once)
+    would pass MAX_HELD_BYTES: ``--heldout-examples 1000000`` rendered for minutes, then ran out of memory."""
+    if count * bytes_each > MAX_HELD_BYTES:
+        raise UserError(f"--{option} {count} holds {count * bytes_each / 2**30:.1f} GiB at once; at most "
+                        f"{MAX_HELD_BYTES // bytes_each} fit in the {MAX_HELD_BYTES >> 30} GiB a stage may hold")
+
+
+def check_pictures_held(options: StageOptions, heldout_examples: int) -> None:
+    """:func:`check_held_in_memory` for a stage that holds a batch and its held-out pictures, (3, S, S) fp32 each."""
+    for option, count in (("batch-size", options.batch_size), ("heldout-examples", heldout_examples)):
+        check_held_in_memory(option, count, 3 * options.size * options.size * 4)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -358,6 +398,9 @@ class Run:
         self._start = time.time()
         self._non_finite = 0  # non-finite losses in a row
         self.precision: str | None = None  # "fp32" or "bf16" once chosen (choose_precision); kept in checkpoints
+        # The metrics log is started anew by a stage that does not resume: a killed attempt's lines would
+        # otherwise stay in front of the new run's (load_checkpoint keeps those up to its step instead).
+        self._log_mode = "w"
         if self.is_main:
             try:
                 self.out.mkdir(parents=True, exist_ok=True)
@@ -379,8 +422,9 @@ class Run:
         record.update({k: _plain(v) for k, v in metrics.items()})
         path = self.out / "metrics" / f"{self.stage}.jsonl"
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "a", encoding="utf-8") as f:
+        with open(path, self._log_mode, encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
+        self._log_mode = "a"
         tqdm.write(" ".join(f"{k}={_fmt(v)}" for k, v in record.items()))
 
     def non_finite(self, step: int, loss: float) -> bool:
@@ -462,8 +506,7 @@ class Run:
         latest = self.state_dir / "latest.json"
         if not latest.is_file():
             raise CheckpointError(f"{part}: no checkpoint in {self.state_dir}; start without --resume")
-        pointer = json.loads(latest.read_text(encoding="utf-8"))
-        directory = self.state_dir / pointer["dir"]
+        directory = self.state_dir / self._latest_dir(latest, part)
         try:
             weights = load_file(str(directory / "modules.safetensors"))
         except Exception as e:
@@ -479,16 +522,32 @@ class Run:
                     "resume with the options the run started with"
                 ) from None
         state = load_torch(directory / "state.pt", part)
-        for name, optimizer in optimizers.items():
-            optimizer.load_state_dict(state["optimizers"][name])
-        _set_rng_state(state["rng"])
-        step = int(state["step"])
-        if state["extra"].get("precision") in ("fp32", "bf16"):
-            self.precision = state["extra"]["precision"]
+        try:
+            for name, optimizer in optimizers.items():
+                optimizer.load_state_dict(state["optimizers"][name])
+            _set_rng_state(state["rng"])
+            step, position, extra = int(state["step"]), int(state["data_position"]), dict(state["extra"])
+        except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as e:
+            raise CheckpointError(f"{part}: {directory / 'state.pt'} does not hold this stage's state "
+                                  f"({type(e).__name__}: {str(e)[:100]}); start without --resume") from None
+        if extra.get("precision") in ("fp32", "bf16"):
+            self.precision = extra["precision"]
         if self.is_main:
             self._forget_after(step)
+            self._log_mode = "a"
             self.log(step, event="resumed from checkpoint")
-        return step, int(state["data_position"]), state["extra"]
+        return step, position, extra
+
+    @staticmethod
+    def _latest_dir(latest: Path, part: str) -> str:
+        """The checkpoint directory ``latest.json`` names: ``step-N`` beside it, never a path out of the run."""
+        pointer = read_json(latest, part)
+        name = pointer.get("dir") if isinstance(pointer, dict) else None
+        if not isinstance(name, str) or CHECKPOINT_NAME.fullmatch(name) is None:
+            shown = repr(name)[:80] if isinstance(pointer, dict) else json_kind(pointer)
+            raise CheckpointError(f"{part}: {latest} does not name a checkpoint of this run (step-N beside it), but "
+                                  f"{shown}; restore it or start without --resume")
+        return name
 
     def _forget_after(self, step: int) -> None:
         """Tidy up after a killed run: drop its metrics past ``step`` (its temporaries went at the stage's start)."""

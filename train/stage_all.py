@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from checkpoint import UserError
-from train.loop import add_data_arguments
+from train.loop import SEED_HELP, add_data_arguments, seed_number
 
 # Per-stage options for each preset, as command-line flags of that stage.
 PRESETS: dict[str, dict[str, list[str]]] = {
@@ -60,7 +60,8 @@ REAL_PICTURES: dict[str, dict[str, list[str]]] = {
     },
 }
 STAGE_ORDER = ("tokenizer", "vqgan", "seq2seq", "clip")
-SHARED = ("data", "size", "seed", "image_column", "text_column", "heldout_fraction", "augment")
+SHARED = ("data", "size", "seed", "image_column", "text_column", "heldout_fraction", "augment", "max_pixels",
+          "follow_symlinks")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -72,7 +73,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "a stage, its pictures are noise); auto (default): gpu when CUDA is visible, else cpu. "
                              "A stage's own model size is its --model-size")
     parser.add_argument("--size", type=int, default=64)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=seed_number, default=0, help=SEED_HELP)
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--resume", action="store_true", help="skip finished stages, continue a killed one")
     parser.add_argument("--overwrite", action="store_true",
@@ -98,7 +99,9 @@ def stage_argv(stage: str, preset: str, args: argparse.Namespace) -> list[str]:
     argv = ["--out", str(args.out)]
     for name in SHARED:
         value = getattr(args, name)
-        if value is not None and not (stage == "tokenizer" and name == "size"):
+        if value is True:  # a flag
+            argv.append(f"--{name.replace('_', '-')}")
+        elif value not in (None, False) and not (stage == "tokenizer" and name == "size"):
             argv += [f"--{name.replace('_', '-')}", str(value)]
     if stage != "tokenizer":
         argv += ["--device", args.device] + (["--resume"] if args.resume and _has_state(args.out, stage) else [])
@@ -116,7 +119,7 @@ def _read_record(record_path: Path) -> dict:
     """RUN/all.json: the stages finished, their seconds, the preset and data; empty where missing or unreadable."""
     try:
         record = json.loads(record_path.read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # RecursionError: JSON nested past Python's stack
         record = None
     if not isinstance(record, dict) or not isinstance(record.get("finished"), list):
         return {"finished": [], "seconds": {}}

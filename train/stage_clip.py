@@ -38,7 +38,7 @@ from scorer import Scorer, ScorerConfig, contrastive_loss, retrieval_accuracy
 from seq2seq.evaluate import derangement
 from train import dist
 from train.loop import (CaptionTokens, Run, StageOptions, add_common_arguments, add_model_size_argument, autocast,
-                        choose_precision, cosine_schedule, progress)
+                        check_pictures_held, choose_precision, cosine_schedule, progress)
 
 
 @dataclass
@@ -161,6 +161,7 @@ class ClipTrainer:
                 raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(o, name)}")
         if o.weight_decay < 0 or o.grad_clip <= 0:
             raise UserError("--weight-decay must be >= 0 and --grad-clip > 0")
+        check_pictures_held(o, o.heldout_examples)
         out = Path(o.out)
         if not (out / "tokenizer.model").is_file():
             raise UserError(f"{out / 'tokenizer.model'} is missing; run `python -m train tokenizer --out {out}` first")

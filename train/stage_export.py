@@ -15,7 +15,7 @@ from pathlib import Path
 from checkpoint import UserError, atomic_write
 from train.data import DEFAULT_HELDOUT_FRACTION, SPLITS, open_dataset
 from train.images import to_pil
-from train.loop import add_data_arguments
+from train.loop import SEED_HELP, add_data_arguments, seed_number
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -24,7 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n", type=int, default=100, help="how many examples (a table source: at most all its rows)")
     parser.add_argument("--split", default="train", choices=["train", "heldout"])
     parser.add_argument("--size", type=int, default=64)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=seed_number, default=0, help=SEED_HELP)
     add_data_arguments(parser)
 
 

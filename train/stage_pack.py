@@ -35,11 +35,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def pack_weights(source: Path, target: Path, dtype: torch.dtype) -> int:
     """Rewrite the safetensors file ``source`` at ``target`` with float tensors in ``dtype``; returns bytes."""
-    from safetensors import SafetensorError
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file, save_file
 
     try:
         state = load_file(str(source))
+        with safe_open(str(source), framework="pt") as f:
+            metadata = {**(f.metadata() or {}), "format": "pt"}  # what the stage recorded (step, tokenizer digest)
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"pack: {source} is damaged or truncated ({e}); retrain that stage") from None
     packed = {}
@@ -50,7 +52,7 @@ def pack_weights(source: Path, target: Path, dtype: torch.dtype) -> int:
                 raise UserError(f"pack: {name} of {source} does not fit {dtype} (values overflow); use --dtype bfloat16")
             tensor = converted
         packed[name] = tensor.contiguous()
-    atomic_write(target, lambda tmp: save_file(packed, tmp, metadata={"format": "pt"}))
+    atomic_write(target, lambda tmp: save_file(packed, tmp, metadata=metadata))
     return target.stat().st_size
 
 

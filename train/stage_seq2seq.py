@@ -20,11 +20,11 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from checkpoint import UserError, save_pretrained
+from checkpoint import TOKENIZER_DIGEST, UserError, file_digest, save_pretrained
 from seq2seq.evaluate import caption_gap
 from train import dist
-from train.loop import (CaptionTokens, Run, StageOptions, add_common_arguments, add_model_size_argument, autocast, choose_precision,
-                        cosine_schedule, progress, warn_if_not_below_steps)
+from train.loop import (CaptionTokens, Run, StageOptions, add_common_arguments, add_model_size_argument, autocast,
+                        check_held_in_memory, choose_precision, cosine_schedule, progress, warn_if_not_below_steps)
 
 
 @dataclass
@@ -123,9 +123,13 @@ class Seq2SeqTrainer:
             raise UserError(f"{out / 'vqgan'} is missing; run `python -m train vqgan --out {out}` first")
         self.tokenizer = TextTokenizer.load(out / "tokenizer.model")
         self.vqgan = VQGAN.from_pretrained(out / "vqgan").to(self.device)
+        codes_each = 8 * (o.size // self.vqgan.downsample) ** 2  # one picture's int64 codes
+        for option in ("cache-examples", "heldout-examples"):
+            check_held_in_memory(option, getattr(o, option.replace("-", "_")), codes_each)
         cache_options = dict(data=o.data, size=o.size, seed=o.seed, device=self.device, workers=o.workers,
                              image_column=o.image_column, text_column=o.text_column,
-                             heldout_fraction=o.heldout_fraction, augment=o.augment != "none")
+                             heldout_fraction=o.heldout_fraction, augment=o.augment != "none",
+                             max_pixels=o.max_pixels, follow_symlinks=o.follow_symlinks)
         with dist.main_first(self.ctx):
             self.train_codes = codes.load_or_build(out, self.vqgan, split="train", limit=o.cache_examples, **cache_options)
             self.heldout_codes = codes.load_or_build(out, self.vqgan, split="heldout", limit=o.heldout_examples,
@@ -320,8 +324,9 @@ class Seq2SeqTrainer:
         if self.run.is_main:
             model = self.ema or self.model
             state = self.modules["model"].state_dict() if self.ctx.fsdp else None
-            save_pretrained(model, self.config, Path(self.options.out) / "seq2seq", state=state,
-                            metadata={"step": str(self.step)})
+            out = Path(self.options.out)
+            save_pretrained(model, self.config, out / "seq2seq", state=state,
+                            metadata={"step": str(self.step), TOKENIZER_DIGEST: file_digest(out / "tokenizer.model")})
 
     def export_at_end(self) -> None:
         """Make RUN/seq2seq/ hold what it should once training is over, whatever a kill did to it.

@@ -10,8 +10,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from checkpoint import UserError, remove_temporaries, write_json
-from train.data import DEFAULT_HELDOUT_FRACTION
-from train.loop import add_data_arguments
+from train.data import DEFAULT_HELDOUT_FRACTION, DEFAULT_MAX_PIXELS
+from train.loop import SEED_HELP, add_data_arguments, seed_number
 
 
 @dataclass
@@ -25,6 +25,8 @@ class TokenizerOptions:
     text_column: str | None = None
     heldout_fraction: float = DEFAULT_HELDOUT_FRACTION  # captions of held-out rows are not trained on
     augment: str = "crop"  # taken for the same command line as the other stages; captions are not augmented
+    max_pixels: int = DEFAULT_MAX_PIXELS  # opening a source reads its first pictures
+    follow_symlinks: bool = False
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -34,7 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="upper bound on the vocabulary (a small corpus gets fewer pieces)")
     parser.add_argument("--max-texts", type=int, default=TokenizerOptions.max_texts,
                         help="captions read to train on")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=seed_number, default=0, help=SEED_HELP)
     parser.add_argument("--image-column", default=None)
     parser.add_argument("--text-column", default=None)
     add_data_arguments(parser)
@@ -59,7 +61,8 @@ def train_tokenizer(options: TokenizerOptions) -> Path:
     remove_temporaries(path.parent)  # what a killed stage left in the run, as every stage does at its start
     dataset = open_dataset(options.data, size=32, split="train", image_column=options.image_column,
                            text_column=options.text_column, seed=options.seed,
-                           heldout_fraction=options.heldout_fraction)
+                           heldout_fraction=options.heldout_fraction, max_pixels=options.max_pixels,
+                           follow_symlinks=options.follow_symlinks)
     # Every phrasing of a cell that holds several; rows whose caption is not text are skipped and counted.
     captions, skipped = caption_texts(dataset, options.max_texts, every=True)
     if not captions:

@@ -27,13 +27,15 @@ import torch
 
 from checkpoint import UserError
 from train import dist
-from train.loop import (Run, StageOptions, add_common_arguments, add_model_size_argument, autocast, choose_precision,
-                        cosine_schedule, progress, warn_if_not_below_steps)
+from train.loop import (Run, StageOptions, add_common_arguments, add_model_size_argument, autocast,
+                        check_pictures_held, choose_precision, cosine_schedule, progress, warn_if_not_below_steps)
 from vqgan import VQGAN, VQGANConfig
 from vqgan.discriminator import DISCRIMINATOR_PRESETS, PatchDiscriminator
 from vqgan.losses import LossWeights, discriminator_loss, generator_loss, psnr
 
 __all__ = ["VQGANOptions", "VQGANTrainer", "add_arguments", "main"]
+
+MAX_CODEBOOK_SIZE = 1 << 20  # codes; the quantizer's tables grow with it, and ids are stored in int32 at most
 
 
 @dataclass
@@ -291,10 +293,11 @@ def _check(o: VQGANOptions) -> None:
         value = getattr(o, name)
         if not (value >= 0 and math.isfinite(value)):
             raise UserError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
-    if o.codebook_size is not None and o.codebook_size < 2:
-        raise UserError(f"--codebook-size must be >= 2, got {o.codebook_size}")
+    if o.codebook_size is not None and not 2 <= o.codebook_size <= MAX_CODEBOOK_SIZE:
+        raise UserError(f"--codebook-size must be from 2 to {MAX_CODEBOOK_SIZE}, got {o.codebook_size}")
     if o.eval_every < 1 or o.heldout_examples < 1:
         raise UserError("--eval-every and --heldout-examples must be >= 1")
+    check_pictures_held(o, o.heldout_examples)
     warn_if_not_below_steps(o.steps, "vqgan", disc_start=o.disc_start if o.disc_weight > 0 else 0, warmup=o.warmup)
 
 

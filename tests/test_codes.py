@@ -1,0 +1,37 @@
+"""The code cache: a damaged or foreign cache file is said so and encoded again, never trained on or crashed on."""
+
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from train import codes
+from vqgan import VQGAN
+
+
+def _damage(path, how: str) -> None:
+    if how == "truncated":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    elif how == "ids outside the codebook":
+        save_file({"image_ids": torch.full((8, 16), 5000, dtype=torch.int16)}, path, metadata={"texts": '["a"]'})
+    elif how == "captions not JSON":
+        save_file({"image_ids": torch.zeros(8, 16, dtype=torch.int16)}, path, metadata={"texts": "[not json"})
+    elif how == "another grid":
+        save_file({"image_ids": torch.zeros(8, 4, dtype=torch.int16)}, path, metadata={"texts": '["a"]'})
+
+
+@pytest.mark.parametrize("how", ["truncated", "ids outside the codebook", "captions not JSON", "another grid"])
+def test_a_damaged_code_cache_is_encoded_again(how, tiny_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run / "vqgan", run / "vqgan")
+    vqgan = VQGAN.from_pretrained(run / "vqgan")
+    options = dict(data="shapes", size=32, split="heldout", limit=8, seed=0, device=torch.device("cpu"))
+    first = codes.load_or_build(run, vqgan, **options)
+    (path,) = (run / "cache").iterdir()
+    _damage(path, how)
+    capsys.readouterr()
+    again = codes.load_or_build(run, vqgan, **options)
+    assert f"the code cache {path} is damaged" in capsys.readouterr().out
+    assert torch.equal(again.image_ids, first.image_ids) and again.texts == first.texts
+    assert torch.equal(codes.CodeCache.load(path).image_ids, first.image_ids)  # and stored whole again
