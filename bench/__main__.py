@@ -9,9 +9,10 @@ image tokens (default 16: 256 tokens), the VQGAN, the scorer and a training step
 all in one process after measuring the matmul peak. Quality measures the run on the held-out split of
 ``--data`` (default: the data the run was trained on, as RUN/all.json records it, else `shapes`): for any
 data, VQGAN PSNR and SSIM beside a downsample-and-enlarge baseline, codebook usage, the caption gap in
-bits per image token, retrieval of generated pictures by the run's scorer and a scorer Fréchet distance
-(bench/real.py); for `shapes` also the oracle's scores of the run's pictures (bench/quality.py). Writes
-OUT/bench.json and OUT/bench.md.
+bits per image token, retrieval of generated pictures by the run's scorer, a scorer Fréchet distance and
+the scorer's pairwise test against word-swap hard negatives (bench/real.py); for `shapes` also the
+oracle's scores of the run's pictures (bench/quality.py) and the pairwise test against the scene's hard
+negatives (bench/structure.py). Writes OUT/bench.json and OUT/bench.md.
 """
 
 from __future__ import annotations
