@@ -333,3 +333,21 @@ def test_hard_negatives_change_the_training_step(tmp_path, tokenizer_file):
                                   "--hard-negatives", mode))
         losses[mode] = read_metrics(run)[0]["loss"]
     assert losses["scene"] > losses["none"]  # the same batch with more texts to tell apart
+
+
+def test_several_negatives_per_picture_are_distinct_and_false(tmp_path, tokenizer_file):
+    from train import stage_clip
+    from train.data import batches
+
+    run = run_with_tokenizer(tmp_path, tokenizer_file, "run")
+    counts = {}
+    for k in (1, 3):
+        trainer = stage_clip.ClipTrainer(stage_clip.ClipOptions.from_args(
+            clip_args(run, "--steps", "1", "--negatives-per-image", str(k))))
+        batch = next(batches(trainer.dataset, 8, seed=0))
+        negatives = trainer._negatives(batch)
+        assert not set(negatives) & set(batch["text"])
+        counts[k] = len(negatives)
+    assert counts[1] == 8 and 8 < counts[3] <= 24  # shapes: every scene has a negative; repeats are dropped
+    with pytest.raises(UserError, match="--negatives-per-image"):
+        stage_clip.ClipTrainer(stage_clip.ClipOptions.from_args(clip_args(run, "--negatives-per-image", "0")))

@@ -62,6 +62,7 @@ class ClipOptions(StageOptions):
     grad_clip: float = 1.0
     eval_every: int = 250
     hard_negatives: str = "auto"
+    negatives_per_image: int = 1
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -80,6 +81,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a false caption a word or two from the true one beside each picture (train/negatives.py): "
                              "scene (shapes: from the scene), words (any captions: word swaps), none; auto (default): "
                              "scene on shapes, words elsewhere")
+    parser.add_argument("--negatives-per-image", type=int, default=ClipOptions.negatives_per_image,
+                        help="hard negatives drawn per picture (default 1); repeats of one are dropped")
 
 
 def caption_keys(texts: list[str]) -> torch.Tensor:
@@ -143,7 +146,7 @@ class ClipTrainer:
         from train.data import batches
 
         self.options = o = options
-        for name in ("heldout_examples", "warmup", "eval_every"):
+        for name in ("heldout_examples", "warmup", "eval_every", "negatives_per_image"):
             if getattr(o, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(o, name)}")
         if o.weight_decay < 0 or o.grad_clip <= 0:
@@ -223,12 +226,15 @@ class ClipTrainer:
         return ids.to(self.device), mask.to(self.device)
 
     def _negatives(self, batch: dict) -> list[str]:
-        """This process's hard negatives for a batch: one per picture where one applies, drawn from a generator
-        fixed by the seed, step and rank, so a resumed run draws the same ones."""
+        """This process's hard negatives for a batch: up to --negatives-per-image distinct ones per picture where
+        any applies, drawn from a generator fixed by the seed, step and rank, so a resumed run draws the same."""
         rng = random.Random(f"{self.options.seed}/{self.step}/{self.ctx.rank}")
         scenes = batch.get("scene", [None] * len(batch["text"]))
-        made = (hard_negative(text, scene, rng, self.negatives) for text, scene in zip(batch["text"], scenes))
-        return [negative for negative in made if negative is not None]
+        negatives = []
+        for text, scene in zip(batch["text"], scenes):
+            made = (hard_negative(text, scene, rng, self.negatives) for _ in range(self.options.negatives_per_image))
+            negatives += dict.fromkeys(negative for negative in made if negative is not None)
+        return negatives
 
     def train_step(self, batch: dict) -> tuple[float, float]:
         """One optimizer step on this process's slice of a global batch: (loss, in-batch accuracy)."""
