@@ -9,9 +9,10 @@ image tokens (default 16: 256 tokens), the VQGAN, the scorer and a training step
 all in one process after measuring the matmul peak. Quality measures the run on the held-out split of
 ``--data`` (default: the data the run was trained on, as RUN/all.json records it, else `shapes`): for any
 data, VQGAN PSNR and SSIM beside a downsample-and-enlarge baseline, codebook usage, the caption gap in
-bits per image token, retrieval of generated pictures by the run's scorer and a scorer Fréchet distance
-(bench/real.py); for `shapes` also the oracle's scores of the run's pictures (bench/quality.py). Writes
-OUT/bench.json and OUT/bench.md.
+bits per image token, retrieval of generated pictures by the run's scorer, a scorer Fréchet distance and
+the scorer's pairwise test against word-swap hard negatives (bench/real.py); for `shapes` also the
+oracle's scores of the run's pictures (bench/quality.py) and the pairwise test against the scene's hard
+negatives (bench/structure.py). Writes OUT/bench.json and OUT/bench.md.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ from checkpoint import (ArgumentParser, UserError, add_threads_argument, atomic_
 from train.data import DEFAULT_HELDOUT_FRACTION
 
 GOALS = {"cache_speedup": 10.0, "cpu_share_of_peak": 0.5, "gpu_bandwidth_share": 0.6, "gpu_mfu": 0.35,
-         "single": 0.95, "relation": 0.85, "count": 0.80, "single_unranked": 0.90}
+         "single": 0.95, "relation": 0.85, "count": 0.80, "single_unranked": 0.90,
+         **{f"pairwise_{kind}": 0.95 for kind in ("relation", "swap", "count", "position", "attribute")}}
 # A share measured on fewer pictures is reported with its count, never as a goal met or not: on 32 pictures
 # one picture moves it by 3 points.
 MIN_PICTURES_TO_JUDGE = 100
@@ -51,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--bandwidth", type=float, default=None, help="the card's memory bandwidth in GB/s")
     parser.add_argument("--prompts-per-kind", type=int, default=32, help="held-out prompts per kind of scene")
     parser.add_argument("--candidates", type=int, default=16, help="candidates per prompt")
+    parser.add_argument("--pairwise-prompts", type=int, default=256,
+                        help="held-out `shapes` pictures per kind of hard negative in the pairwise test")
     parser.add_argument("--single-prompts", type=int, default=128,
                         help="held-out single-object prompts drawn 4 candidates each, scored without reranking")
     parser.add_argument("--data", default=None,
@@ -176,9 +180,29 @@ def quality(run: Path, device: torch.device, args: argparse.Namespace) -> dict:
         result["single_unranked"] = composition_scores(run, kinds=("single",), prompts_per_kind=args.single_prompts,
                                                        candidates=4, seed=args.seed, device=str(device))["single"]
         print("bench: composition done", file=sys.stderr)
+        result["pairwise"] = _pairwise_shapes(run, device, args.pairwise_prompts, size, args.seed)
         result["vqgan"] = vqgan_scores(run, n=args.vqgan_pictures, size=size, device=str(device), seed=args.seed)
     result["heldout_bits_per_token"] = heldout_bits(run)
     return result
+
+
+def _pairwise_shapes(run: Path, device: torch.device, prompts: int, size: int, seed: int) -> dict:
+    from bench.structure import pairwise_shapes
+    from sample.rerank import RunScorer
+    from tokenizer import TextTokenizer
+
+    scorer = RunScorer(run, TextTokenizer.load(run / "tokenizer.model"), device)
+    return pairwise_shapes(scorer, prompts_per_kind=prompts, size=size, seed=seed)
+
+
+def _pairwise_markdown(figures: dict, what: str, goals: bool) -> list[str]:
+    from bench.structure import pairwise_markdown
+
+    def judge(kind: str, r: dict) -> str:
+        goal = GOALS.get(f"pairwise_{kind}") if goals else None
+        return f"{_pct(goal)}: {_judged(r['accuracy'], goal, r['pairs'])}" if goal and r["pairs"] else "–"
+
+    return pairwise_markdown(figures, what, judge)
 
 
 def _sampling_defaults() -> dict:
@@ -274,6 +298,8 @@ def markdown(report: dict) -> str:
                   "| kind | " + " | ".join(f"k={k}" for k in ks) + " |", "|---|" + "---|" * len(ks)]
         for kind, r in c.items():
             lines.append(f"| {kind} | " + " | ".join(_pct(r["clip1_of_first"][k]) for k in ks) + " |")
+        if "pairwise" in q:
+            lines += _pairwise_markdown(q["pairwise"], "scene negatives, renders of held-out `shapes` scenes", True)
         v = q["vqgan"]
         bits = q["heldout_bits_per_token"]
         lines += ["", f"VQGAN on {v['pictures']} held-out renders: PSNR **{v['psnr_db']:.2f} dB**, oracle reads the "
@@ -329,6 +355,8 @@ def real_markdown(r: dict, data_from: str | None = None) -> list[str]:
                   f"`python -m sample` defaults ({settings}), not reranked. The scorer Fréchet distance is measured "
                   "in the run's own scorer's embedding space, not Inception's: it is not FID, and compares runs on the "
                   "same data only; fewer pictures make it larger, and its floor is measured on fewer."]
+    if "pairwise" in r:
+        lines += _pairwise_markdown(r["pairwise"], f"word negatives, held-out pictures of `{r['data']}`", False)
     if t["captions"] < t["captions_asked"]:
         lines += ["", f"The held-out split has {t['captions']} distinct captions, fewer than the "
                       f"{t['captions_asked']} asked for; retrieval uses those {t['captions']}."]
@@ -345,9 +373,9 @@ def run(args: argparse.Namespace) -> dict:
     if not checkpoint.is_dir():
         raise UserError(f"--checkpoint {checkpoint} is not a directory; pass a run made by `python -m train all`")
     if min(args.grid, *args.batches, args.prompts_per_kind, args.candidates, args.single_prompts, args.vqgan_pictures,
-           args.data_batches) < 1:
-        raise UserError("--grid, --batches, --prompts-per-kind, --candidates, --single-prompts, --vqgan-pictures and "
-                        "--data-batches must be >= 1")
+           args.data_batches, args.pairwise_prompts) < 1:
+        raise UserError("--grid, --batches, --prompts-per-kind, --candidates, --single-prompts, --vqgan-pictures, "
+                        "--data-batches and --pairwise-prompts must be >= 1")
     for name in ("gap_pictures", "retrieval_captions", "retrieval_candidates", "size"):
         value = getattr(args, name)
         if value is not None and value < 1:

@@ -13,6 +13,8 @@ figures need nothing but pictures and captions:
 - **Retrieval**: pictures drawn (not reranked: reranking by the scorer would make this circular) for the
   first N distinct held-out captions, each ranked against all N captions by the run's own scorer; R@1 and
   R@5 beside chance (1/N, 5/N).
+- **Pairwise** (bench/structure.py): how often the run's scorer prefers a held-out picture's own caption to
+  a word-swap hard negative of it (train/negatives.py), per kind of negative; chance 50%.
 - **Scorer Fréchet distance** (:func:`frechet_distance`) between generated and held-out pictures in the
   scorer's image-embedding space, with a floor: the same distance between two disjoint halves of the
   held-out pictures. It is not FID: the embedding is the run's own small scorer, not Inception, so its
@@ -236,6 +238,7 @@ def real_scores(run: Path, *, data: str, size: int, seed: int = 0, device: str =
     ``pictures`` held-out pictures serve the VQGAN, codebook and Fréchet figures, ``gap_pictures`` the
     caption gap; each is the first readable ones of the split, fewer if it holds fewer (the counts say).
     """
+    from bench.structure import pairwise_captions
     from sample.pipeline import Pipeline
     from sample.rerank import RunScorer
     from train.data import open_dataset
@@ -282,5 +285,8 @@ def real_scores(run: Path, *, data: str, size: int, seed: int = 0, device: str =
         "distance": frechet_distance(generated_embeddings, real_embeddings),
         "floor": frechet_distance(real_embeddings[:half], real_embeddings[half:2 * half]) if half else None,
         "floor_pictures": half, "floor_method": "two disjoint halves of the held-out pictures"}
-    print("bench: retrieval and scorer Fréchet distance done", file=sys.stderr)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result["pairwise"] = pairwise_captions(scorer, real, texts[:pictures], seed=seed)
+    print("bench: retrieval, scorer Fréchet distance and pairwise done", file=sys.stderr)
     return result

@@ -31,12 +31,13 @@ def resize_for_scorer(images: torch.Tensor, size: int) -> torch.Tensor:
 
 
 class RunScorer:
-    """The run's own scorer: RUN/clip with RUN/tokenizer.model."""
+    """The run's own scorer: RUN/clip (or another scorer ``directory`` trained on the run's tokenizer) with
+    RUN/tokenizer.model."""
 
-    def __init__(self, run: Path, tokenizer, device: torch.device):
+    def __init__(self, run: Path, tokenizer, device: torch.device, directory: Path | None = None):
         from scorer import Scorer
 
-        self.model = Scorer.from_pretrained(run / "clip").to(device)
+        self.model = Scorer.from_pretrained(run / "clip" if directory is None else directory).to(device)
         self.model.check_fits(tokenizer.vocab_size, self.model.config.image_size)
         self.tokenizer = tokenizer
         self.device = device

@@ -51,6 +51,9 @@ class ScorerConfig:
     heads: int = 4
     image_widths: tuple[int, ...] = (32, 64, 128)  # channels of each convolutional stage; each halves the side
     mlp_ratio: int = 4
+    # How the weights were trained, recorded for the reader and not read by the model: the hard negatives
+    # of ``python -m train clip --hard-negatives`` (train/negatives.py); "none" for runs made before them.
+    hard_negatives: str = "none"
 
     def __post_init__(self) -> None:
         self.image_widths = tuple(int(w) for w in self.image_widths)  # config.json stores a list
@@ -99,18 +102,23 @@ PRESETS: dict[str, ScorerConfig] = {
 
 
 def contrastive_loss(logits: torch.Tensor, positives: torch.Tensor | None = None) -> torch.Tensor:
-    """Symmetric InfoNCE over a (B, B) matrix of image-to-text logits, matching pairs on the diagonal.
+    """Symmetric InfoNCE over a (B, B + N) matrix of image-to-text logits, matching pairs on the diagonal.
 
-    ``positives`` (B, B) bool, optional, marks every pair that counts as a match (captions repeat in small
-    vocabularies: two pictures of "a red circle" are not each other's negatives); it must hold the diagonal.
-    Each row's loss is then ``-log`` of the softmax mass on its positives, so with the diagonal alone this
-    is the cross-entropy of CLIP.
+    The first B columns are the batch's own captions; N >= 0 more are texts without a picture (hard
+    negatives, NegCLIP): they join each image's softmax over texts, and the text-to-image half reads the
+    (B, B) square alone. ``positives`` (B, B + N) bool, optional, marks every pair that counts as a match
+    (captions repeat in small vocabularies: two pictures of "a red circle" are not each other's negatives,
+    and a negative made for one picture can be another's own caption); it must hold the diagonal. Each
+    row's loss is then ``-log`` of the softmax mass on its positives, so with the diagonal alone and N = 0
+    this is the cross-entropy of CLIP.
     """
     logits = logits.float()
+    b = logits.shape[0]
     if positives is None:
-        target = torch.arange(logits.shape[0], device=logits.device)
-        return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))
-    return 0.5 * (_multi_positive_nll(logits, positives) + _multi_positive_nll(logits.t(), positives.t()))
+        target = torch.arange(b, device=logits.device)
+        return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits[:, :b].t(), target))
+    return 0.5 * (_multi_positive_nll(logits, positives)
+                  + _multi_positive_nll(logits[:, :b].t(), positives[:, :b].t()))
 
 
 def _multi_positive_nll(logits: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:

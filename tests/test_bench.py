@@ -4,6 +4,7 @@ import json
 import math
 
 import pytest
+import torch
 
 import bench.__main__ as bench_cli
 from sample.pipeline import SamplingSettings
@@ -232,3 +233,47 @@ def test_min_dalle_style_decoder_draws_ids_and_the_comparison_prints_ratios(caps
     rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.lstrip().startswith("1 ")]
     assert [row[:3] for row in rows] == [["1", "off", "1"], ["1", "on", "1"]]
     assert all(float(row[3]) > 0 and float(row[4]) > 0 and row[5].endswith("x") for row in rows)
+
+
+def test_structure_compares_scorers_on_the_same_cached_candidates(tiny_run, tmp_path, capsys):
+    """bench.structure: pairwise figures per kind of negative, and reranking curves read from candidates
+    drawn once, kept in --cache and read back for a second scorer."""
+    import bench.structure as structure
+
+    args = ["--checkpoint", str(tiny_run), "--device", "cpu", "--pairwise-prompts", "3", "--prompts-per-kind", "2",
+            "--candidates", "3", "--kinds", "single", "relation", "--cache", str(tmp_path / "cache")]
+    assert structure.main([*args, "--out", str(tmp_path / "a")]) == 0
+    first = json.loads((tmp_path / "a" / "structure.json").read_text())["scorers"][str(tiny_run / "clip")]
+    assert set(first["pairwise"]) == {"relation", "swap", "count", "position", "attribute"}  # JSON: keys sorted
+    for r in first["pairwise"].values():
+        assert r["pairs"] == 3 and 0 <= r["accuracy"] <= 1 and r["examples"][0][0] != r["examples"][0][1]
+    assert set(first["rerank"]) == {"single", "relation"}
+    for r in first["rerank"].values():
+        assert r["prompts"] == 2 and list(r["best_of_first"]) == ["1", "2", "3"]
+        assert r["best_of_first"]["1"] == r["random1"] and r["best_of_first"]["3"] == r["pick"]
+
+    record = structure.load_candidates(tmp_path / "cache", json.loads((tmp_path / "cache" / "candidates.json")
+                                                                      .read_text())["settings"])
+    assert record is not None and tuple(record["images"].shape) == (4, 3, 3, 32, 32)
+
+    def no_drawing(*_, **__):
+        raise AssertionError("the cached candidates should have been read back")
+
+    original = structure.draw_candidates
+    structure.draw_candidates = no_drawing
+    try:  # the same scorer twice, from the cache: the same figures
+        assert structure.main([*args, "--out", str(tmp_path / "b"), "--scorer", str(tiny_run / "clip")]) == 0
+    finally:
+        structure.draw_candidates = original
+    second = json.loads((tmp_path / "b" / "structure.json").read_text())["scorers"][str(tiny_run / "clip")]
+    assert second == first
+
+    # Fewer prompts cached: the later ones are drawn and appended, the same pictures as drawn all at once.
+    short = [a if a != "2" else "1" for a in args[:-1]] + [str(tmp_path / "short")]
+    assert short[short.index("--prompts-per-kind") + 1] == "1"
+    assert structure.main([*short, "--out", str(tmp_path / "c")]) == 0
+    assert structure.main([*short[:-1], str(tmp_path / "short"), "--prompts-per-kind", "2", "--out",
+                           str(tmp_path / "d")]) == 0
+    extended = structure.load_candidates(tmp_path / "short", record["settings"])
+    assert torch.equal(extended["images"], record["images"]) and extended["kinds"] == record["kinds"]
+    assert "own caption preferred" in capsys.readouterr().out

@@ -289,3 +289,65 @@ def test_stage_without_a_tokenizer_says_which_stage_to_run_first(tmp_path):
 
     with pytest.raises(UserError, match="python -m train tokenizer"):
         stage_clip.main(clip_args(tmp_path / "empty", "--steps", "1"))
+
+
+def test_hard_negative_columns_join_the_image_softmax_only():
+    """Columns past B are texts without a picture: they raise the image-to-text loss when close to the image,
+    leave the text-to-image half alone, and a negative that is another picture's caption counts as its match."""
+    embeds = torch.nn.functional.normalize(torch.randn(4, 8, generator=torch.Generator().manual_seed(4)), dim=-1)
+    square = 20 * embeds @ embeds.t()  # (4, 4)
+    far = torch.nn.functional.normalize(torch.randn(2, 8, generator=torch.Generator().manual_seed(5)), dim=-1)
+    positives = torch.eye(4, 6, dtype=torch.bool)
+    with_far = contrastive_loss(torch.cat([square, 20 * embeds @ far.t()], dim=1), positives)
+    with_close = contrastive_loss(torch.cat([square, 20 * embeds @ embeds[:2].t()], dim=1), positives)
+    assert contrastive_loss(square) < with_far < with_close
+    # The same close negatives, each marked as its own picture's caption: nothing is pushed apart.
+    positives[0, 4] = positives[1, 5] = True
+    relaxed = contrastive_loss(torch.cat([square, 20 * embeds @ embeds[:2].t()], dim=1), positives)
+    assert relaxed < with_close
+    # Text-to-image reads the square only: extra columns change the loss by their image-to-text half alone.
+    image_to_text = torch.nn.functional.cross_entropy(torch.cat([square, 20 * embeds @ far.t()], dim=1), torch.arange(4))
+    text_to_image = torch.nn.functional.cross_entropy(square.t(), torch.arange(4))
+    torch.testing.assert_close(contrastive_loss(torch.cat([square, 20 * embeds @ far.t()], dim=1)),
+                               (image_to_text + text_to_image) / 2)
+
+
+@pytest.mark.parametrize("mode, recorded", [("auto", "scene"), ("words", "words"), ("none", "none")])
+def test_stage_records_its_hard_negatives_and_measures_pairwise(tmp_path, tokenizer_file, mode, recorded):
+    from train import stage_clip
+
+    run = run_with_tokenizer(tmp_path, tokenizer_file, "run")
+    stage_clip.main(clip_args(run, "--steps", "2", "--log-every", "1", "--eval-every", "2", "--hard-negatives", mode))
+    assert Scorer.from_pretrained(run / "clip").config.hard_negatives == recorded
+    heldout = [m for m in read_metrics(run) if "heldout_pairwise" in m]
+    assert [m["step"] for m in heldout] == [2] and 0 <= heldout[0]["heldout_pairwise"] <= 1
+
+
+def test_hard_negatives_change_the_training_step(tmp_path, tokenizer_file):
+    from train import stage_clip
+
+    losses = {}
+    for mode in ("none", "scene"):
+        run = run_with_tokenizer(tmp_path, tokenizer_file, mode)
+        stage_clip.main(clip_args(run, "--steps", "1", "--log-every", "1", "--eval-every", "100",
+                                  "--hard-negatives", mode))
+        losses[mode] = read_metrics(run)[0]["loss"]
+    assert losses["scene"] > losses["none"]  # the same batch with more texts to tell apart
+
+
+def test_several_negatives_per_picture_are_distinct_and_false(tmp_path, tokenizer_file):
+    from train import stage_clip
+    from train.data import batches
+
+    run = run_with_tokenizer(tmp_path, tokenizer_file, "run")
+    counts = {}
+    for k in (1, 3):
+        trainer = stage_clip.ClipTrainer(stage_clip.ClipOptions.from_args(
+            clip_args(run, "--steps", "1", "--hard-negatives", "auto", "--negatives-per-image", str(k))))
+        batch = next(batches(trainer.dataset, 8, seed=0))
+        negatives = trainer._negatives(batch)
+        assert not set(negatives) & set(batch["text"])
+        counts[k] = len(negatives)
+    assert counts[1] == 8 and 8 < counts[3] <= 24  # shapes: every scene has a negative; repeats are dropped
+    with pytest.raises(UserError, match="--negatives-per-image"):
+        stage_clip.ClipTrainer(stage_clip.ClipOptions.from_args(clip_args(run, "--negatives-per-image", "0")))

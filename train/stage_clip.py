@@ -7,16 +7,21 @@ torchrun every process embeds its slice and the embeddings are gathered, with gr
 negatives are the whole global batch, as with one process. Identical captions in a batch count as
 matches, not negatives (small vocabularies repeat them: "a red circle" twice).
 
-Negatives. On `shapes` the pairs of a random batch already differ in one attribute at a time often enough
-(same shape, other colour; same object, other cell), so in-batch negatives alone teach colour, shape,
-size and position. The hard case is a relation with its objects swapped ("a red circle above a blue
-square" against "a blue square above a red circle"), which a random batch rarely holds: the held-out
-retrieval accuracy is the figure to watch for it, and mined hard negatives the next step if it lags.
+Negatives. A random batch teaches what is in a picture (colour, shape, size) but rarely holds two captions
+that differ only in how the same words are arranged ("a red circle above a blue square" against "a blue
+circle above a red square"), so a scorer trained on it alone reads captions as bags of words. With
+``--hard-negatives auto|scene|words`` (default ``none``: measured mixed) every picture also gets one caption a word or two from its own
+that is false for it (train/negatives.py): on `shapes`, made from the scene (relation reversed, colours
+swapped between the two objects, count changed by one, another cell, another colour or shape); on any
+other data, from word swaps in the caption (an opposite, a number changed by one, two words exchanged).
+The negatives join each image's softmax over texts (NegCLIP, Yuksekgonul et al., 2023); they cost a text
+encoder pass each. The mode is recorded in RUN/clip/config.json (``hard_negatives``).
 
 Logged to RUN/metrics/clip.jsonl: loss, accuracy (image-to-text top-1 within the batch), images_per_s,
 and every --eval-every steps the loss and accuracy of retrieval within a fixed batch of
 --heldout-examples pictures from the held-out split (for `shapes`: colour-shape pairs and relations never
-seen in training).
+seen in training), and ``heldout_pairwise``: how often a held-out picture scores its own caption above a
+hard negative of it (chance 0.5; measured with the data's negatives whatever ``--hard-negatives`` is).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import math
+import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +45,7 @@ from seq2seq.evaluate import derangement
 from train import dist
 from train.loop import (CaptionTokens, Run, StageOptions, add_common_arguments, add_model_size_argument, autocast,
                         check_pictures_held, choose_precision, cosine_schedule, progress)
+from train.negatives import MODES, hard_negative, resolve_mode
 
 
 @dataclass
@@ -55,6 +62,8 @@ class ClipOptions(StageOptions):
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     eval_every: int = 250
+    hard_negatives: str = "none"  # measured mixed on shapes (BENCHMARKS.md): opt in
+    negatives_per_image: int = 1
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -69,6 +78,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--grad-clip", type=float, default=ClipOptions.grad_clip)
     parser.add_argument("--eval-every", type=int, default=ClipOptions.eval_every,
                         help="steps between held-out retrieval evaluations")
+    parser.add_argument("--hard-negatives", default=ClipOptions.hard_negatives, choices=MODES,
+                        help="a false caption a word or two from the true one beside each picture (train/negatives.py): "
+                             "scene (shapes: from the scene), words (any captions: word swaps), auto (scene on "
+                             "shapes, words elsewhere), none (default: in 600 steps on shapes they helped relations "
+                             "and hurt counts)")
+    parser.add_argument("--negatives-per-image", type=int, default=ClipOptions.negatives_per_image,
+                        help="hard negatives drawn per picture (default 1); repeats of one are dropped")
 
 
 def caption_keys(texts: list[str]) -> torch.Tensor:
@@ -156,7 +172,7 @@ class ClipTrainer:
         from train.data import batches
 
         self.options = o = options
-        for name in ("heldout_examples", "warmup", "eval_every"):
+        for name in ("heldout_examples", "warmup", "eval_every", "negatives_per_image"):
             if getattr(o, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(o, name)}")
         if o.weight_decay < 0 or o.grad_clip <= 0:
@@ -169,8 +185,10 @@ class ClipTrainer:
         self.device = self.ctx.device
         self.run = Run(out, "clip")
         self.tokenizer = TextTokenizer.load(out / "tokenizer.model")
+        self.negatives = resolve_mode(o.hard_negatives, o.data)
         try:
-            self.config = ScorerConfig.from_preset(o.preset, text_vocab_size=self.tokenizer.vocab_size, image_size=o.size)
+            self.config = ScorerConfig.from_preset(o.preset, text_vocab_size=self.tokenizer.vocab_size, image_size=o.size,
+                                                   hard_negatives=self.negatives)
         except ValueError as e:
             raise UserError(f"clip: {e}") from None
         if o.batch_size % self.ctx.world_size:
@@ -197,7 +215,7 @@ class ClipTrainer:
         self.dataset = o.dataset("train")
         self.batches = batches(self.dataset, o.batch_size, o.seed, start=self.step * o.batch_size,
                                rank=self.ctx.rank, world_size=self.ctx.world_size, workers=o.workers)
-        self.heldout_images, self.heldout_texts = self._heldout_batch(o.dataset(o.heldout_split))
+        self.heldout_images, self.heldout_texts, self.heldout_negatives = self._heldout_batch(o.dataset(o.heldout_split))
         self.amp_dtype = choose_precision(self.run, self.device, o.precision, self._precision_probe)
 
     def _precision_probe(self, dtype: torch.dtype | None) -> None:
@@ -211,15 +229,17 @@ class ClipTrainer:
         (image_embeds.float() @ text_embeds.float().T).logsumexp(-1).mean().backward()
         self.model.zero_grad(set_to_none=True)
 
-    def _heldout_batch(self, dataset) -> tuple[torch.Tensor, list[str]]:
-        """The first --heldout-examples readable pictures of the held-out split, the same at every evaluation."""
+    def _heldout_batch(self, dataset) -> tuple[torch.Tensor, list[str], list[str | None]]:
+        """The first --heldout-examples readable pictures of the held-out split, the same at every evaluation,
+        their captions, and a hard negative of each caption (None where none applies)."""
         from train.data import batches
 
         wanted = min(self.options.heldout_examples, len(dataset))  # batches() wraps around a short split
-        images, texts, read = [], [], 0
+        images, texts, scenes, read = [], [], [], 0
         for batch in batches(dataset, min(256, wanted), seed=self.options.seed):
             images.append(batch["image"])
             texts += batch["text"]
+            scenes += batch.get("scene", [None] * len(batch["text"]))
             read += len(batch["text"]) + batch["skipped"]
             if read >= wanted:
                 break
@@ -227,28 +247,47 @@ class ClipTrainer:
             raise UserError(f"--data {self.options.data}: the {self.options.heldout_split} split has fewer than "
                             "2 readable pictures; retrieval needs at least 2")
         n = min(len(texts), wanted)
-        return torch.cat(images)[:n], texts[:n]
+        rng, mode = random.Random(f"heldout/{self.options.seed}"), resolve_mode("auto", self.options.data)
+        negatives = [hard_negative(text, scene, rng, mode) for text, scene in zip(texts[:n], scenes[:n])]
+        return torch.cat(images)[:n], texts[:n], negatives
 
     def text_batch(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Captions to (ids, mask) on the device; over-long ones are cut and counted (CaptionTokens)."""
         return self.captions(texts)
 
+    def _negatives(self, batch: dict) -> list[str]:
+        """This process's hard negatives for a batch: up to --negatives-per-image distinct ones per picture where
+        any applies, drawn from a generator fixed by the seed, step and rank, so a resumed run draws the same."""
+        rng = random.Random(f"{self.options.seed}/{self.step}/{self.ctx.rank}")
+        scenes = batch.get("scene", [None] * len(batch["text"]))
+        negatives = []
+        for text, scene in zip(batch["text"], scenes):
+            made = (hard_negative(text, scene, rng, self.negatives) for _ in range(self.options.negatives_per_image))
+            negatives += dict.fromkeys(negative for negative in made if negative is not None)
+        return negatives
+
     def train_step(self, batch: dict) -> tuple[float, float]:
         """One optimizer step on this process's slice of a global batch: (loss, in-batch accuracy)."""
         o = self.options
         images = batch["image"].to(self.device)
-        text_ids, text_mask = self.text_batch(batch["text"])
+        negatives = self._negatives(batch)
+        text_ids, text_mask = self.text_batch(batch["text"] + negatives)
         self.model.train()
         with autocast(self.device, self.amp_dtype):
             image_embeds, text_embeds, scale = self.train_model(images, text_ids, text_mask)
+        rows = len(batch["text"])
         image_embeds = _gather_rows(image_embeds.float(), self.ctx)  # (B, E)
-        text_embeds = _gather_rows(text_embeds.float(), self.ctx)  # (B, E)
+        negative_embeds = _gather_rows(text_embeds[rows:].float(), self.ctx)  # (N, E)
+        text_embeds = torch.cat([_gather_rows(text_embeds[:rows].float(), self.ctx), negative_embeds])  # (B + N, E)
         keys = _gather_rows(caption_keys(batch["text"]).to(self.device), self.ctx)  # (B,)
-        positives = keys[:, None] == keys[None, :]  # (B, B)
-        logits = scale.float() * image_embeds @ text_embeds.t()  # (B, B)
+        negative_keys = _gather_rows(caption_keys(negatives).to(self.device), self.ctx)  # (N,)
+        # A negative made for one picture can be another picture's own caption: that pair is a match.
+        positives = keys[:, None] == torch.cat([keys, negative_keys])[None, :]  # (B, B + N)
+        logits = scale.float() * image_embeds @ text_embeds.t()  # (B, B + N)
         loss = contrastive_loss(logits, positives)
         loss.backward()
-        loss_value, accuracy = loss.item(), retrieval_accuracy(logits, positives)
+        b = keys.shape[0]
+        loss_value, accuracy = loss.item(), retrieval_accuracy(logits[:, :b], positives[:, :b])
         if not math.isfinite(loss_value):
             self.optimizer.zero_grad(set_to_none=True)
             return loss_value, accuracy
@@ -260,19 +299,28 @@ class ClipTrainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Loss and image-to-text top-1 accuracy of retrieval within the fixed held-out batch."""
+        """Loss and image-to-text top-1 accuracy of retrieval within the fixed held-out batch, and how often a
+        picture scores its own caption above its hard negative."""
         self.model.eval()
         image_embeds, text_embeds = [], []
         for start in range(0, len(self.heldout_texts), 256):
             images = self.heldout_images[start:start + 256].to(self.device)
-            text_ids, text_mask = self.text_batch(self.heldout_texts[start:start + 256])
+            text_ids, text_mask = self.captions(self.heldout_texts[start:start + 256], count=False)
             image_embeds.append(self.model.encode_image(images).float())
             text_embeds.append(self.model.encode_text(text_ids, text_mask).float())
-        logits = self.model.scale.float() * torch.cat(image_embeds) @ torch.cat(text_embeds).t()  # (N, N)
+        image_embeds, text_embeds = torch.cat(image_embeds), torch.cat(text_embeds)  # (N, E) each
+        logits = self.model.scale.float() * image_embeds @ text_embeds.t()  # (N, N)
         keys = caption_keys(self.heldout_texts).to(self.device)
         positives = keys[:, None] == keys[None, :]  # (N, N)
-        return {"heldout_loss": contrastive_loss(logits, positives).item(),
-                "heldout_accuracy": retrieval_accuracy(logits, positives)}
+        figures = {"heldout_loss": contrastive_loss(logits, positives).item(),
+                   "heldout_accuracy": retrieval_accuracy(logits, positives)}
+        rows = [i for i, negative in enumerate(self.heldout_negatives) if negative is not None]
+        if rows:
+            text_ids, text_mask = self.captions([self.heldout_negatives[i] for i in rows], count=False)
+            negative_embeds = self.model.encode_text(text_ids, text_mask).float()  # (M, E)
+            own = (image_embeds[rows] * text_embeds[rows]).sum(-1)  # (M,)
+            figures["heldout_pairwise"] = (own > (image_embeds[rows] * negative_embeds).sum(-1)).float().mean().item()
+        return figures
 
     def checkpoint(self, step: int) -> None:
         self.run.save_checkpoint(step, self.modules, self.optimizers, data_position=step * self.options.batch_size)

@@ -1,0 +1,314 @@
+"""Does the scorer read structure? A pairwise test against hard negatives, and reranking from fixed candidates.
+
+- **Pairwise** (Winoground-style; Thrush et al., 2022): for each held-out picture, does the scorer give its
+  own caption a higher score than a hard negative of it, a caption a word or two away that is false for the
+  picture (train/negatives.py)? Chance is 50%; ties count as wrong. On `shapes`, per kind of scene
+  negative (relation reversed, colours swapped between the two objects, count changed by one, another
+  cell, another colour or shape), on renders of held-out scenes; on any other data, per kind of word
+  negative, on the held-out split's own pictures.
+- **Reranking** (`shapes`): candidates are drawn once per held-out prompt with `python -m sample`'s
+  defaults and judged by the oracle; then each scorer picks from the same candidates, so two scorers are
+  compared on identical pictures. Per kind of scene: the share of candidates right, the scorer's pick of
+  the first k (k = 1, 2, 4, ... N).
+
+    python -m bench.structure --checkpoint RUN --scorer RUN/clip --scorer OTHER/clip --cache CANDIDATES_DIR
+
+The candidates (pictures, prompts and the oracle's verdicts) are kept in ``--cache`` and read back when the
+run, prompts, count and sampling settings match, so another scorer can be compared later on the same
+pictures. Prints a markdown table and writes OUT/structure.json.
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from checkpoint import ArgumentParser, CheckpointError, UserError, add_threads_argument, run_command, set_threads
+from train.negatives import KINDS_OF_SCENE, SCENE_KINDS, WORD_KINDS, scene_negative, word_negative
+
+__all__ = ["pairwise_shapes", "pairwise_captions", "draw_candidates", "rerank_curves", "main"]
+
+SCENE_KINDS_ORDER = ("single", "position", "relation", "count")
+CHUNK = 64  # pictures per scorer pass
+
+
+def _prefers(scorer, images: torch.Tensor, own: Sequence[str], negatives: Sequence[str]) -> list[bool]:
+    """Whether each picture scores its own caption strictly above the negative, in chunks."""
+    wins = []
+    for start in range(0, len(own), CHUNK):
+        chunk = images[start:start + CHUNK]
+        true_scores = scorer.score(chunk, own[start:start + CHUNK])
+        negative_scores = scorer.score(chunk, negatives[start:start + CHUNK])
+        wins += (true_scores > negative_scores).tolist()
+    return wins
+
+
+def _figure(wins: list[bool], examples: list[tuple[str, str]]) -> dict:
+    return {"pairs": len(wins), "accuracy": sum(wins) / len(wins) if wins else None, "examples": examples[:3]}
+
+
+def pairwise_shapes(scorer, *, prompts_per_kind: int = 256, size: int = 64, seed: int = 0) -> dict:
+    """{negative kind: {"pairs", "accuracy", "examples"}} on renders of held-out `shapes` scenes.
+
+    Each kind reads the held-out prompts of the scene kind it applies to (``evaluation_prompts``, the
+    prompts bench's oracle figures use), each with its own negative.
+    """
+    from train.images import from_pil
+    from train.shapes import evaluation_prompts, render
+
+    results = {}
+    for kind in SCENE_KINDS:
+        scene_kind = next(s for s, kinds in KINDS_OF_SCENE.items() if kind in kinds)
+        own, negatives, images = [], [], []
+        for index, (text, scene) in enumerate(evaluation_prompts(scene_kind, prompts_per_kind, seed=seed)):
+            negative = scene_negative(text, scene, kind, random.Random(f"pairwise/{seed}/{kind}/{index}"))
+            if negative is not None:
+                own.append(text)
+                negatives.append(negative)
+                images.append(from_pil(render(scene, size), size))
+        wins = _prefers(scorer, torch.stack(images), own, negatives) if own else []
+        results[kind] = _figure(wins, list(zip(own, negatives)))
+    return results
+
+
+def pairwise_captions(scorer, images: torch.Tensor, texts: Sequence[str], seed: int = 0) -> dict:
+    """{word negative kind: {"pairs", "accuracy", "examples"}} for held-out pictures and their captions (any data);
+    a kind counts only the captions it applies to."""
+    results = {}
+    for kind in WORD_KINDS:
+        rows, negatives = [], []
+        for index, text in enumerate(texts):
+            negative = word_negative(text, random.Random(f"pairwise/{seed}/{kind}/{index}"), kind)
+            if negative is not None:
+                rows.append(index)
+                negatives.append(negative)
+        own = [texts[i] for i in rows]
+        wins = _prefers(scorer, images[rows], own, negatives) if rows else []
+        results[kind] = _figure(wins, list(zip(own, negatives)))
+    return results
+
+
+# ---------------------------------------------------------------- reranking from fixed candidates
+
+
+def draw_candidates(run: Path, *, prompts_per_kind: int, candidates: int, seed: int = 0, device: str = "auto",
+                    kinds: Sequence[str] = SCENE_KINDS_ORDER, batch_prompts: int = 8, first: int = 0) -> dict:
+    """Candidates for held-out prompts ``first`` to ``prompts_per_kind - 1`` of each kind of scene, drawn with
+    `python -m sample` defaults (prompt i and candidate j are the same pictures whatever ``first`` is).
+
+    {"settings": {...}, "kinds": {kind: {"prompts": [str], "right": [[bool] * candidates]}},
+     "images": uint8 tensor (prompts of all kinds, candidates, 3, S, S)}.
+    """
+    from sample.pipeline import Pipeline, SamplingSettings
+    from train.oracle import check
+    from train.shapes import evaluation_prompts
+
+    pipeline = Pipeline(run, device=device, rerank=False)
+    settings = SamplingSettings(n=candidates, keep=candidates, seed=seed, rerank=False)
+    record = {"settings": _settings(run, prompts_per_kind, candidates, seed, kinds), "kinds": {}}
+    images = []
+    for kind in kinds:
+        prompts = evaluation_prompts(kind, prompts_per_kind, seed=seed)[first:]
+        right = []
+        for start in range(0, len(prompts), batch_prompts):
+            chunk = prompts[start:start + batch_prompts]
+            for (text, scene), pictures in zip(chunk, pipeline([t for t, _ in chunk], settings)):
+                by_candidate = sorted(pictures, key=lambda p: p.candidate)
+                right.append([check(scene, p.image) for p in by_candidate])
+                images.append(torch.stack([_to_uint8(p.image) for p in by_candidate]))
+            print(f"bench.structure: {kind} {min(start + batch_prompts, len(prompts))}/{len(prompts)} prompts",
+                  file=sys.stderr)
+        record["kinds"][kind] = {"prompts": [t for t, _ in prompts], "right": right}
+    record["images"] = torch.stack(images)  # (P, N, 3, S, S)
+    return record
+
+
+def _settings(run: Path, prompts_per_kind: int, candidates: int, seed: int, kinds: Sequence[str]) -> dict:
+    from sample.pipeline import SamplingSettings
+
+    return {"run": str(run.resolve()), "prompts_per_kind": prompts_per_kind, "candidates": candidates, "seed": seed,
+            "kinds": list(kinds),
+            "cfg": SamplingSettings.cfg, "temperature": SamplingSettings.temperature,
+            "top_k": SamplingSettings.top_k, "top_p": SamplingSettings.top_p}
+
+
+def _to_uint8(image) -> torch.Tensor:
+    import numpy as np
+
+    return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.uint8).copy()).permute(2, 0, 1)  # (3, S, S)
+
+
+def save_candidates(record: dict, directory: Path) -> None:
+    """candidates.safetensors (the pictures) and candidates.json (settings, prompts, verdicts), atomically."""
+    from safetensors.torch import save_file
+
+    from checkpoint import atomic_write, write_json
+
+    directory.mkdir(parents=True, exist_ok=True)
+    atomic_write(directory / "candidates.safetensors",
+                 lambda tmp: save_file({"images": record["images"].contiguous()}, tmp))
+    write_json(directory / "candidates.json", {k: v for k, v in record.items() if k != "images"})
+
+
+def load_candidates(directory: Path, settings: dict) -> dict | None:
+    """The cached candidates when they were drawn with ``settings``, or with fewer prompts per kind and
+    otherwise the same (the first prompts of a longer list); None when there are none or others."""
+    import json
+
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        record = json.loads((directory / "candidates.json").read_text())
+        cached = record.get("settings", {})
+        if {**cached, "prompts_per_kind": 0} != {**settings, "prompts_per_kind": 0} \
+                or cached["prompts_per_kind"] > settings["prompts_per_kind"]:
+            return None
+        record["images"] = load_file(str(directory / "candidates.safetensors"))["images"]
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError):
+        return None
+    return record
+
+
+def extend_candidates(record: dict, more: dict) -> dict:
+    """``record`` with the later prompts of ``more`` (drawn with ``first`` = record's prompts per kind) appended."""
+    kinds, old, new = record["settings"]["kinds"], record["settings"]["prompts_per_kind"], more["settings"]["prompts_per_kind"]
+    images = []
+    for index, kind in enumerate(kinds):
+        added = new - old
+        images += [record["images"][index * old:(index + 1) * old], more["images"][index * added:(index + 1) * added]]
+        record["kinds"][kind] = {"prompts": record["kinds"][kind]["prompts"] + more["kinds"][kind]["prompts"],
+                                 "right": record["kinds"][kind]["right"] + more["kinds"][kind]["right"]}
+    return {"settings": more["settings"], "kinds": record["kinds"], "images": torch.cat(images)}
+
+
+def rerank_curves(record: dict, scorer) -> dict:
+    """{kind: {"prompts", "any", "random1", "pick", "best_of_first": {k: share}}} for one scorer on the candidates."""
+    images = record["images"].float() / 127.5 - 1  # (P, N, 3, S, S) in [-1, 1]
+    n = record["settings"]["candidates"]
+    ks = sorted({k for k in (1, 2, 4, 8, 16, 32) if k < n} | {n})
+    results, row = {}, 0
+    for kind in record["settings"]["kinds"]:  # the order the pictures are stored in
+        entry = record["kinds"][kind]
+        passed = dict.fromkeys(ks, 0)
+        for prompt, right in zip(entry["prompts"], entry["right"]):
+            scores = scorer.score(images[row], [prompt] * n).tolist()
+            row += 1
+            for k in ks:
+                passed[k] += right[max(range(k), key=scores.__getitem__)]
+        prompts = len(entry["prompts"])
+        results[kind] = {"prompts": prompts, "any": sum(map(sum, entry["right"])) / (prompts * n),
+                         "random1": sum(r[0] for r in entry["right"]) / prompts, "pick": passed[n] / prompts,
+                         "best_of_first": {k: v / prompts for k, v in passed.items()}}
+    return results
+
+
+# ---------------------------------------------------------------- the command
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}%"
+
+
+def pairwise_markdown(figures: dict, what: str, judge: Callable[[str, dict], str] = lambda kind, r: "–") -> list[str]:
+    """The pairwise figures as a table, one row per kind of negative; ``judge`` fills the goal column."""
+    lines = ["", f"Pairwise test ({what}): how often the scorer scores a held-out picture's own caption above a hard "
+                 "negative of it (train/negatives.py; chance 50%, ties count as wrong):", "",
+             "| negative | pairs | own caption preferred | goal | example (own -> negative) |", "|---|---|---|---|---|"]
+    for kind, r in figures.items():
+        example = f"{r['examples'][0][0]} -> {r['examples'][0][1]}" if r["examples"] else ""
+        lines.append(f"| {kind} | {r['pairs']} | {_pct(r['accuracy'])} | {judge(kind, r)} | {example} |")
+    return lines
+
+
+def markdown(report: dict) -> str:
+    lines = []
+    for name, figures in report["scorers"].items():
+        lines += ["", f"Scorer `{name}` (hard negatives: {figures['hard_negatives']}):"]
+        lines += pairwise_markdown(figures["pairwise"], "scene negatives, renders of held-out `shapes` scenes")
+        if "rerank" in figures:
+            ks = list(next(iter(figures["rerank"].values()))["best_of_first"])
+            lines += ["", "Reranking the same candidates (the oracle judges the pick):", "", "| kind | prompts | candidates right | " + " | ".join(f"best of {k}" for k in ks) + " |",
+                      "|---|---|---|" + "---|" * len(ks)]
+            for kind, r in figures["rerank"].items():
+                lines.append(f"| {kind} | {r['prompts']} | {_pct(r['any'])} | "
+                             + " | ".join(_pct(r["best_of_first"][k]) for k in ks) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = ArgumentParser(prog="python -m bench.structure", description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", help="the run whose decoder draws the candidates (default: the shapes demo)")
+    parser.add_argument("--scorer", action="append", default=None,
+                        help="a scorer directory trained on the run's tokenizer (repeat to compare; default RUN/clip)")
+    parser.add_argument("--pairwise-prompts", type=int, default=256, help="held-out pictures per negative kind")
+    parser.add_argument("--prompts-per-kind", type=int, default=128, help="held-out prompts per kind of scene")
+    parser.add_argument("--candidates", type=int, default=16, help="candidates per prompt")
+    parser.add_argument("--kinds", nargs="+", choices=SCENE_KINDS_ORDER, default=list(SCENE_KINDS_ORDER),
+                        help="kinds of scene whose prompts get candidates (default all four)")
+    parser.add_argument("--no-rerank", action="store_true", help="the pairwise test only, no candidates drawn")
+    parser.add_argument("--cache", default=None, help="a folder the candidates are kept in and read back from")
+    parser.add_argument("--out", default="bench_results", help="where structure.json goes")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--seed", type=int, default=0)
+    add_threads_argument(parser)
+    args = parser.parse_args(argv)
+    args.argv = argv
+    return run_command(lambda: _run(args))
+
+
+def _run(args) -> None:
+    from checkpoint import write_json
+    from sample.pipeline import resolve_run
+    from sample.rerank import RunScorer
+    from tokenizer import TextTokenizer
+    from train.loop import resolve_device
+
+    set_threads(args.threads)
+    if min(args.pairwise_prompts, args.prompts_per_kind, args.candidates) < 1:
+        raise UserError("--pairwise-prompts, --prompts-per-kind and --candidates must be >= 1")
+    run = resolve_run(args.checkpoint)
+    if not (run / "tokenizer.model").is_file():
+        raise UserError(f"--checkpoint {run} holds no tokenizer.model; pass a run made by `python -m train all`")
+    device = resolve_device(args.device)
+    tokenizer = TextTokenizer.load(run / "tokenizer.model")
+    directories = [Path(d) for d in (args.scorer or [run / "clip"])]
+    scorers = {}
+    for directory in directories:
+        if not (directory / "config.json").is_file():
+            raise CheckpointError(f"--scorer {directory} holds no config.json; pass a RUN/clip folder")
+        scorers[str(directory)] = RunScorer(run, tokenizer, device, directory=directory)
+    record = None
+    if not args.no_rerank:
+        settings = _settings(run, args.prompts_per_kind, args.candidates, args.seed, args.kinds)
+        cache = Path(args.cache) if args.cache else None
+        record = load_candidates(cache, settings) if cache else None
+        have = 0 if record is None else record["settings"]["prompts_per_kind"]
+        if have < args.prompts_per_kind:
+            drawn = draw_candidates(run, prompts_per_kind=args.prompts_per_kind, candidates=args.candidates,
+                                    seed=args.seed, device=str(device), kinds=args.kinds, first=have)
+            record = drawn if record is None else extend_candidates(record, drawn)
+            if cache:
+                save_candidates(record, cache)
+    report = {"checkpoint": str(run), "command": "python -m bench.structure " + " ".join(
+        sys.argv[1:] if args.argv is None else args.argv), "scorers": {}}
+    size = next(iter(scorers.values())).model.config.image_size
+    for name, scorer in scorers.items():
+        figures = {"hard_negatives": scorer.model.config.hard_negatives,
+                   "pairwise": pairwise_shapes(scorer, prompts_per_kind=args.pairwise_prompts, size=size,
+                                               seed=args.seed)}
+        if record is not None:
+            figures["rerank"] = rerank_curves(record, scorer)
+        report["scorers"][name] = figures
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "structure.json", report)
+    print(markdown(report))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
