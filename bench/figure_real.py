@@ -17,7 +17,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from checkpoint import ArgumentParser, UserError, add_threads_argument, run_command, set_threads
+from checkpoint import ArgumentParser, UserError, add_threads_argument, read_json_or_empty, run_command, set_threads
 from train.data import DEFAULT_HELDOUT_FRACTION, open_dataset
 from train.images import to_pil
 
@@ -41,13 +41,7 @@ def build_parser() -> ArgumentParser:
 
 
 def _record(run: Path) -> dict:
-    import json
-
-    path = run / "all.json"
-    try:
-        return json.loads(path.read_text()) if path.is_file() else {}
-    except (OSError, ValueError, RecursionError):
-        return {}
+    return read_json_or_empty(run / "all.json")
 
 
 def _pictures_by_caption(dataset) -> dict[str, int]:

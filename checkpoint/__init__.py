@@ -251,6 +251,16 @@ def read_json(path: str | Path, part: str) -> dict:
         raise CheckpointError(f"{part}: {path} nests too deep to be one of this program's files") from None
 
 
+def read_json_or_empty(path: str | Path) -> dict:
+    """An optional record of a run (all.json, vocabulary.json, ...): its JSON object, or {} when the file is
+    missing, unreadable, nested past Python's stack or not an object; for readers that work without it."""
+    try:
+        record = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):  # ValueError covers JSON and UTF-8 errors
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
 def save_pretrained(model: torch.nn.Module, config: Any, directory: str | Path, state: dict | None = None,
                     metadata: dict[str, str] | None = None) -> None:
     """Write ``config`` (a dataclass) as config.json and the model's weights as model.safetensors.

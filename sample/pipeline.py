@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from checkpoint import CheckpointError, UserError, check_tokenizer_digest
+from checkpoint import CheckpointError, UserError, check_tokenizer_digest, read_json_or_empty
 
 __all__ = ["DEMO_RUN", "SHIPPED_RUNS", "MAX_CANDIDATES", "CANDIDATES_PER_PASS", "resolve_run", "SamplingSettings",
            "Picture", "Preview", "Pipeline", "generate_images", "make_edit"]
@@ -182,14 +182,14 @@ class Pipeline:
             self.scorer = RunScorer(run, self.tokenizer, self.device)
         # What the run learned, where training recorded it (older runs have neither file): the words of its
         # training captions, and its scorer's scores of held-out pictures with another picture's caption.
-        if _read_optional_json(run / "all.json").get("preset") == "tiny":
+        if read_json_or_empty(run / "all.json").get("preset") == "tiny":
             warnings.warn(f"{run} was trained by `train all --preset tiny`, a smoke test of a few steps a stage: "
                           "its pictures are noise", stacklevel=2)
-        vocabulary = _read_optional_json(run / "vocabulary.json").get("words")
+        vocabulary = read_json_or_empty(run / "vocabulary.json").get("words")
         self.vocabulary = vocabulary if isinstance(vocabulary, dict) else None
         self.score_floor = None
         if self.scorer is not None and reranker is None:
-            other = _read_optional_json(run / "clip" / "score_range.json").get("other_caption")
+            other = read_json_or_empty(run / "clip" / "score_range.json").get("other_caption")
             floor = other.get("p95") if isinstance(other, dict) else None
             self.score_floor = float(floor) if isinstance(floor, (int, float)) else None
 
@@ -430,15 +430,6 @@ def _quoted(prompt: str, limit: int = 60) -> str:
     return repr(prompt if len(prompt) <= limit else prompt[:limit] + "...")
 
 
-def _read_optional_json(path: Path) -> dict:
-    """A run's optional record; {} when it is missing or unreadable (sampling works without it)."""
-    import json
-
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return record if isinstance(record, dict) else {}
 def _standardized(values: torch.Tensor) -> torch.Tensor:
     """z-scores among one prompt's candidates (zeros when they are all alike)."""
     values = values.double()

@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import time
 from pathlib import Path
 
 import torch
 
-from checkpoint import UserError
+from checkpoint import UserError, read_json_or_empty
 from train.loop import SEED_HELP, add_data_arguments, seed_number
 
 # Per-stage options for each preset, as command-line flags of that stage.
@@ -117,11 +116,8 @@ def preset_flags(preset: str, stage: str, data: str) -> list[str]:
 
 def _read_record(record_path: Path) -> dict:
     """RUN/all.json: the stages finished, their seconds, the preset and data; empty where missing or unreadable."""
-    try:
-        record = json.loads(record_path.read_text())
-    except (OSError, ValueError, RecursionError):  # RecursionError: JSON nested past Python's stack
-        record = None
-    if not isinstance(record, dict) or not isinstance(record.get("finished"), list):
+    record = read_json_or_empty(record_path)
+    if not isinstance(record.get("finished"), list):
         return {"finished": [], "seconds": {}}
     if not isinstance(record.get("seconds"), dict):
         record["seconds"] = {}
