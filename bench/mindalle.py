@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from checkpoint import ArgumentParser
 from seq2seq import Seq2Seq, Seq2SeqConfig, generate
-from tokenizer.text import EOS_ID
+from seq2seq.generate import EMPTY_TEXT_IDS, with_unconditional
 
 __all__ = ["MinDalleDecoder", "main"]
 
@@ -174,10 +174,9 @@ def main(argv: list[str] | None = None) -> None:
 
     text_ids = torch.randint(4, config.text_vocab_size, (max(batches), args.text_len))
     text_mask = torch.ones_like(text_ids, dtype=torch.bool)
-    empty = torch.zeros_like(text_ids)
-    empty[:, 0] = EOS_ID  # what the unconditional row reads: the empty caption, [eos]
-    empty_mask = torch.zeros_like(text_mask)
-    empty_mask[:, 0] = True
+    # The unconditional rows as generate() builds them: the empty caption, padded to the prompts' length.
+    both_ids, both_mask = with_unconditional(text_ids, text_mask, EMPTY_TEXT_IDS)
+    empty, empty_mask = both_ids[len(text_ids):], both_mask[len(text_ids):]
     with torch.no_grad():
         memory = ours.encode(text_ids, text_mask)
         empty_memory = ours.encode(empty, empty_mask)
