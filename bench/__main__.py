@@ -28,9 +28,34 @@ from pathlib import Path
 
 import torch
 
-from checkpoint import (ArgumentParser, UserError, add_threads_argument, atomic_write, load_config, run_command,
-                        set_threads)
-from train.data import DEFAULT_HELDOUT_FRACTION
+from bench.quality import composition_scores, heldout_bits, vqgan_scores
+from bench.real import SSIM_SIGMA, SSIM_WINDOW, real_scores
+from bench.speed import (
+    card_bandwidth,
+    data_figures,
+    decode_figures,
+    peak_figure,
+    scorer_figures,
+    training_figures,
+    vqgan_figures,
+)
+from bench.structure import pairwise_markdown, pairwise_shapes
+from checkpoint import atomic_write, load_config, write_json
+from cli import (
+    ArgumentParser,
+    UserError,
+    add_threads_argument,
+    run_command,
+    set_threads,
+)
+from data.sources import DEFAULT_HELDOUT_FRACTION
+from devices import autocast_dtype, resolve_device
+from sample.pipeline import SamplingSettings, resolve_run
+from sample.rerank import RunScorer
+from scorer import Scorer, ScorerConfig
+from seq2seq import Seq2Seq, Seq2SeqConfig
+from tokenizer import TextTokenizer
+from vqgan import VQGAN, VQGANConfig
 
 GOALS = {"cache_speedup": 10.0, "cpu_share_of_peak": 0.5, "gpu_bandwidth_share": 0.6, "gpu_mfu": 0.35,
          "single": 0.95, "relation": 0.85, "count": 0.80, "single_unranked": 0.90,
@@ -83,12 +108,6 @@ def machine(device: torch.device) -> dict:
 
 
 def speed(run: Path, device: torch.device, args: argparse.Namespace) -> dict:
-    from bench.speed import (card_bandwidth, data_figures, decode_figures, peak_figure, scorer_figures,
-                             training_figures, vqgan_figures)
-    from scorer import Scorer
-    from seq2seq import Seq2Seq
-    from train.loop import autocast_dtype
-    from vqgan import VQGAN
 
     seq2seq_config = _load_config(run, "seq2seq")
     vqgan_config = _load_config(run, "vqgan")
@@ -125,9 +144,6 @@ def speed(run: Path, device: torch.device, args: argparse.Namespace) -> dict:
 
 def _load_config(run: Path, part: str):
     """A part's config from the run, a CheckpointError naming the part where it is missing or broken."""
-    from scorer import ScorerConfig
-    from seq2seq import Seq2SeqConfig
-    from vqgan import VQGANConfig
 
     return load_config({"seq2seq": Seq2SeqConfig, "vqgan": VQGANConfig, "clip": ScorerConfig}[part], run / part, part)
 
@@ -156,8 +172,6 @@ def run_data(run: Path, args: argparse.Namespace) -> dict:
 
 
 def quality(run: Path, device: torch.device, args: argparse.Namespace) -> dict:
-    from bench.quality import composition_scores, heldout_bits, vqgan_scores
-    from bench.real import real_scores
 
     size = args.size or _load_config(run, "clip").image_size
     source = run_data(run, args)
@@ -187,16 +201,12 @@ def quality(run: Path, device: torch.device, args: argparse.Namespace) -> dict:
 
 
 def _pairwise_shapes(run: Path, device: torch.device, prompts: int, size: int, seed: int) -> dict:
-    from bench.structure import pairwise_shapes
-    from sample.rerank import RunScorer
-    from tokenizer import TextTokenizer
 
     scorer = RunScorer(run, TextTokenizer.load(run / "tokenizer.model"), device)
     return pairwise_shapes(scorer, prompts_per_kind=prompts, size=size, seed=seed)
 
 
 def _pairwise_markdown(figures: dict, what: str, goals: bool) -> list[str]:
-    from bench.structure import pairwise_markdown
 
     def judge(kind: str, r: dict) -> str:
         goal = GOALS.get(f"pairwise_{kind}") if goals else None
@@ -206,7 +216,6 @@ def _pairwise_markdown(figures: dict, what: str, goals: bool) -> list[str]:
 
 
 def _sampling_defaults() -> dict:
-    from sample.pipeline import SamplingSettings
 
     return {"cfg": SamplingSettings.cfg, "temperature": SamplingSettings.temperature,
             "top_k": SamplingSettings.top_k, "top_p": SamplingSettings.top_p}
@@ -321,7 +330,6 @@ def _optional(value: float | None, spec: str) -> str:
 
 def real_markdown(r: dict, data_from: str | None = None) -> list[str]:
     """The generic figures (bench/real.py) as a table, each with the count it is measured on."""
-    from bench.real import SSIM_SIGMA, SSIM_WINDOW
 
     v, b, k, g, t, d = r["vqgan"], r["vqgan"]["baseline"], r["codebook"], r["caption_gap"], r["retrieval"], r["frechet"]
     source = {"all.json": ", as the run's all.json records", "default": ", the default"}.get(data_from or "", "")
@@ -364,9 +372,6 @@ def real_markdown(r: dict, data_from: str | None = None) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> dict:
-    from checkpoint import write_json
-    from sample.pipeline import resolve_run
-    from train.loop import resolve_device
 
     set_threads(args.threads)
     checkpoint = resolve_run(args.checkpoint)

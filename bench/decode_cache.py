@@ -11,8 +11,8 @@ import time
 
 import torch
 
-from bench.flops import synchronize
-from checkpoint import ArgumentParser
+from cli import ArgumentParser
+from devices.flops import synchronize
 from seq2seq import Seq2Seq, Seq2SeqConfig, generate
 
 __all__ = ["time_generate", "main"]

@@ -1,4 +1,4 @@
-"""Edits, measured on a `shapes` run with the oracle (train/oracle.py), and what previews cost when off.
+"""Edits, measured on a `shapes` run with the oracle (data/oracle.py), and what previews cost when off.
 
 ``python -m bench.edit`` (the shipped demo run by default) prints:
 
@@ -30,8 +30,15 @@ from pathlib import Path
 
 import torch
 
-from checkpoint import ArgumentParser, add_threads_argument, run_command, set_threads
+from cli import ArgumentParser, add_threads_argument, run_command, set_threads
+from data.images import from_pil
+from data.oracle import UNKNOWN, check, read_scene
+from data.shapes import SIZES, evaluation_prompts, render, shape_vertices
+from sample.output import picture_pixels
 from sample.pipeline import Pipeline, SamplingSettings, resolve_run
+from seq2seq import generate
+from seq2seq.canvas import generate_canvas
+from vqgan.losses import psnr
 
 __all__ = ["inpainting_cases", "completion_cases", "inpainting_scores", "completion_scores", "canvas_scores",
            "plain_sampling_ratio"]
@@ -42,7 +49,6 @@ EDGE = 1 / 64  # an object's outline must clear a half's border by this much (an
 
 def _extent(obj) -> tuple[float, float, float, float]:
     """An object's bounding box (x0, y0, x1, y1) in canvas fractions."""
-    from train.shapes import SIZES, shape_vertices
 
     xs, ys = zip(*shape_vertices(obj.shape, obj.x, obj.y, SIZES[obj.size]))
     return min(xs), min(ys), max(xs), max(ys)
@@ -59,7 +65,6 @@ _SECOND_HALF = {"left of": (0.5, 0, 1, 1), "right of": (0, 0, 0.5, 1), "above": 
 
 def _held_out(kind: str, n: int, seed: int, keep) -> list:
     """The first ``n`` held-out (caption, scene, extra) of ``kind`` for which ``keep(scene)`` gives an extra."""
-    from train.shapes import evaluation_prompts
 
     drawn = 4 * n
     while True:
@@ -112,9 +117,6 @@ def _z(values: list[float]) -> list[float]:
 
 def inpainting_scores(pipeline: Pipeline, cases: list, candidates: int, seed: int = 0) -> dict:
     """Oracle acceptance of the kept picture under each ranking, and first-object token agreement."""
-    from train.images import from_pil
-    from train.oracle import check
-    from train.shapes import render
 
     settings = SamplingSettings(n=candidates, keep=1, seed=seed)
     canvas, grid = pipeline.canvas_size, pipeline.model.config.grid_size
@@ -152,9 +154,6 @@ def inpainting_scores(pipeline: Pipeline, cases: list, candidates: int, seed: in
 
 def completion_scores(pipeline: Pipeline, cases: list, candidates: int, seed: int = 0) -> dict:
     """Oracle acceptance of the kept picture (by the scorer, and candidate 0) with the top half kept."""
-    from train.images import from_pil
-    from train.oracle import check
-    from train.shapes import render
 
     settings = SamplingSettings(n=candidates, keep=1, seed=seed)
     canvas, grid = pipeline.canvas_size, pipeline.model.config.grid_size
@@ -178,10 +177,6 @@ def completion_scores(pipeline: Pipeline, cases: list, candidates: int, seed: in
 
 def canvas_scores(pipeline: Pipeline, prompts: int, candidates: int, width: int, seed: int = 0) -> dict:
     """Objects whole, oracle acceptance and window seams of canvases ``width`` pixels wide (every candidate)."""
-    from sample.output import picture_pixels
-    from train.oracle import UNKNOWN, check, read_scene
-    from train.shapes import evaluation_prompts
-    from vqgan.losses import psnr
 
     settings = SamplingSettings(n=candidates, keep=1, seed=seed)
     grid, token = pipeline.model.config.grid_size, pipeline.token_size
@@ -210,8 +205,6 @@ def plain_sampling_ratio(pipeline: Pipeline, baseline: Path, *, prompts: int = 8
     prompts and seeds (both must draw the same ids), in turns in this process: now, before, now again, then
     the reverse order, and so on. "now again" against "now" is the control: how far two runs of the same
     code differ here, the resolution of the ratio."""
-    from seq2seq import generate
-    from train.shapes import evaluation_prompts
 
     spec = importlib.util.spec_from_file_location("bench_generate_before", baseline)
     before = importlib.util.module_from_spec(spec)
@@ -239,9 +232,6 @@ def plain_sampling_ratio(pipeline: Pipeline, baseline: Path, *, prompts: int = 8
 def canvas_time_ratio(pipeline: Pipeline, width: int, *, prompts: int = 8, repeats: int = 3,
                       cfg: float = SamplingSettings.cfg) -> dict:
     """Median seconds of a canvas ``width`` pixels wide against one of the run's size, in turns, same prompts."""
-    from seq2seq import generate
-    from seq2seq.canvas import generate_canvas
-    from train.shapes import evaluation_prompts
 
     text_ids, text_mask = pipeline.encode_prompts([t for t, _ in evaluation_prompts("count", prompts)])
     grid = pipeline.model.config.grid_size

@@ -11,10 +11,15 @@ it (a green bar) or not (red).
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from checkpoint import ArgumentParser, run_command
+from cli import ArgumentParser, run_command
+from data.oracle import check
+from data.shapes import KINDS, evaluation_prompts
+from sample import generate_images
+
 
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="python -m bench.figure", description=__doc__.splitlines()[0])
@@ -47,11 +52,7 @@ def figure(rows: list[tuple[str, list[tuple[Image.Image, bool]]]], scale: int, l
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pathlib import Path
 
-    from sample import generate_images
-    from train.oracle import check
-    from train.shapes import KINDS, evaluation_prompts
 
     args = build_parser().parse_args(argv)
     chosen = [p for kind in KINDS for p in evaluation_prompts(kind, args.per_kind, seed=args.seed)]

@@ -15,7 +15,10 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from checkpoint import ArgumentParser, add_threads_argument, run_command, set_threads
+from bench.edit import completion_cases, inpainting_cases
+from cli import ArgumentParser, add_threads_argument, run_command, set_threads
+from data.shapes import evaluation_prompts, render
+from sample.pipeline import Pipeline, SamplingSettings
 
 __all__ = ["edit_rows", "compose"]
 
@@ -43,9 +46,6 @@ def _mask_picture(edit) -> Image.Image:
 
 def edit_rows(pipeline, n: int, keep: int, seed: int) -> list[tuple[str, list[tuple[str, Image.Image]]]]:
     """(label, [(column title, picture), ...]) per edit kind, from ``pipeline``'s run."""
-    from bench.edit import completion_cases, inpainting_cases
-    from sample.pipeline import SamplingSettings
-    from train.shapes import evaluation_prompts, render
 
     settings = SamplingSettings(n=n, keep=keep, seed=seed)
     canvas = pipeline.canvas_size
@@ -96,7 +96,6 @@ def compose(rows: list[tuple[str, list[tuple[str, Image.Image]]]], scale: int) -
 
 
 def main(argv: list[str] | None = None) -> int:
-    from sample.pipeline import Pipeline
 
     args = build_parser().parse_args(argv)
 

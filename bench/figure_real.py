@@ -17,9 +17,18 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from checkpoint import ArgumentParser, UserError, add_threads_argument, read_json_or_empty, run_command, set_threads
-from train.data import DEFAULT_HELDOUT_FRACTION, open_dataset
-from train.images import to_pil
+from checkpoint import read_json_or_empty
+from cli import (
+    ArgumentParser,
+    UserError,
+    add_threads_argument,
+    run_command,
+    set_threads,
+)
+from data.images import to_pil
+from data.sources import DEFAULT_HELDOUT_FRACTION, open_dataset
+from sample import generate_images
+from sample.pipeline import resolve_run
 
 __all__ = ["build_parser", "main"]
 
@@ -90,8 +99,6 @@ def figure(rows: list[tuple[str, str, Image.Image, list[Image.Image]]], scale: i
 
 
 def main(argv: list[str] | None = None) -> int:
-    from sample import generate_images
-    from sample.pipeline import resolve_run
 
     args = build_parser().parse_args(argv)
 

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from checkpoint import ArgumentParser
+from cli import ArgumentParser
 from seq2seq import Seq2Seq, Seq2SeqConfig, generate
 from seq2seq.generate import EMPTY_TEXT_IDS, with_unconditional
 

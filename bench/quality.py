@@ -14,12 +14,18 @@ image token of the transformer.
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
 import torch
 
-from sample.pipeline import SamplingSettings
+from data.images import from_pil, to_pil
+from data.oracle import check
+from data.shapes import Scene, evaluation_prompts, example
+from sample.pipeline import Pipeline, SamplingSettings
+from vqgan import VQGAN
+from vqgan.losses import psnr
 
 __all__ = ["composition_scores", "vqgan_scores", "heldout_bits"]
 
@@ -33,9 +39,6 @@ def composition_scores(run: Path, *, prompts_per_kind: int = 32, candidates: int
                        dtype: str = "auto") -> dict:
     """{kind: {"any", "random1", "clip1", "prompts"}} over held-out prompts of each kind, with the sampling
     defaults of ``python -m sample`` unless told otherwise."""
-    from sample.pipeline import Pipeline
-    from train.oracle import check
-    from train.shapes import evaluation_prompts
 
     pipeline = Pipeline(run, device=device, rerank=True, dtype=dtype)
     settings = SamplingSettings(n=candidates, keep=1, top_k=top_k, top_p=top_p, temperature=temperature, cfg=cfg,
@@ -66,11 +69,6 @@ def composition_scores(run: Path, *, prompts_per_kind: int = 32, candidates: int
 @torch.inference_mode()
 def vqgan_scores(run: Path, *, n: int = 256, size: int = 64, device: str = "cpu", seed: int = 0) -> dict:
     """PSNR (dB) of reconstructions of held-out renders, and how often the oracle reads both alike."""
-    from train.images import from_pil, to_pil
-    from train.oracle import check
-    from train.shapes import Scene, example
-    from vqgan import VQGAN
-    from vqgan.losses import psnr
 
     vqgan = VQGAN.from_pretrained(run / "vqgan").to(device)
     examples = [example(seed, "heldout", i, size) for i in range(n)]
@@ -82,7 +80,6 @@ def vqgan_scores(run: Path, *, n: int = 256, size: int = 64, device: str = "cpu"
 
 def heldout_bits(run: Path) -> float | None:
     """Held-out bits per image token: the last value seq2seq logged, or the one a packed run's all.json keeps."""
-    import json
 
     path = run / "metrics" / "seq2seq.jsonl"
     if path.is_file():

@@ -14,7 +14,7 @@ figures need nothing but pictures and captions:
   first N distinct held-out captions, each ranked against all N captions by the run's own scorer; R@1 and
   R@5 beside chance (1/N, 5/N).
 - **Pairwise** (bench/structure.py): how often the run's scorer prefers a held-out picture's own caption to
-  a word-swap hard negative of it (train/negatives.py), per kind of negative; chance 50%.
+  a word-swap hard negative of it (data/negatives.py), per kind of negative; chance 50%.
 - **Scorer Fréchet distance** (:func:`frechet_distance`) between generated and held-out pictures in the
   scorer's image-embedding space, with a floor: the same distance between two disjoint halves of the
   held-out pictures. It is not FID: the embedding is the run's own small scorer, not Inception, so its
@@ -31,9 +31,14 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from checkpoint import UserError
+from bench.structure import pairwise_captions
+from cli import UserError
+from data.images import from_pil
+from data.sources import DEFAULT_HELDOUT_FRACTION, StreamDataset, open_dataset, texts
+from sample.pipeline import Pipeline, SamplingSettings
+from sample.rerank import RunScorer, resize_for_scorer
 from seq2seq.evaluate import caption_gap
-from train.data import DEFAULT_HELDOUT_FRACTION
+from vqgan.losses import psnr
 
 __all__ = ["ssim", "frechet_distance", "retrieval_at", "heldout_examples", "distinct_captions",
            "real_scores"]
@@ -130,7 +135,6 @@ def retrieval_at(image_embeddings: torch.Tensor, text_embeddings: torch.Tensor, 
 def heldout_examples(dataset, n: int) -> tuple[torch.Tensor, list[str], int]:
     """The first ``n`` readable examples in stored order (fewer if the split is smaller): pictures
     (n, 3, S, S) in [-1, 1], their captions, and how many unreadable ones were skipped on the way."""
-    from train.data import StreamDataset
 
     if isinstance(dataset, StreamDataset):  # a hub split: no indexing, only reading in order
         items = (dataset.decoder(row) for row in dataset.stream)
@@ -154,7 +158,6 @@ def heldout_examples(dataset, n: int) -> tuple[torch.Tensor, list[str], int]:
 def distinct_captions(dataset, n: int) -> list[str]:
     """The first ``n`` distinct non-blank captions of the split in stored order, without decoding images;
     fewer when the split (or its first ``MAX_CAPTION_SCAN * n`` examples) holds fewer."""
-    from train.data import texts
 
     limit = min(len(dataset), MAX_CAPTION_SCAN * n)
     scan = min(2 * n, limit)
@@ -176,7 +179,6 @@ def _encode(vqgan, images: torch.Tensor, device: torch.device) -> torch.Tensor:
 @torch.inference_mode()
 def _vqgan_figures(vqgan, images: torch.Tensor, ids: torch.Tensor, device: torch.device) -> dict:
     """PSNR and SSIM of reconstructions and of the avg-pool-then-bicubic baseline; codebook usage."""
-    from vqgan.losses import psnr
 
     f = vqgan.downsample
     recon = torch.cat([vqgan.decode(chunk.to(device)).cpu() for chunk in ids.split(CHUNK)])
@@ -201,7 +203,6 @@ def _vqgan_figures(vqgan, images: torch.Tensor, ids: torch.Tensor, device: torch
 @torch.inference_mode()
 def _embed_images(scorer, images: torch.Tensor) -> torch.Tensor:
     """Unit image embeddings (B, E) by the run's scorer, resized as RunScorer resizes what it scores."""
-    from sample.rerank import resize_for_scorer
 
     size, device = scorer.model.config.image_size, scorer.device
     return torch.cat([scorer.model.encode_image(resize_for_scorer(chunk.to(device), size)).float().cpu()
@@ -218,8 +219,6 @@ def _embed_texts(scorer, captions: Sequence[str]) -> torch.Tensor:
 def _generate(pipeline, captions: Sequence[str], candidates: int, seed: int, batch_prompts: int = 8) -> torch.Tensor:
     """``candidates`` unranked pictures per caption, (N * candidates, 3, S, S) in [-1, 1], caption-major:
     what `python -m sample --no-rerank` saves, read back from its 8-bit pictures."""
-    from sample.pipeline import SamplingSettings
-    from train.images import from_pil
 
     settings = SamplingSettings(n=candidates, keep=candidates, seed=seed, rerank=False)
     pictures = []
@@ -238,10 +237,6 @@ def real_scores(run: Path, *, data: str, size: int, seed: int = 0, device: str =
     ``pictures`` held-out pictures serve the VQGAN, codebook and Fréchet figures, ``gap_pictures`` the
     caption gap; each is the first readable ones of the split, fewer if it holds fewer (the counts say).
     """
-    from bench.structure import pairwise_captions
-    from sample.pipeline import Pipeline
-    from sample.rerank import RunScorer
-    from train.data import open_dataset
 
     pipeline = Pipeline(run, device=device, rerank=False)
     vqgan, model, tokenizer = pipeline.vqgan, pipeline.model, pipeline.tokenizer

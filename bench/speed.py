@@ -18,8 +18,11 @@ from typing import Callable
 
 import torch
 
-from bench.flops import count_flops, matmul_peak_flops, synchronize
-from train.loop import autocast
+from data.sources import batches as make_batches
+from data.sources import open_dataset
+from devices import autocast
+from devices.flops import count_flops, matmul_peak_flops, synchronize
+from seq2seq import generate
 
 __all__ = ["timed", "data_figures", "decode_figures", "vqgan_figures", "scorer_figures", "training_figures",
            "BANDWIDTH_GBS"]
@@ -45,8 +48,6 @@ def timed(fn: Callable[[], object], device: torch.device, repeat: int = 3) -> fl
 
 def data_figures(*, size: int = 64, batch: int = 64, batches: int = 20, workers=(0, 2)) -> list[dict]:
     """Examples/s the data layer delivers from `shapes` (rendered, captioned, as tensors) per worker count."""
-    from train.data import batches as make_batches
-    from train.data import open_dataset
 
     dataset = open_dataset("shapes", size, split="train")
     rows = []
@@ -89,7 +90,6 @@ def _step_bytes(model, rows: int) -> float:
 def decode_figures(model, *, batches=(1, 16), text_len: int = 16, recompute: bool = True, compile: bool = False,
                    bandwidth: float | None = None) -> list[dict]:
     """One row per (batch, guidance, method): image tokens/s, ms per step, prefill ms, outside-model share."""
-    from seq2seq import generate
 
     device = next(model.parameters()).device
     config = model.config
@@ -169,7 +169,7 @@ def _train_step_fn(model: torch.nn.Module, loss_fn: Callable[[], torch.Tensor]) 
 def training_figures(seq2seq, vqgan, *, peak: float, seq2seq_batch: int = 64, vqgan_batch: int = 32, size: int = 64,
                      text_len: int = 16, amp_dtype: torch.dtype | None = None) -> dict:
     """Seq2seq image tokens/s and VQGAN pictures/s, each with achieved FLOP/s over the measured ``peak``;
-    both run under autocast in ``amp_dtype`` (None: fp32), as training does (``train.loop.autocast``).
+    both run under autocast in ``amp_dtype`` (None: fp32), as training does (``devices.autocast``).
 
     A step is forward, backward and the AdamW update on random data at the stage's default batch; its
     FLOPs are counted over one real step (FlopCounterMode). The VQGAN step is the autoencoder's

@@ -2,7 +2,7 @@
 
 - **Pairwise** (Winoground-style; Thrush et al., 2022): for each held-out picture, does the scorer give its
   own caption a higher score than a hard negative of it, a caption a word or two away that is false for the
-  picture (train/negatives.py)? Chance is 50%; ties count as wrong. On `shapes`, per kind of scene
+  picture (data/negatives.py)? Chance is 50%; ties count as wrong. On `shapes`, per kind of scene
   negative (relation reversed, colours swapped between the two objects, count changed by one, another
   cell, another colour or shape), on renders of held-out scenes; on any other data, per kind of word
   negative, on the held-out split's own pictures.
@@ -20,15 +20,39 @@ pictures. Prints a markdown table and writes OUT/structure.json.
 
 from __future__ import annotations
 
+import json
 import random
 import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
-from checkpoint import ArgumentParser, CheckpointError, UserError, add_threads_argument, run_command, set_threads
-from train.negatives import KINDS_OF_SCENE, SCENE_KINDS, WORD_KINDS, scene_negative, word_negative
+from checkpoint import CheckpointError, atomic_write, write_json
+from cli import (
+    ArgumentParser,
+    UserError,
+    add_threads_argument,
+    run_command,
+    set_threads,
+)
+from data.images import from_pil
+from data.negatives import (
+    KINDS_OF_SCENE,
+    SCENE_KINDS,
+    WORD_KINDS,
+    scene_negative,
+    word_negative,
+)
+from data.oracle import check
+from data.shapes import evaluation_prompts, render
+from devices import resolve_device
+from sample.pipeline import Pipeline, SamplingSettings, resolve_run
+from sample.rerank import RunScorer
+from tokenizer import TextTokenizer
 
 __all__ = ["pairwise_shapes", "pairwise_captions", "draw_candidates", "rerank_curves", "main"]
 
@@ -57,8 +81,6 @@ def pairwise_shapes(scorer, *, prompts_per_kind: int = 256, size: int = 64, seed
     Each kind reads the held-out prompts of the scene kind it applies to (``evaluation_prompts``, the
     prompts bench's oracle figures use), each with its own negative.
     """
-    from train.images import from_pil
-    from train.shapes import evaluation_prompts, render
 
     results = {}
     for kind in SCENE_KINDS:
@@ -103,9 +125,6 @@ def draw_candidates(run: Path, *, prompts_per_kind: int, candidates: int, seed: 
     {"settings": {...}, "kinds": {kind: {"prompts": [str], "right": [[bool] * candidates]}},
      "images": uint8 tensor (prompts of all kinds, candidates, 3, S, S)}.
     """
-    from sample.pipeline import Pipeline, SamplingSettings
-    from train.oracle import check
-    from train.shapes import evaluation_prompts
 
     pipeline = Pipeline(run, device=device, rerank=False)
     settings = SamplingSettings(n=candidates, keep=candidates, seed=seed, rerank=False)
@@ -128,7 +147,6 @@ def draw_candidates(run: Path, *, prompts_per_kind: int, candidates: int, seed: 
 
 
 def _settings(run: Path, prompts_per_kind: int, candidates: int, seed: int, kinds: Sequence[str]) -> dict:
-    from sample.pipeline import SamplingSettings
 
     return {"run": str(run.resolve()), "prompts_per_kind": prompts_per_kind, "candidates": candidates, "seed": seed,
             "kinds": list(kinds),
@@ -137,16 +155,13 @@ def _settings(run: Path, prompts_per_kind: int, candidates: int, seed: int, kind
 
 
 def _to_uint8(image) -> torch.Tensor:
-    import numpy as np
 
     return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.uint8).copy()).permute(2, 0, 1)  # (3, S, S)
 
 
 def save_candidates(record: dict, directory: Path) -> None:
     """candidates.safetensors (the pictures) and candidates.json (settings, prompts, verdicts), atomically."""
-    from safetensors.torch import save_file
 
-    from checkpoint import atomic_write, write_json
 
     directory.mkdir(parents=True, exist_ok=True)
     atomic_write(directory / "candidates.safetensors",
@@ -157,10 +172,7 @@ def save_candidates(record: dict, directory: Path) -> None:
 def load_candidates(directory: Path, settings: dict) -> dict | None:
     """The cached candidates when they were drawn with ``settings``, or with fewer prompts per kind and
     otherwise the same (the first prompts of a longer list); None when there are none or others."""
-    import json
 
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
 
     try:
         record = json.loads((directory / "candidates.json").read_text())
@@ -217,7 +229,7 @@ def _pct(x: float | None) -> str:
 def pairwise_markdown(figures: dict, what: str, judge: Callable[[str, dict], str] = lambda kind, r: "–") -> list[str]:
     """The pairwise figures as a table, one row per kind of negative; ``judge`` fills the goal column."""
     lines = ["", f"Pairwise test ({what}): how often the scorer scores a held-out picture's own caption above a hard "
-                 "negative of it (train/negatives.py; chance 50%, ties count as wrong):", "",
+                 "negative of it (data/negatives.py; chance 50%, ties count as wrong):", "",
              "| negative | pairs | own caption preferred | goal | example (own -> negative) |", "|---|---|---|---|---|"]
     for kind, r in figures.items():
         example = f"{r['examples'][0][0]} -> {r['examples'][0][1]}" if r["examples"] else ""
@@ -262,11 +274,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args) -> None:
-    from checkpoint import write_json
-    from sample.pipeline import resolve_run
-    from sample.rerank import RunScorer
-    from tokenizer import TextTokenizer
-    from train.loop import resolve_device
 
     set_threads(args.threads)
     if min(args.pairwise_prompts, args.prompts_per_kind, args.candidates) < 1:

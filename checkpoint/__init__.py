@@ -7,16 +7,13 @@ state only through ``torch.load(weights_only=True)``: nothing user-supplied is u
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import errno
 import hashlib
 import json
 import math
 import os
 import re
 import shutil
-import sys
 import tempfile
 import types
 import typing
@@ -27,12 +24,11 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from cli import ENVIRONMENT_ERRNOS, WRITE_HINT, UserError
+
 __all__ = [
-    "UserError",
     "CheckpointError",
     "WriteError",
-    "ArgumentParser",
-    "run_command",
     "atomic_write",
     "remove_temporaries",
     "write_json",
@@ -63,66 +59,12 @@ MAX_BUFFER_ELEMENTS = 1 << 26
 T = TypeVar("T")
 
 
-class UserError(Exception):
-    """Bad input the user can fix. Command lines print its one-line message and exit with status 2."""
-
-
 class CheckpointError(UserError):
     """A checkpoint that is missing, damaged or does not fit; the message says which part and what to do."""
 
 
 class WriteError(UserError):
     """A file could not be written (a full disk, a read-only or foreign directory); what was there is intact."""
-
-
-# What the machine, not the program, got wrong: a full disk, a read-only or foreign file system, a failing device.
-ENVIRONMENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO})
-WRITE_HINT = ("free some space or make the directory writable, then run the command again (a training stage goes on "
-              "from its last checkpoint with --resume)")
-
-
-def run_command(body: Callable[[], object]) -> int:
-    """Run a command line's work: 0 when it ends, 2 with its one ``error: ...`` line when it raises UserError
-    or an OSError of the machine (:data:`ENVIRONMENT_ERRNOS`: a disk that filled up during the work)."""
-    try:
-        body()
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:
-        if e.errno not in ENVIRONMENT_ERRNOS:
-            raise
-        where = f" ({e.filename})" if e.filename else ""
-        print(f"error: {e.strerror}{where}; {WRITE_HINT}", file=sys.stderr)
-        return 2
-    return 0
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse whose usage errors are one line, like every other bad input: ``error: ...``, exit status 2."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        print(f"error: {message}; see {self.prog} --help", file=sys.stderr)
-        sys.exit(2)
-
-
-MAX_THREADS = 1024  # more would only wait for each other; 2**31 overflowed torch's int
-
-
-def add_threads_argument(parser: argparse.ArgumentParser) -> None:
-    """``--threads N``: the CPU threads PyTorch computes with (default: one per core)."""
-    parser.add_argument("--threads", type=int, default=None, metavar="N",
-                        help="CPU threads for PyTorch (default: one per physical core); on a machine busy with other "
-                             "work, --threads 1 can be several times faster than threads that wait for each other")
-
-
-def set_threads(threads: int | None) -> None:
-    """Apply ``--threads``: a UserError below 1 or above MAX_THREADS."""
-    if threads is None:
-        return
-    if not 1 <= threads <= MAX_THREADS:
-        raise UserError(f"--threads must be >= 1 and at most {MAX_THREADS}, got {threads}")
-    torch.set_num_threads(threads)
 
 
 def atomic_write(path: str | Path, write: Callable[[str], None], exclusive: bool = False) -> None:

@@ -21,14 +21,29 @@ import sys
 import warnings
 from pathlib import Path
 
-from checkpoint import ArgumentParser, UserError, add_threads_argument, run_command, set_threads
+from tqdm import tqdm
+
+from cli import (
+    ArgumentParser,
+    UserError,
+    add_threads_argument,
+    run_command,
+    set_threads,
+)
+from sample.output import prepare_out_dir, write_prompt_results
+from sample.pipeline import (
+    MAX_CANDIDATES,
+    Pipeline,
+    SamplingSettings,
+    make_edit,
+    resolve_run,
+)
 
 BATCH_CANDIDATES = 64  # the default --batch-size keeps a batch's candidates near this: one pass of the pipeline
 MAX_PROMPTS_BYTES = 64 << 20  # a --prompts-file larger than this is not a list of prompts (or never ends)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from sample.pipeline import SamplingSettings
 
     parser = ArgumentParser(prog="python -m sample", description=__doc__.splitlines()[0])
     parser.add_argument("prompt", nargs="?", help="what to draw")
@@ -78,7 +93,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def batch_size(args: argparse.Namespace, n: int) -> int:
     """Prompts per batch: --batch-size, else as many as keep a batch near BATCH_CANDIDATES candidates."""
-    from sample.pipeline import MAX_CANDIDATES
 
     if args.batch_size is None:
         return max(1, BATCH_CANDIDATES // n)
@@ -114,10 +128,7 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> list[dict]:
-    from tqdm import tqdm
 
-    from sample.output import prepare_out_dir, write_prompt_results
-    from sample.pipeline import Pipeline, SamplingSettings, make_edit, resolve_run
 
     set_threads(args.threads)
     prompts = read_prompts(args)

@@ -3,7 +3,7 @@
 A picture is edited in token space: the VQGAN encodes it to a grid of ids, the tokens to keep are forced
 and the others are drawn in raster order (:func:`seq2seq.generate`). A token is redrawn when any pixel of
 its cell is marked (white in the mask, inside the box), so a mask's edge rounds outwards to whole tokens.
-Every check on what a user gives ends in a one-line :class:`checkpoint.UserError`.
+Every check on what a user gives ends in a one-line :class:`cli.UserError`.
 
 Previews: :func:`preview_images` decodes partial grids to pictures, the tokens not drawn yet in flat grey.
 """
@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from checkpoint import UserError
+from cli import UserError
 
 __all__ = ["Edit", "completion", "inpainting", "read_picture", "preview_images", "NEUTRAL"]
 

@@ -15,13 +15,17 @@ import json
 import os
 import re
 import unicodedata
-from pathlib import Path
 from functools import partial
+from pathlib import Path
 from typing import Callable, Sequence
 
+import numpy as np
+import torch
 from PIL.PngImagePlugin import PngInfo
 
-from checkpoint import UserError, atomic_write
+from checkpoint import atomic_write
+from cli import UserError
+from data.images import image_grid
 
 __all__ = ["safe_stem", "prepare_out_dir", "stored_prompt", "picture_fields", "picture_pixels", "picture_png",
            "save_picture", "save_preview", "write_prompt_results"]
@@ -137,8 +141,6 @@ def _write_preview(frames: Sequence, tmp: str) -> None:
 
 def picture_pixels(image):
     """A (3, H, W) tensor in [-1, 1] from an RGB picture of any shape (a wide canvas is not cropped)."""
-    import numpy as np
-    import torch
 
     return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1).float() / 127.5 - 1.0  # (3, H, W)
 
@@ -157,9 +159,7 @@ def write_prompt_results(out: Path, pictures: Sequence, nrow: int | None = None)
     ``pictures`` are one prompt's candidates (sample.pipeline.Picture), best first. Returns the records,
     best first, each with the file's name (``file``, relative to ``out``) and the grid's (``grid``).
     """
-    import torch
 
-    from train.images import image_grid
 
     if not pictures:
         return []

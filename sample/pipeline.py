@@ -25,7 +25,18 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from checkpoint import CheckpointError, UserError, check_tokenizer_digest, read_json_or_empty
+from checkpoint import CheckpointError, check_tokenizer_digest, read_json_or_empty
+from cli import UserError
+from data.images import from_pil, to_pil
+from devices import resolve_device
+from sample.edit import completion, inpainting, preview_images
+from sample.output import save_picture
+from sample.rerank import HFClipScorer, RunScorer
+from seq2seq import Seq2Seq, generate
+from seq2seq.canvas import generate_canvas
+from seq2seq.generate import UNDRAWN
+from tokenizer import TextTokenizer, words
+from vqgan import VQGAN
 
 __all__ = ["DEMO_RUN", "SHIPPED_RUNS", "MAX_CANDIDATES", "CANDIDATES_PER_PASS", "resolve_run", "SamplingSettings",
            "Picture", "Preview", "Pipeline", "generate_images", "make_edit"]
@@ -129,7 +140,6 @@ class Picture:
     def save(self, path: str | Path) -> Path:
         """Write the picture as PNG at ``path`` (overwriting it, like PIL), with the prompt, seed, settings,
         score, rank and candidate in PNG text chunks, as ``python -m sample`` writes them. Returns the path."""
-        from sample.output import save_picture
 
         return save_picture(self, path)
 
@@ -154,10 +164,6 @@ class Pipeline:
 
     def __init__(self, checkpoint: str | Path | None = None, device: str = "auto", rerank: bool = True,
                  reranker: str | Path | None = None, dtype: str = "auto"):
-        from seq2seq import Seq2Seq
-        from tokenizer import TextTokenizer
-        from train.loop import resolve_device
-        from vqgan import VQGAN
 
         run = resolve_run(checkpoint)
         if not run.is_dir():
@@ -173,11 +179,9 @@ class Pipeline:
         check_tokenizer_digest(run / "tokenizer.model", run / "seq2seq" / "model.safetensors", "seq2seq")
         self.scorer = None
         if reranker is not None:
-            from sample.rerank import HFClipScorer
 
             self.scorer = HFClipScorer(reranker, self.device)
         elif rerank:
-            from sample.rerank import RunScorer
 
             self.scorer = RunScorer(run, self.tokenizer, self.device)
         # What the run learned, where training recorded it (older runs have neither file): the words of its
@@ -205,13 +209,11 @@ class Pipeline:
 
     def completion(self, init: str | Path | Image.Image, keep_rows: int):
         """An :class:`sample.edit.Edit` keeping the first ``keep_rows`` token rows of ``init``."""
-        from sample.edit import completion
 
         return completion(init, keep_rows, canvas=self.canvas_size, token=self.token_size)
 
     def inpainting(self, init: str | Path | Image.Image, *, mask=None, box=None):
         """An :class:`sample.edit.Edit` redrawing what ``mask`` (white) or ``box`` (x0,y0,x1,y1) marks."""
-        from sample.edit import inpainting
 
         return inpainting(init, mask=mask, box=box, canvas=self.canvas_size, token=self.token_size)
 
@@ -245,7 +247,6 @@ class Pipeline:
     def unknown_words(self, prompt: str) -> list[str]:
         """The words of ``prompt`` that no training caption of the run holds ([] when the run did not record
         its vocabulary): the model has never seen them, so it draws from the rest of the prompt."""
-        from tokenizer import words
 
         if self.vocabulary is None:
             return []
@@ -275,9 +276,6 @@ class Pipeline:
         tokens: into each picture's ``frames``, and to ``on_step`` as they come. ``size`` (width, height) in
         pixels, multiples of the token size and at least the run's, draws larger canvases.
         """
-        from seq2seq import generate
-        from seq2seq.canvas import generate_canvas
-        from train.images import from_pil
 
         if per_pass < 1:
             raise ValueError(f"per_pass must be >= 1, got {per_pass}")
@@ -347,7 +345,6 @@ class Pipeline:
     def render(self, image_ids: torch.Tensor, prompts: Sequence[str]) -> tuple[list[Image.Image], torch.Tensor | None]:
         """Pictures of image ids (B, h, w) by the VQGAN, and each one's score (B,) against its prompt (None
         without a scorer); the sampling pipeline's and the service's."""
-        from train.images import to_pil
 
         decoded = self.vqgan.decode(image_ids).float()  # (B, 3, H, W) in [-1, 1]
         scores = None if self.scorer is None else self._score(decoded, list(prompts))
@@ -376,9 +373,6 @@ class Pipeline:
     def _preview(self, rows: torch.Tensor, n: int, frames: list[list[Image.Image]],
                  on_step: Callable[[Preview], None] | None, filled: int, grid: torch.Tensor) -> None:
         """Decode a pass's partial grids (rows, h, w), the tokens not drawn yet grey; keep and hand them out."""
-        from sample.edit import preview_images
-        from seq2seq.generate import UNDRAWN
-        from train.images import to_pil
 
         undrawn = grid == UNDRAWN
         decoded = preview_images(self.vqgan.decode(grid.clamp(min=0)).float(), undrawn)

@@ -14,7 +14,9 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from checkpoint import CheckpointError, UserError
+from checkpoint import CheckpointError
+from cli import UserError
+from scorer import Scorer
 
 __all__ = ["RunScorer", "HFClipScorer"]
 
@@ -35,7 +37,6 @@ class RunScorer:
     RUN/tokenizer.model."""
 
     def __init__(self, run: Path, tokenizer, device: torch.device, directory: Path | None = None):
-        from scorer import Scorer
 
         self.model = Scorer.from_pretrained(run / "clip" if directory is None else directory).to(device)
         self.model.check_fits(tokenizer.vocab_size, self.model.config.image_size)

@@ -4,6 +4,12 @@
 trained by ``python -m train clip`` (train/stage_clip.py).
 """
 
-from scorer.model import PRESETS, Scorer, ScorerConfig, contrastive_loss, retrieval_accuracy
+from scorer.model import (
+    PRESETS,
+    Scorer,
+    ScorerConfig,
+    contrastive_loss,
+    retrieval_accuracy,
+)
 
 __all__ = ["PRESETS", "Scorer", "ScorerConfig", "contrastive_loss", "retrieval_accuracy"]

@@ -52,7 +52,7 @@ class ScorerConfig:
     image_widths: tuple[int, ...] = (32, 64, 128)  # channels of each convolutional stage; each halves the side
     mlp_ratio: int = 4
     # How the weights were trained, recorded for the reader and not read by the model: the hard negatives
-    # of ``python -m train clip --hard-negatives`` (train/negatives.py); "none" for runs made before them.
+    # of ``python -m train clip --hard-negatives`` (data/negatives.py); "none" for runs made before them.
     hard_negatives: str = "none"
 
     def __post_init__(self) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from checkpoint import UserError
+from cli import UserError
 
 __all__ = ["Seq2SeqConfig", "PRESETS"]
 

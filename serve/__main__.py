@@ -12,13 +12,14 @@ import ipaddress
 import socket
 import sys
 
-from checkpoint import (
+from cli import (
     ArgumentParser,
     UserError,
     add_threads_argument,
     run_command,
     set_threads,
 )
+from sample.pipeline import Pipeline, resolve_run
 from serve.schemas import Limits
 
 
@@ -73,8 +74,7 @@ def limits_from(args: argparse.Namespace) -> Limits:
 def run(args: argparse.Namespace) -> None:
     import uvicorn
 
-    from sample.pipeline import Pipeline, resolve_run
-    from serve.app import create_app
+    from serve.app import create_app  # FastAPI: the serve extra
 
     set_threads(args.threads)
     limits = limits_from(args)

@@ -29,7 +29,7 @@ from urllib.parse import urlparse
 import httpx
 from PIL import Image
 
-from checkpoint import ArgumentParser, UserError, run_command
+from cli import ArgumentParser, UserError, run_command
 
 __all__ = ["PROMPTS", "LoadResult", "request_bodies", "run_load", "time_to_first_preview", "serve_in_thread",
            "resident_bytes"]

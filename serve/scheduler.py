@@ -31,9 +31,9 @@ from dataclasses import dataclass, field
 import torch
 from PIL import Image, ImageDraw
 
+from data.images import to_pil
 from sample.pipeline import Picture, Pipeline, SamplingSettings
 from seq2seq.generate import EMPTY_TEXT_IDS, Sampler, with_unconditional
-from train.images import to_pil
 
 __all__ = ["Job", "QueueFull", "Scheduler"]
 

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 import bench.__main__ as bench_cli
 import sample.__main__ as sample_cli
 import train.__main__ as train_cli
-from checkpoint import UserError
+from cli import UserError
 
 
 def _train_folder_only(folder: Path) -> None:

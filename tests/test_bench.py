@@ -123,7 +123,7 @@ def test_bench_on_a_folder(tiny_run, tmp_path):
     quality = json.loads((out / "bench.json").read_text())["quality"]
     assert quality["data"] == str(folder) and quality["data_from"] == "--data"
     assert not {"composition", "single_unranked", "vqgan"} & set(quality)
-    # 40 rows hold out 4 (train.data.heldout_count): every count stops there.
+    # 40 rows hold out 4 (data.sources.heldout_count): every count stops there.
     _check_real(quality["real"], pictures=4, gap_pictures=4, captions=4)
     assert quality["real"]["retrieval"]["captions_asked"] == 10
     table = (out / "bench.md").read_text()
@@ -204,7 +204,7 @@ def test_figure_finds_each_caption_at_its_own_row_past_rows_without_text(tmp_pat
     from PIL import Image
 
     from bench.figure_real import _pictures_by_caption
-    from train.data import open_dataset
+    from data.sources import open_dataset
 
     rows = []
     for i in range(12):

@@ -175,7 +175,8 @@ def test_a_full_disk_is_one_write_error_naming_the_file_and_the_old_file_stays(w
     """Each writer reports a full disk its own way (OSError; a RuntimeError caused by one; safetensors' text)."""
     from safetensors import SafetensorError
 
-    from checkpoint import WriteError, atomic_write, run_command, save_torch
+    from checkpoint import WriteError, atomic_write, save_torch
+    from cli import run_command
 
     target = tmp_path / "state.pt"
     target.write_bytes(b"old")
@@ -205,7 +206,8 @@ def test_a_full_disk_is_one_write_error_naming_the_file_and_the_old_file_stays(w
 def test_a_read_only_directory_and_other_os_errors_of_the_machine_are_one_line(tmp_path, monkeypatch, capsys):
     import errno
 
-    from checkpoint import WriteError, atomic_write, run_command
+    from checkpoint import WriteError, atomic_write
+    from cli import run_command
 
     def read_only(*args, **kwargs):
         raise OSError(errno.EROFS, os.strerror(errno.EROFS))

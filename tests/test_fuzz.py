@@ -14,7 +14,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from checkpoint import UserError
+from cli import UserError
 
 SECONDS_PER_CASE = 30  # far above the slowest honest case (a first meta-device build imports sympy: ~4 s loaded)
 FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
@@ -146,7 +146,7 @@ def test_any_metadata_rows_open_and_read_or_are_refused_in_one_line(content, tmp
     import datasets
     from PIL import Image
 
-    from train.data import batches, open_dataset
+    from data.sources import batches, open_dataset
 
     folder = tmp_path_factory.mktemp("rows")
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", folder / "hf-cache")

@@ -1,12 +1,21 @@
-"""Hard negatives (train/negatives.py): false captions a word or two from the true one, for `shapes` and any data."""
+"""Hard negatives (data/negatives.py): false captions a word or two from the true one, for `shapes` and any data."""
 
 import random
 
 import pytest
 
-from train.negatives import (KINDS_OF_SCENE, SCENE_KINDS, WORD_KINDS, _CELL_OF, _CELL_RE, hard_negative, resolve_mode,
-                             scene_negative, word_negative)
-from train.shapes import Obj, Scene, _scene_and_text, relation_holds
+from data.negatives import (
+    _CELL_OF,
+    _CELL_RE,
+    KINDS_OF_SCENE,
+    SCENE_KINDS,
+    WORD_KINDS,
+    hard_negative,
+    resolve_mode,
+    scene_negative,
+    word_negative,
+)
+from data.shapes import Obj, Scene, _scene_and_text, relation_holds
 
 
 def relation_scene(colour_a="red", colour_b="blue", shape_a="circle", shape_b="square") -> Scene:

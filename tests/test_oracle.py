@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from train import oracle, shapes
-from train.shapes import Obj, Scene
+from data import oracle, shapes
+from data.shapes import Obj, Scene
 
 SCENES_PER_SPLIT = 300
 

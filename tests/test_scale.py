@@ -250,8 +250,8 @@ def test_non_finite_losses_are_skipped_then_stop_the_run_with_the_checkpoint_int
 
 
 def test_precision_auto_is_bf16_only_where_the_hardware_multiplies_it():
-    from checkpoint import UserError
-    from train.loop import autocast, autocast_dtype, native_bf16
+    from cli import UserError
+    from devices import autocast, autocast_dtype, native_bf16
 
     cpu = torch.device("cpu")
     assert autocast_dtype(cpu, "fp32") is None

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from checkpoint import CheckpointError, UserError
+from checkpoint import CheckpointError
+from cli import UserError
 from scorer import PRESETS, Scorer, ScorerConfig, contrastive_loss, retrieval_accuracy
 
 TINY = PRESETS["tiny"]
@@ -204,8 +205,8 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def tokenizer_file(tmp_path_factory) -> Path:
+    from data.sources import open_dataset, texts
     from tokenizer import TextTokenizer
-    from train.data import open_dataset, texts
 
     path = tmp_path_factory.mktemp("tokenizer") / "tokenizer.model"
     TextTokenizer.train(texts(open_dataset("shapes", size=32), 500), vocab_size=300).save(path)
@@ -336,8 +337,8 @@ def test_hard_negatives_change_the_training_step(tmp_path, tokenizer_file):
 
 
 def test_several_negatives_per_picture_are_distinct_and_false(tmp_path, tokenizer_file):
+    from data.sources import batches
     from train import stage_clip
-    from train.data import batches
 
     run = run_with_tokenizer(tmp_path, tokenizer_file, "run")
     counts = {}

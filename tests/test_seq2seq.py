@@ -9,7 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from checkpoint import CheckpointError, UserError
+from checkpoint import CheckpointError
+from cli import UserError
 from seq2seq import (
     EMPTY_TEXT_IDS,
     PRESETS,

@@ -17,10 +17,33 @@ import pytest
 import torch
 from PIL import Image
 
-from train import shapes
-from train.shapes import (CELLS, COLOURS, HELDOUT_PAIRS, HELDOUT_RELATIONS, KINDS, MIN_GAP, RELATIONS, SHAPES,
-                          SIZES, TRAIN_PAIRS, Obj, Scene, caption, cell_of, converse, describe, evaluation_prompts,
-                          example, export_imagefolder, make_scene, object_gap, relation_holds, render, shape_vertices)
+from data import shapes
+from data.shapes import (
+    CELLS,
+    COLOURS,
+    HELDOUT_PAIRS,
+    HELDOUT_RELATIONS,
+    KINDS,
+    MIN_GAP,
+    RELATIONS,
+    SHAPES,
+    SIZES,
+    TRAIN_PAIRS,
+    Obj,
+    Scene,
+    caption,
+    cell_of,
+    converse,
+    describe,
+    evaluation_prompts,
+    example,
+    export_imagefolder,
+    make_scene,
+    object_gap,
+    relation_holds,
+    render,
+    shape_vertices,
+)
 
 N_SCENES = 3000
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,7 +95,7 @@ def test_example_is_a_function_of_seed_split_index_only():
 
 def test_example_is_the_same_in_another_process():
     """No salted hash() anywhere: a fresh interpreter with another hash seed draws the same examples."""
-    code = ("import hashlib; from train.shapes import example\n"
+    code = ("import hashlib; from data.shapes import example\n"
             "for i in range(5):\n"
             "    e = example(3, 'train', i)\n"
             "    print(e['text'], hashlib.sha256(e['image'].tobytes()).hexdigest())\n")
@@ -348,7 +371,7 @@ def test_export_imagefolder_writes_what_data_reads(tmp_path):
         assert row["text"] == reference["text"] and row["scene"] == reference["scene"]
         with Image.open(out / row["file_name"]) as image:
             assert image_digest(image.convert("RGB")) == image_digest(reference["image"])
-    from train.data import open_dataset
+    from data.sources import open_dataset
 
     dataset = open_dataset(str(out), size=32)
     items = [dataset[i] for i in range(len(dataset))]

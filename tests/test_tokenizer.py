@@ -13,7 +13,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from checkpoint import CheckpointError, UserError
+from checkpoint import CheckpointError
+from cli import UserError
 from tokenizer import TextTokenizer, TruncationWarning
 
 COLOURS = ["red", "green", "blue", "yellow", "purple", "orange"]

@@ -356,7 +356,7 @@ def test_stage_trains_writes_the_run_and_resumes_exactly(tmp_path, monkeypatch, 
 
 
 def test_stage_refuses_to_resume_with_another_model(tmp_path):
-    from checkpoint import UserError
+    from cli import UserError
 
     run_stage(tmp_path, "--steps", "2")
     with pytest.raises(UserError):

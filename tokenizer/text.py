@@ -32,7 +32,8 @@ from pathlib import Path
 import sentencepiece as spm
 import torch
 
-from checkpoint import CheckpointError, UserError, atomic_write
+from checkpoint import CheckpointError, atomic_write
+from cli import UserError
 
 __all__ = ["TextTokenizer", "TruncationWarning", "words"]
 

@@ -10,7 +10,7 @@ import argparse
 import importlib
 import sys
 
-from checkpoint import ArgumentParser, add_threads_argument, run_command, set_threads
+from cli import ArgumentParser, add_threads_argument, run_command, set_threads
 
 STAGES = {
     "tokenizer": "train the sentencepiece text tokenizer -> RUN/tokenizer.model",

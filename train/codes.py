@@ -19,8 +19,14 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from checkpoint import UserError, atomic_write
-from train.data import DEFAULT_HELDOUT_FRACTION, DEFAULT_MAX_PIXELS
+from checkpoint import atomic_write
+from cli import UserError
+from data.sources import (
+    DEFAULT_HELDOUT_FRACTION,
+    DEFAULT_MAX_PIXELS,
+    batches,
+    open_dataset,
+)
 
 __all__ = ["CodeCache", "cache_path", "load_or_build", "epoch_batch_indices"]
 
@@ -91,7 +97,6 @@ def load_or_build(run: Path, vqgan, *, data: str, size: int, split: str, limit: 
     position its own crop and caption: the cache then holds several versions of every picture. Without
     augmentation it stops after one epoch (more would only repeat the same codes).
     """
-    from train.data import batches, open_dataset
 
     augment = augment and split == "train"
     path = cache_path(run, run / "vqgan", data=data, size=size, split=split, limit=limit, seed=seed,

@@ -13,9 +13,10 @@ from typing import Iterator
 
 import torch
 import torch.distributed as torch_dist
+from torch.nn.parallel import DistributedDataParallel
 
-from checkpoint import UserError
-from train.loop import resolve_device
+from cli import UserError
+from devices import resolve_device
 
 __all__ = ["Context", "setup", "teardown", "wrap", "micro_batches", "no_sync_unless_last", "main_first",
            "mean_across_ranks", "FullModelState", "FullOptimizerState"]
@@ -69,7 +70,6 @@ def wrap(model: torch.nn.Module, ctx: Context) -> torch.nn.Module:
                 for block in stack:
                     fully_shard(block)
         return fully_shard(model)
-    from torch.nn.parallel import DistributedDataParallel
 
     device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
     return DistributedDataParallel(model, device_ids=device_ids)

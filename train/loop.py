@@ -29,18 +29,25 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from checkpoint import (CheckpointError, UserError, atomic_write, json_kind, load_torch, read_json,
-                        remove_temporaries, save_torch, write_json)
+from checkpoint import (
+    CheckpointError,
+    atomic_write,
+    json_kind,
+    load_torch,
+    read_json,
+    remove_temporaries,
+    save_torch,
+    write_json,
+)
+from cli import UserError
+from data.images import image_grid
+from data.sources import DEFAULT_HELDOUT_FRACTION, DEFAULT_MAX_PIXELS, open_dataset
+from devices import autocast_dtype, native_bf16
 from tokenizer import TextTokenizer, TruncationWarning
-from train.data import DEFAULT_HELDOUT_FRACTION, DEFAULT_MAX_PIXELS, open_dataset
 
 __all__ = [
     "add_common_arguments",
-    "resolve_device",
-    "autocast_dtype",
     "choose_precision",
-    "autocast",
-    "native_bf16",
     "cosine_schedule",
     "progress",
     "warn_if_not_below_steps",
@@ -91,7 +98,7 @@ class StageOptions:
         return cls(**{k: v for k, v in vars(args).items() if k in names})
 
     def data_options(self) -> dict[str, Any]:
-        """The keyword arguments of :func:`train.data.open_dataset` these options give (split and size apart)."""
+        """The keyword arguments of :func:`data.sources.open_dataset` these options give (split and size apart)."""
         return dict(image_column=self.image_column, text_column=self.text_column, seed=self.seed,
                     heldout_fraction=self.heldout_fraction, augment=self.augment != "none", max_pixels=self.max_pixels,
                     follow_symlinks=self.follow_symlinks)
@@ -238,33 +245,6 @@ def check_pictures_held(options: StageOptions, heldout_examples: int) -> None:
         check_held_in_memory(option, count, 3 * options.size * options.size * 4)
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` picks CUDA when there is one; asking for CUDA without one is a UserError."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for but no CUDA device is visible; use --device cpu")
-    return torch.device(name)
-
-
-def native_bf16(device: torch.device) -> bool:
-    """Whether ``device`` multiplies bf16 matrices in hardware: CUDA with bf16 support, or a CPU with AMX tiles
-    (elsewhere CPU bf16 is emulated and slower than fp32)."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    return device.type == "cpu" and amx is not None and bool(amx())
-
-
-def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
-    """The autocast dtype for ``--precision`` on ``device``: bfloat16, or None for plain fp32."""
-    if precision not in ("auto", "fp32", "bf16"):
-        raise UserError(f"--precision must be auto, fp32 or bf16, got {precision!r}")
-    if precision == "auto":
-        precision = "bf16" if native_bf16(device) else "fp32"
-    return torch.bfloat16 if precision == "bf16" else None
-
-
 PROBE_STEPS = 3  # timed forward-and-backward passes per precision, after one untimed pass each
 
 
@@ -309,11 +289,6 @@ def choose_precision(run: "Run", device: torch.device, precision: str,
         print(f"{run.stage}: --precision auto: {run.precision} (a training pass measured {seconds[None] * 1e3:.0f} ms "
               f"in fp32, {seconds[torch.bfloat16] * 1e3:.0f} ms in bf16 here; --precision fp32|bf16 fixes it)")
     return torch.bfloat16 if faster else None
-
-
-def autocast(device: torch.device, dtype: torch.dtype | None) -> torch.autocast:
-    """Mixed precision in ``dtype`` on ``device`` (weights, optimizer and losses stay fp32), or off for None."""
-    return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
 
 
 class CaptionTokens:
@@ -449,7 +424,6 @@ class Run:
         """
         if not self.is_main:
             return None
-        from train.images import image_grid
 
         labels = None
         if captions is not None:

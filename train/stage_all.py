@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-from checkpoint import UserError, read_json_or_empty
+from checkpoint import read_json_or_empty, write_json
+from cli import UserError
 from train.loop import SEED_HELP, add_data_arguments, seed_number
 
 # Per-stage options for each preset, as command-line flags of that stage.
@@ -129,7 +130,6 @@ def _has_state(out: str, stage: str) -> bool:
 
 
 def main(args: argparse.Namespace) -> None:
-    from checkpoint import write_json
 
     preset = args.preset
     if preset == "auto":

@@ -11,7 +11,7 @@ Negatives. A random batch teaches what is in a picture (colour, shape, size) but
 that differ only in how the same words are arranged ("a red circle above a blue square" against "a blue
 circle above a red square"), so a scorer trained on it alone reads captions as bags of words. With
 ``--hard-negatives auto|scene|words`` (default ``none``: measured mixed) every picture also gets one caption a word or two from its own
-that is false for it (train/negatives.py): on `shapes`, made from the scene (relation reversed, colours
+that is false for it (data/negatives.py): on `shapes`, made from the scene (relation reversed, colours
 swapped between the two objects, count changed by one, another cell, another colour or shape); on any
 other data, from word swaps in the caption (an opposite, a number changed by one, two words exchanged).
 The negatives join each image's softmax over texts (NegCLIP, Yuksekgonul et al., 2023); they cost a text
@@ -39,13 +39,26 @@ import torch.distributed as torch_dist
 import torch.nn.functional as F
 from torch import nn
 
-from checkpoint import UserError, write_json
+from checkpoint import write_json
+from cli import UserError
+from data.negatives import MODES, hard_negative, resolve_mode
+from data.sources import batches
+from devices import autocast
 from scorer import Scorer, ScorerConfig, contrastive_loss, retrieval_accuracy
 from seq2seq.evaluate import derangement
+from tokenizer import TextTokenizer
 from train import dist
-from train.loop import (CaptionTokens, Run, StageOptions, add_common_arguments, add_model_size_argument, autocast,
-                        check_pictures_held, choose_precision, cosine_schedule, progress)
-from train.negatives import MODES, hard_negative, resolve_mode
+from train.loop import (
+    CaptionTokens,
+    Run,
+    StageOptions,
+    add_common_arguments,
+    add_model_size_argument,
+    check_pictures_held,
+    choose_precision,
+    cosine_schedule,
+    progress,
+)
 
 
 @dataclass
@@ -79,7 +92,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-every", type=int, default=ClipOptions.eval_every,
                         help="steps between held-out retrieval evaluations")
     parser.add_argument("--hard-negatives", default=ClipOptions.hard_negatives, choices=MODES,
-                        help="a false caption a word or two from the true one beside each picture (train/negatives.py): "
+                        help="a false caption a word or two from the true one beside each picture (data/negatives.py): "
                              "scene (shapes: from the scene), words (any captions: word swaps), auto (scene on "
                              "shapes, words elsewhere), none (default: in 600 steps on shapes they helped relations "
                              "and hurt counts)")
@@ -168,8 +181,6 @@ class ClipTrainer:
     """The stage's state and its explicit loop: batch, step, log, evaluate, checkpoint."""
 
     def __init__(self, options: ClipOptions):
-        from tokenizer import TextTokenizer
-        from train.data import batches
 
         self.options = o = options
         for name in ("heldout_examples", "warmup", "eval_every", "negatives_per_image"):
@@ -232,7 +243,6 @@ class ClipTrainer:
     def _heldout_batch(self, dataset) -> tuple[torch.Tensor, list[str], list[str | None]]:
         """The first --heldout-examples readable pictures of the held-out split, the same at every evaluation,
         their captions, and a hard negative of each caption (None where none applies)."""
-        from train.data import batches
 
         wanted = min(self.options.heldout_examples, len(dataset))  # batches() wraps around a short split
         images, texts, scenes, read = [], [], [], 0

@@ -12,9 +12,11 @@ import argparse
 import json
 from pathlib import Path
 
-from checkpoint import UserError, atomic_write
-from train.data import DEFAULT_HELDOUT_FRACTION, SPLITS, open_dataset
-from train.images import to_pil
+from checkpoint import atomic_write
+from cli import UserError
+from data.images import to_pil
+from data.shapes import export_imagefolder
+from data.sources import DEFAULT_HELDOUT_FRACTION, SPLITS, open_dataset
 from train.loop import SEED_HELP, add_data_arguments, seed_number
 
 
@@ -52,7 +54,6 @@ def export_table(data: str, out: Path, n: int, split: str, size: int, seed: int,
 
 
 def main(args: argparse.Namespace) -> None:
-    from train.shapes import export_imagefolder
 
     if args.n < 1:
         raise UserError(f"--n must be >= 1, got {args.n}")

@@ -17,8 +17,11 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
 
-from checkpoint import CheckpointError, UserError, atomic_write, write_json
+from checkpoint import CheckpointError, atomic_write, write_json
+from cli import UserError
 
 PARTS = ("vqgan", "seq2seq", "clip")
 RECORDS = ("vocabulary.json", "clip/score_range.json")  # optional: runs before them have neither
@@ -35,8 +38,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def pack_weights(source: Path, target: Path, dtype: torch.dtype) -> int:
     """Rewrite the safetensors file ``source`` at ``target`` with float tensors in ``dtype``; returns bytes."""
-    from safetensors import SafetensorError, safe_open
-    from safetensors.torch import load_file, save_file
 
     try:
         state = load_file(str(source))

@@ -12,19 +12,38 @@ from __future__ import annotations
 import argparse
 import copy
 import math
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from tqdm import tqdm
 
-from checkpoint import TOKENIZER_DIGEST, UserError, file_digest, save_pretrained
+from checkpoint import TOKENIZER_DIGEST, file_digest, save_pretrained
+from cli import UserError
+from devices import autocast
+from devices.flops import count_flops, matmul_peak_flops
+from seq2seq import Seq2Seq, Seq2SeqConfig, generate
 from seq2seq.evaluate import caption_gap
-from train import dist
-from train.loop import (CaptionTokens, Run, StageOptions, add_common_arguments, add_model_size_argument, autocast,
-                        check_held_in_memory, choose_precision, cosine_schedule, progress, warn_if_not_below_steps)
+from tokenizer import TextTokenizer
+from train import codes, dist
+from train.codes import epoch_batch_indices
+from train.loop import (
+    CaptionTokens,
+    Run,
+    StageOptions,
+    add_common_arguments,
+    add_model_size_argument,
+    check_held_in_memory,
+    choose_precision,
+    cosine_schedule,
+    progress,
+    warn_if_not_below_steps,
+)
+from vqgan import VQGAN
 
 
 @dataclass
@@ -79,7 +98,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _can_compile(device: torch.device) -> bool:
     """torch.compile needs a C++ compiler to build CPU kernels; without one, say so and train uncompiled."""
-    import shutil
 
     if device.type == "cpu" and not any(shutil.which(cxx) for cxx in ("c++", "g++", "clang++", "cl")):
         print("seq2seq: --compile needs a C++ compiler for CPU kernels and none is on PATH; training uncompiled")
@@ -100,10 +118,6 @@ class Seq2SeqTrainer:
     """The stage's state and its explicit loop: batch, step, log, evaluate, sample, checkpoint."""
 
     def __init__(self, options: Seq2SeqOptions):
-        from seq2seq import Seq2Seq, Seq2SeqConfig
-        from tokenizer import TextTokenizer
-        from train import codes
-        from vqgan import VQGAN
 
         if not 0 <= options.caption_dropout < 1:
             raise UserError(f"--caption-dropout must be in [0, 1), got {options.caption_dropout}")
@@ -207,7 +221,6 @@ class Seq2SeqTrainer:
 
     def global_batch(self, step: int) -> tuple[list[str], torch.Tensor]:
         """This rank's share of the global batch for ``step``; the same on resume and at any world size."""
-        from train.codes import epoch_batch_indices
 
         o = self.options
         indices = epoch_batch_indices(len(self.train_codes), o.batch_size, o.seed, step * o.batch_size)
@@ -264,7 +277,6 @@ class Seq2SeqTrainer:
         """The model to sample from and save: under --fsdp a whole copy gathered on rank 0 (None elsewhere)."""
         if not self.ctx.fsdp:
             return self.ema or self.model
-        from seq2seq import Seq2Seq
 
         state = dist.FullModelState(self.model).gather().state_dict()  # every rank takes part
         if not self.run.is_main:
@@ -276,7 +288,6 @@ class Seq2SeqTrainer:
     @torch.no_grad()
     def save_samples(self, step: int) -> None:
         """Eight held-out pictures above what the model draws for their captions, each column captioned."""
-        from seq2seq import generate
 
         model = self.whole_model()
         if model is None:
@@ -293,7 +304,6 @@ class Seq2SeqTrainer:
 
     def count_step_flops(self) -> int:
         """FLOPs of one global batch's forward and backward, counted on a side run that changes no state."""
-        from bench.flops import count_flops
 
         texts, image_ids = self.global_batch(self.step)
         text_ids, text_mask = self.text_batch(texts)
@@ -374,7 +384,6 @@ class Seq2SeqTrainer:
         self.run.log(self.step, **figures, **({"kept": True} if self.options.keep == "best" and improved else {}))
 
     def fit(self) -> dict:
-        from bench.flops import matmul_peak_flops
 
         o = self.options
         tokens_per_step = o.batch_size * self.config.grid_size**2
@@ -428,7 +437,6 @@ class Seq2SeqTrainer:
 def _exported_step(directory: Path) -> str | None:
     """The step an export of :meth:`Seq2SeqTrainer.export` records: None where the weights are missing or
     unreadable, "unknown" where they record none (written by an older version)."""
-    from safetensors import safe_open
 
     try:
         with safe_open(str(directory / "model.safetensors"), framework="pt") as f:

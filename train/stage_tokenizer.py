@@ -9,8 +9,15 @@ from collections.abc import Iterable
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from checkpoint import UserError, remove_temporaries, write_json
-from train.data import DEFAULT_HELDOUT_FRACTION, DEFAULT_MAX_PIXELS
+from checkpoint import remove_temporaries, write_json
+from cli import UserError
+from data.sources import (
+    DEFAULT_HELDOUT_FRACTION,
+    DEFAULT_MAX_PIXELS,
+    caption_texts,
+    open_dataset,
+)
+from tokenizer import TextTokenizer, words
 from train.loop import SEED_HELP, add_data_arguments, seed_number
 
 
@@ -44,8 +51,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def train_tokenizer(options: TokenizerOptions) -> Path:
     """Train on up to ``max_texts`` captions and write RUN/tokenizer.model; returns its path."""
-    from tokenizer import TextTokenizer
-    from train.data import caption_texts, open_dataset
 
     if options.vocab_size < 300:
         raise UserError(f"--vocab-size {options.vocab_size} is too small: byte fallback alone needs 260; use >= 300")
@@ -85,7 +90,6 @@ VOCABULARY = "vocabulary.json"  # in the run directory: the words of the trainin
 def write_vocabulary(run: Path, captions: Iterable[str]) -> Path:
     """RUN/vocabulary.json: every word (:func:`tokenizer.words`) of the captions the tokenizer trained on, with
     its count; sampling warns about a prompt's words that are not in it."""
-    from tokenizer import words
 
     counts = Counter(word for caption in captions for word in words(caption))
     path = run / VOCABULARY

@@ -25,10 +25,21 @@ from pathlib import Path
 
 import torch
 
-from checkpoint import UserError
+from cli import UserError
+from data.sources import batches
+from devices import autocast
 from train import dist
-from train.loop import (Run, StageOptions, add_common_arguments, add_model_size_argument, autocast,
-                        check_pictures_held, choose_precision, cosine_schedule, progress, warn_if_not_below_steps)
+from train.loop import (
+    Run,
+    StageOptions,
+    add_common_arguments,
+    add_model_size_argument,
+    check_pictures_held,
+    choose_precision,
+    cosine_schedule,
+    progress,
+    warn_if_not_below_steps,
+)
 from vqgan import VQGAN, VQGANConfig
 from vqgan.discriminator import DISCRIMINATOR_PRESETS, PatchDiscriminator
 from vqgan.losses import LossWeights, discriminator_loss, generator_loss, psnr
@@ -88,7 +99,6 @@ class VQGANTrainer:
     """The stage's state and its explicit loop: batch, step, log, evaluate, sample, checkpoint."""
 
     def __init__(self, options: VQGANOptions):
-        from train.data import batches
 
         self.options = o = options
         _check(o)
@@ -144,7 +154,6 @@ class VQGANTrainer:
 
     def _heldout_batch(self, dataset) -> torch.Tensor:
         """The first ``heldout_examples`` readable images of the held-out split: (N, 3, S, S)."""
-        from train.data import batches
 
         count = self.options.heldout_examples
         images = next(batches(dataset, count, self.options.seed))["image"]

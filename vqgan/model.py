@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from checkpoint import UserError, load_pretrained, save_pretrained
+from checkpoint import load_pretrained, save_pretrained
+from cli import UserError
 from vqgan.config import VQGANConfig
 from vqgan.modules import Decoder, Encoder
 from vqgan.quantize import FactorizedQuantizer, QuantizerOutput

@@ -17,7 +17,7 @@ left out.
 Held-out split: by emoji *group*, the emoji with its skin-tone modifiers, gender signs and the man /
 woman / person choice taken out, so that every variant of a held-out emoji (all skin tones, all genders)
 stays out of training too. The groups are ranked by a stable hash of their key and held out in that
-order until the split holds ``--heldout-fraction`` of the rows (``train.data`` does this for any table
+order until the split holds ``--heldout-fraction`` of the rows (``data.sources`` does this for any table
 with a ``group`` column).
 """
 
@@ -28,7 +28,9 @@ import os
 import re
 from functools import lru_cache
 
-from checkpoint import UserError
+from PIL import Image, ImageDraw, ImageFont
+
+from cli import UserError
 
 __all__ = ["openmoji_rows", "font_path", "group_key", "captions", "INSTALL_HINT"]
 
@@ -119,7 +121,6 @@ def _sequences(emoji_module) -> list[str]:
 def openmoji_rows(side: int) -> dict[str, list]:
     """Columns ``image`` ({"bytes": PNG}), ``text`` (phrasings), ``group`` and ``file_name`` for every emoji
     the font draws, each on a white ``side`` x ``side`` canvas; drawn once per process and side."""
-    from PIL import Image, ImageDraw, ImageFont
 
     emoji_module, _ = _modules()
     if side < 8:

@@ -16,7 +16,7 @@ Reading works at any S >= 32 with thresholds relative to S, and never looks at h
 
 `check(scene, image)` holds when every attribute the caption states holds (DESIGN.md): the number of
 objects; each object's colour and shape; its size where a size word was given; the 3x3 cell where a
-position was given; the relation by `train.shapes.relation_holds`. `check_details` gives each one.
+position was given; the relation by `data.shapes.relation_holds`. `check_details` gives each one.
 """
 
 from __future__ import annotations
@@ -29,7 +29,16 @@ import numpy as np
 import torch
 from PIL import Image
 
-from train.shapes import COLOURS, SHAPES, SIZES, SQUARE_SIDE, Obj, Scene, cell_of, relation_holds
+from data.shapes import (
+    COLOURS,
+    SHAPES,
+    SIZES,
+    SQUARE_SIDE,
+    Obj,
+    Scene,
+    cell_of,
+    relation_holds,
+)
 
 __all__ = ["Reading", "read_objects", "read_scene", "check", "check_details", "coverage", "UNKNOWN"]
 

@@ -6,7 +6,7 @@ circle above a blue square" against "a blue circle above a red square". NegCLIP 
 "When and why vision-language models behave like bags-of-words") adds such swapped captions to each
 image's softmax as negatives; this module makes them, one caption at a time, by editing the caption's words:
 
-- ``scene`` negatives, for `shapes`, where the scene (train/shapes.py) says exactly what the caption
+- ``scene`` negatives, for `shapes`, where the scene (data/shapes.py) says exactly what the caption
   states, so every edit is certainly false: ``relation`` (the relation reversed: "above" -> "below"),
   ``swap`` (the two objects' colours swapped, or their shapes where the colours agree), ``count`` (the
   number changed by one, within 2-4), ``position`` (another of the 3x3 cells), ``attribute`` (a single
@@ -26,7 +26,16 @@ from __future__ import annotations
 import random
 import re
 
-from train.shapes import _CELL_PHRASES, _NUMBER_WORDS, _RELATION_PHRASES, COLOURS, COUNTS, SHAPES, Scene, converse
+from data.shapes import (
+    _CELL_PHRASES,
+    _NUMBER_WORDS,
+    _RELATION_PHRASES,
+    COLOURS,
+    COUNTS,
+    SHAPES,
+    Scene,
+    converse,
+)
 
 __all__ = ["MODES", "SCENE_KINDS", "WORD_KINDS", "KINDS_OF_SCENE", "scene_negative", "word_negative",
            "hard_negative", "resolve_mode"]

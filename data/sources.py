@@ -3,8 +3,8 @@
 =========================  =====================================================================
 ``--data``                 read as
 =========================  =====================================================================
-``shapes``                 :mod:`train.shapes`; item i of a split is ``shapes.example(seed, split, i)``
-``openmoji``               :mod:`train.openmoji`: every named OpenMoji emoji, captioned by its names
+``shapes``                 :mod:`data.shapes`; item i of a split is ``shapes.example(seed, split, i)``
+``openmoji``               :mod:`data.openmoji`: every named OpenMoji emoji, captioned by its names
 a folder                   ``metadata.jsonl`` (else ``metadata.csv``) rows with ``file_name`` and ``text``
 ``*.jsonl|parquet|csv``    rows with an image (a path relative to the file, bytes, or {"bytes", "path"})
 ``*.tar`` shards           webdataset: ``KEY.jpg|png|jpeg|webp`` + ``KEY.txt`` per example
@@ -77,9 +77,10 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from checkpoint import UserError
-from train import shapes
-from train.images import from_pil
+from cli import UserError
+from data import shapes
+from data.images import from_pil
+from data.openmoji import openmoji_rows
 
 __all__ = ["DataError", "open_dataset", "batches", "texts", "caption_texts", "heldout_count", "DEFAULT_HELDOUT_FRACTION",
            "DEFAULT_MAX_PIXELS",
@@ -157,7 +158,7 @@ def augmentation_rng(seed: int, position: int) -> random.Random:
 
 
 def random_crop(rng: random.Random) -> tuple[float, float, float]:
-    """``(scale, x, y)`` for :func:`train.images.from_pil`: 80-100% of the side, anywhere."""
+    """``(scale, x, y)`` for :func:`data.images.from_pil`: 80-100% of the side, anywhere."""
     return rng.uniform(*CROP_SCALE), rng.random(), rng.random()
 
 
@@ -350,7 +351,6 @@ def open_dataset(data: str, size: int, split: str = "train", image_column: str |
 
 
 def _open_openmoji(options: TableOptions) -> TableDataset:
-    from train.openmoji import openmoji_rows
 
     # Drawn at twice the side, so that the augmentation's crops and the final resize stay sharp.
     table = datasets.Dataset.from_dict(openmoji_rows(2 * options.size))
