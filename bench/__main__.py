@@ -18,7 +18,6 @@ negatives (bench/structure.py). Writes OUT/bench.json and OUT/bench.md.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -40,18 +39,12 @@ from bench.speed import (
     vqgan_figures,
 )
 from bench.structure import pairwise_markdown, pairwise_shapes
-from checkpoint import atomic_write, load_config, write_json
-from cli import (
-    ArgumentParser,
-    UserError,
-    add_threads_argument,
-    run_command,
-    set_threads,
-)
+from checkpoint import atomic_write, load_config, part_dir, read_run_record, write_json
+from cli import ArgumentParser, UserError, add_threads_argument, run_command, set_threads
 from data.sources import DEFAULT_HELDOUT_FRACTION
 from devices import autocast_dtype, resolve_device
 from sample.pipeline import SamplingSettings, resolve_run
-from sample.rerank import RunScorer
+from sample.rerank import load_reranker
 from scorer import Scorer, ScorerConfig
 from seq2seq import Seq2Seq, Seq2SeqConfig
 from tokenizer import TextTokenizer
@@ -108,10 +101,9 @@ def machine(device: torch.device) -> dict:
 
 
 def speed(run: Path, device: torch.device, args: argparse.Namespace) -> dict:
-
     seq2seq_config = _load_config(run, "seq2seq")
     vqgan_config = _load_config(run, "vqgan")
-    scorer_config = _load_config(run, "clip")
+    scorer_config = _load_config(run, "scorer")
     size = scorer_config.image_size
     train_dtype = autocast_dtype(device, "auto")  # the precision `python -m train` uses on this device
     dtype = train_dtype or torch.float32
@@ -145,7 +137,7 @@ def speed(run: Path, device: torch.device, args: argparse.Namespace) -> dict:
 def _load_config(run: Path, part: str):
     """A part's config from the run, a CheckpointError naming the part where it is missing or broken."""
 
-    return load_config({"seq2seq": Seq2SeqConfig, "vqgan": VQGANConfig, "clip": ScorerConfig}[part], run / part, part)
+    return load_config({"seq2seq": Seq2SeqConfig, "vqgan": VQGANConfig, "scorer": ScorerConfig}[part], part_dir(run, part), part)
 
 
 def run_data(run: Path, args: argparse.Namespace) -> dict:
@@ -153,11 +145,7 @@ def run_data(run: Path, args: argparse.Namespace) -> dict:
 
     {"data", "from", "image_column", "text_column"}; the columns all.json records go with its own data only.
     """
-    record_path = run / "all.json"
-    try:
-        record = json.loads(record_path.read_text()) if record_path.is_file() else {}
-    except (OSError, ValueError, RecursionError) as e:
-        raise UserError(f"cannot read {record_path} ({type(e).__name__}); pass --data") from None
+    record = read_run_record(run, strict=True)
     fraction = record.get("heldout_fraction") if isinstance(record, dict) else None
     fraction = fraction if isinstance(fraction, float) and 0 < fraction < 1 else DEFAULT_HELDOUT_FRACTION
     if args.data is not None:
@@ -172,8 +160,7 @@ def run_data(run: Path, args: argparse.Namespace) -> dict:
 
 
 def quality(run: Path, device: torch.device, args: argparse.Namespace) -> dict:
-
-    size = args.size or _load_config(run, "clip").image_size
+    size = args.size or _load_config(run, "scorer").image_size
     source = run_data(run, args)
     data = source["data"]
     result: dict = {"data": data, "data_from": source["from"]}
@@ -201,13 +188,11 @@ def quality(run: Path, device: torch.device, args: argparse.Namespace) -> dict:
 
 
 def _pairwise_shapes(run: Path, device: torch.device, prompts: int, size: int, seed: int) -> dict:
-
-    scorer = RunScorer(run, TextTokenizer.load(run / "tokenizer.model"), device)
+    scorer = load_reranker(run, TextTokenizer.load(run / "tokenizer.model"), device)
     return pairwise_shapes(scorer, prompts_per_kind=prompts, size=size, seed=seed)
 
 
 def _pairwise_markdown(figures: dict, what: str, goals: bool) -> list[str]:
-
     def judge(kind: str, r: dict) -> str:
         goal = GOALS.get(f"pairwise_{kind}") if goals else None
         return f"{_pct(goal)}: {_judged(r['accuracy'], goal, r['pairs'])}" if goal and r["pairs"] else "–"
@@ -216,7 +201,6 @@ def _pairwise_markdown(figures: dict, what: str, goals: bool) -> list[str]:
 
 
 def _sampling_defaults() -> dict:
-
     return {"cfg": SamplingSettings.cfg, "temperature": SamplingSettings.temperature,
             "top_k": SamplingSettings.top_k, "top_p": SamplingSettings.top_p}
 
@@ -372,7 +356,6 @@ def real_markdown(r: dict, data_from: str | None = None) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> dict:
-
     set_threads(args.threads)
     checkpoint = resolve_run(args.checkpoint)
     if not checkpoint.is_dir():

@@ -96,7 +96,6 @@ def compose(rows: list[tuple[str, list[tuple[str, Image.Image]]]], scale: int) -
 
 
 def main(argv: list[str] | None = None) -> int:
-
     args = build_parser().parse_args(argv)
 
     def draw() -> None:

@@ -17,14 +17,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from checkpoint import read_json_or_empty
-from cli import (
-    ArgumentParser,
-    UserError,
-    add_threads_argument,
-    run_command,
-    set_threads,
-)
+from checkpoint import read_run_record
+from cli import ArgumentParser, UserError, add_threads_argument, run_command, set_threads
 from data.images import to_pil
 from data.sources import DEFAULT_HELDOUT_FRACTION, open_dataset
 from sample import generate_images
@@ -50,7 +44,7 @@ def build_parser() -> ArgumentParser:
 
 
 def _record(run: Path) -> dict:
-    return read_json_or_empty(run / "all.json")
+    return read_run_record(run)
 
 
 def _pictures_by_caption(dataset) -> dict[str, int]:
@@ -99,7 +93,6 @@ def figure(rows: list[tuple[str, str, Image.Image, list[Image.Image]]], scale: i
 
 
 def main(argv: list[str] | None = None) -> int:
-
     args = build_parser().parse_args(argv)
 
     def draw() -> None:

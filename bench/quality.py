@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from checkpoint import read_run_record
 from data.images import from_pil, to_pil
 from data.oracle import check
 from data.shapes import Scene, evaluation_prompts, example
@@ -87,7 +88,5 @@ def heldout_bits(run: Path) -> float | None:
         values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
         if values:
             return values[-1]
-    record = run / "all.json"
-    if record.is_file():
-        return json.loads(record.read_text()).get("final", {}).get("heldout_bits_per_token")
-    return None
+    final = read_run_record(run).get("final")
+    return final.get("heldout_bits_per_token") if isinstance(final, dict) else None

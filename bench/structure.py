@@ -11,7 +11,7 @@
   compared on identical pictures. Per kind of scene: the share of candidates right, the scorer's pick of
   the first k (k = 1, 2, 4, ... N).
 
-    python -m bench.structure --checkpoint RUN --scorer RUN/clip --scorer OTHER/clip --cache CANDIDATES_DIR
+    python -m bench.structure --checkpoint RUN --scorer RUN/scorer --scorer OTHER/scorer --cache CANDIDATES_DIR
 
 The candidates (pictures, prompts and the oracle's verdicts) are kept in ``--cache`` and read back when the
 run, prompts, count and sampling settings match, so another scorer can be compared later on the same
@@ -31,27 +31,15 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from checkpoint import CheckpointError, atomic_write, write_json
-from cli import (
-    ArgumentParser,
-    UserError,
-    add_threads_argument,
-    run_command,
-    set_threads,
-)
+from checkpoint import CheckpointError, atomic_write, part_dir, write_json
+from cli import ArgumentParser, UserError, add_threads_argument, run_command, set_threads
 from data.images import from_pil
-from data.negatives import (
-    KINDS_OF_SCENE,
-    SCENE_KINDS,
-    WORD_KINDS,
-    scene_negative,
-    word_negative,
-)
+from data.negatives import KINDS_OF_SCENE, SCENE_KINDS, WORD_KINDS, scene_negative, word_negative
 from data.oracle import check
 from data.shapes import evaluation_prompts, render
 from devices import resolve_device
 from sample.pipeline import Pipeline, SamplingSettings, resolve_run
-from sample.rerank import RunScorer
+from sample.rerank import load_reranker
 from tokenizer import TextTokenizer
 
 __all__ = ["pairwise_shapes", "pairwise_captions", "draw_candidates", "rerank_curves", "main"]
@@ -147,7 +135,6 @@ def draw_candidates(run: Path, *, prompts_per_kind: int, candidates: int, seed: 
 
 
 def _settings(run: Path, prompts_per_kind: int, candidates: int, seed: int, kinds: Sequence[str]) -> dict:
-
     return {"run": str(run.resolve()), "prompts_per_kind": prompts_per_kind, "candidates": candidates, "seed": seed,
             "kinds": list(kinds),
             "cfg": SamplingSettings.cfg, "temperature": SamplingSettings.temperature,
@@ -155,7 +142,6 @@ def _settings(run: Path, prompts_per_kind: int, candidates: int, seed: int, kind
 
 
 def _to_uint8(image) -> torch.Tensor:
-
     return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.uint8).copy()).permute(2, 0, 1)  # (3, S, S)
 
 
@@ -256,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(prog="python -m bench.structure", description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", help="the run whose decoder draws the candidates (default: the shapes demo)")
     parser.add_argument("--scorer", action="append", default=None,
-                        help="a scorer directory trained on the run's tokenizer (repeat to compare; default RUN/clip)")
+                        help="a scorer directory trained on the run's tokenizer (repeat to compare; default RUN/scorer)")
     parser.add_argument("--pairwise-prompts", type=int, default=256, help="held-out pictures per negative kind")
     parser.add_argument("--prompts-per-kind", type=int, default=128, help="held-out prompts per kind of scene")
     parser.add_argument("--candidates", type=int, default=16, help="candidates per prompt")
@@ -274,7 +260,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args) -> None:
-
     set_threads(args.threads)
     if min(args.pairwise_prompts, args.prompts_per_kind, args.candidates) < 1:
         raise UserError("--pairwise-prompts, --prompts-per-kind and --candidates must be >= 1")
@@ -283,12 +268,12 @@ def _run(args) -> None:
         raise UserError(f"--checkpoint {run} holds no tokenizer.model; pass a run made by `python -m train all`")
     device = resolve_device(args.device)
     tokenizer = TextTokenizer.load(run / "tokenizer.model")
-    directories = [Path(d) for d in (args.scorer or [run / "clip"])]
+    directories = [Path(d) for d in (args.scorer or [part_dir(run, "scorer")])]
     scorers = {}
     for directory in directories:
         if not (directory / "config.json").is_file():
-            raise CheckpointError(f"--scorer {directory} holds no config.json; pass a RUN/clip folder")
-        scorers[str(directory)] = RunScorer(run, tokenizer, device, directory=directory)
+            raise CheckpointError(f"--scorer {directory} holds no config.json; pass a RUN/scorer folder")
+        scorers[str(directory)] = load_reranker(run, tokenizer, device, directory=directory)
     record = None
     if not args.no_rerank:
         settings = _settings(run, args.prompts_per_kind, args.candidates, args.seed, args.kinds)

@@ -41,6 +41,11 @@ __all__ = [
     "load_torch",
     "file_digest",
     "TOKENIZER_DIGEST",
+    "STAGE_ALIASES",
+    "stage_name",
+    "part_dir",
+    "RUN_RECORD",
+    "read_run_record",
     "check_tokenizer_digest",
 ]
 
@@ -201,6 +206,55 @@ def read_json_or_empty(path: str | Path) -> dict:
     except (OSError, ValueError, RecursionError):  # ValueError covers JSON and UTF-8 errors
         return {}
     return record if isinstance(record, dict) else {}
+
+
+# The names stages and their run folders had before; still read, so that runs made then keep working.
+STAGE_ALIASES = {"clip": "scorer"}
+
+
+def stage_name(name: str) -> str:
+    """A stage's name today for a name a run record or a command line may hold (``clip`` is ``scorer``)."""
+    return STAGE_ALIASES.get(name, name)
+
+
+def part_dir(run: str | Path, part: str) -> Path:
+    """RUN/<part>/, or the folder an older run holds the part in (RUN/clip/ for the scorer) where only that exists."""
+    directory = Path(run) / part
+    if not directory.exists():
+        for old, new in STAGE_ALIASES.items():
+            if new == part and (Path(run) / old).exists():
+                return Path(run) / old
+    return directory
+
+
+RUN_RECORD = "all.json"  # train all's record of a run: stages finished and their seconds, preset, data options
+
+
+def read_run_record(run: str | Path, strict: bool = False) -> dict:
+    """RUN/all.json, the one way every command reads it: the object as written, with ``finished`` a list of
+    stage names by today's names (:func:`stage_name`) and ``seconds`` a dict of them, both empty where the
+    record lacks them. A missing record reads as that empty record; so does a damaged one (broken JSON, not an
+    object), unless ``strict``, where a CheckpointError names it: for readers that would otherwise go on with a
+    wrong default rather than without a record."""
+    path = Path(run) / RUN_RECORD
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+        problem = None if isinstance(record, dict) else f"{json_kind(record)}, not an object"
+    except FileNotFoundError:
+        record, problem = {}, None
+    except (OSError, ValueError, RecursionError) as e:  # ValueError covers JSON and UTF-8 errors
+        record, problem = {}, type(e).__name__
+    if problem is not None:
+        if strict:
+            raise CheckpointError(f"cannot read {path} ({problem}); repair it, or pass what it records "
+                                  "(--data) on the command line")
+        record = {}
+    finished = record.get("finished")
+    seconds = record.get("seconds")
+    record["finished"] = [stage_name(s) for s in finished if isinstance(s, str)] if isinstance(finished, list) else []
+    record["seconds"] = ({stage_name(k): v for k, v in seconds.items() if isinstance(v, (int, float))}
+                         if isinstance(seconds, dict) else {})
+    return record
 
 
 def save_pretrained(model: torch.nn.Module, config: Any, directory: str | Path, state: dict | None = None,

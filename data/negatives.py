@@ -26,16 +26,7 @@ from __future__ import annotations
 import random
 import re
 
-from data.shapes import (
-    _CELL_PHRASES,
-    _NUMBER_WORDS,
-    _RELATION_PHRASES,
-    COLOURS,
-    COUNTS,
-    SHAPES,
-    Scene,
-    converse,
-)
+from data.shapes import _CELL_PHRASES, _NUMBER_WORDS, _RELATION_PHRASES, COLOURS, COUNTS, SHAPES, Scene, converse
 
 __all__ = ["MODES", "SCENE_KINDS", "WORD_KINDS", "KINDS_OF_SCENE", "scene_negative", "word_negative",
            "hard_negative", "resolve_mode"]

@@ -29,16 +29,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from data.shapes import (
-    COLOURS,
-    SHAPES,
-    SIZES,
-    SQUARE_SIDE,
-    Obj,
-    Scene,
-    cell_of,
-    relation_holds,
-)
+from data.shapes import COLOURS, SHAPES, SIZES, SQUARE_SIDE, Obj, Scene, cell_of, relation_holds
 
 __all__ = ["Reading", "read_objects", "read_scene", "check", "check_details", "coverage", "UNKNOWN"]
 

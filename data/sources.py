@@ -351,7 +351,6 @@ def open_dataset(data: str, size: int, split: str = "train", image_column: str |
 
 
 def _open_openmoji(options: TableOptions) -> TableDataset:
-
     # Drawn at twice the side, so that the augmentation's crops and the final resize stay sharp.
     table = datasets.Dataset.from_dict(openmoji_rows(2 * options.size))
     return _table_dataset(table, "openmoji", Path("."), options)

@@ -23,28 +23,15 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from cli import (
-    ArgumentParser,
-    UserError,
-    add_threads_argument,
-    run_command,
-    set_threads,
-)
+from cli import ArgumentParser, UserError, add_threads_argument, run_command, set_threads
 from sample.output import prepare_out_dir, write_prompt_results
-from sample.pipeline import (
-    MAX_CANDIDATES,
-    Pipeline,
-    SamplingSettings,
-    make_edit,
-    resolve_run,
-)
+from sample.pipeline import MAX_CANDIDATES, Pipeline, SamplingSettings, make_edit, resolve_run
 
 BATCH_CANDIDATES = 64  # the default --batch-size keeps a batch's candidates near this: one pass of the pipeline
 MAX_PROMPTS_BYTES = 64 << 20  # a --prompts-file larger than this is not a list of prompts (or never ends)
 
 
 def build_parser() -> argparse.ArgumentParser:
-
     parser = ArgumentParser(prog="python -m sample", description=__doc__.splitlines()[0])
     parser.add_argument("prompt", nargs="?", help="what to draw")
     parser.add_argument("--prompts-file", help="one prompt a line")

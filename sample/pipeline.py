@@ -25,13 +25,13 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from checkpoint import CheckpointError, check_tokenizer_digest, read_json_or_empty
+from checkpoint import CheckpointError, check_tokenizer_digest, part_dir, read_json_or_empty, read_run_record
 from cli import UserError
 from data.images import from_pil, to_pil
 from devices import resolve_device
 from sample.edit import completion, inpainting, preview_images
 from sample.output import save_picture
-from sample.rerank import HFClipScorer, RunScorer
+from sample.rerank import load_reranker
 from seq2seq import Seq2Seq, generate
 from seq2seq.canvas import generate_canvas
 from seq2seq.generate import UNDRAWN
@@ -177,23 +177,17 @@ class Pipeline:
         self.model = Seq2Seq.from_pretrained(run / "seq2seq").to(self.device)
         self.model.check_fits(self.tokenizer.vocab_size, self.vqgan.codebook_size, self.model.config.grid_size)
         check_tokenizer_digest(run / "tokenizer.model", run / "seq2seq" / "model.safetensors", "seq2seq")
-        self.scorer = None
-        if reranker is not None:
-
-            self.scorer = HFClipScorer(reranker, self.device)
-        elif rerank:
-
-            self.scorer = RunScorer(run, self.tokenizer, self.device)
+        self.scorer = load_reranker(run, self.tokenizer, self.device, reranker) if rerank or reranker else None
         # What the run learned, where training recorded it (older runs have neither file): the words of its
         # training captions, and its scorer's scores of held-out pictures with another picture's caption.
-        if read_json_or_empty(run / "all.json").get("preset") == "tiny":
+        if read_run_record(run).get("preset") == "tiny":
             warnings.warn(f"{run} was trained by `train all --preset tiny`, a smoke test of a few steps a stage: "
                           "its pictures are noise", stacklevel=2)
         vocabulary = read_json_or_empty(run / "vocabulary.json").get("words")
         self.vocabulary = vocabulary if isinstance(vocabulary, dict) else None
         self.score_floor = None
         if self.scorer is not None and reranker is None:
-            other = read_json_or_empty(run / "clip" / "score_range.json").get("other_caption")
+            other = read_json_or_empty(part_dir(run, "scorer") / "score_range.json").get("other_caption")
             floor = other.get("p95") if isinstance(other, dict) else None
             self.score_floor = float(floor) if isinstance(floor, (int, float)) else None
 

@@ -1,24 +1,26 @@
 """Rerankers: score each candidate picture against its prompt, all candidates in one batch.
 
-``RunScorer`` wraps the run's own CLIP-style scorer (RUN/clip) and tokenizer. ``HFClipScorer`` wraps a
-transformers ``CLIPModel`` saved in a local directory (the optional ``hf-clip`` extra); nothing is
-downloaded. Both take pictures as (B,3,H,W) in [-1,1] and prompts as strings and return (B,) scores.
+A :class:`Reranker` takes pictures as (B,3,H,W) in [-1,1] and their prompts as strings and returns (B,) scores
+on the CPU, higher for a better match. :func:`load_reranker` is how the pipeline, the command line and bench get
+one: ``RunScorer``, the run's own CLIP-style scorer (RUN/scorer/) with its tokenizer, or ``HFClipScorer``, a
+transformers ``CLIPModel`` saved in a local directory (the optional ``hf-clip`` extra; nothing is downloaded).
 """
 
 from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Sequence
+from typing import Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from checkpoint import CheckpointError
+from checkpoint import CheckpointError, part_dir
 from cli import UserError
 from scorer import Scorer
+from tokenizer import TextTokenizer
 
-__all__ = ["RunScorer", "HFClipScorer"]
+__all__ = ["Reranker", "load_reranker", "RunScorer", "HFClipScorer", "resize_for_scorer"]
 
 # The normalization CLIP was trained with, used when the directory has no image processor config.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -32,13 +34,27 @@ def resize_for_scorer(images: torch.Tensor, size: int) -> torch.Tensor:
     return F.interpolate(images, size=(size, size), mode="bicubic", align_corners=False, antialias=True)
 
 
+class Reranker(Protocol):
+    """Scores candidates against their prompts: (B,3,H,W) pictures in [-1,1] and B prompts -> (B,) on the CPU."""
+
+    def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor: ...
+
+
+def load_reranker(run: Path, tokenizer: TextTokenizer, device: torch.device, reranker: str | Path | None = None,
+                  directory: Path | None = None) -> Reranker:
+    """The reranker a command asked for: a transformers CLIPModel from the local directory ``reranker``, else
+    the run's own scorer (RUN/scorer/, or ``directory``, another scorer trained on the run's tokenizer)."""
+    if reranker is not None:
+        return HFClipScorer(reranker, device)
+    return RunScorer(run, tokenizer, device, directory=directory)
+
+
 class RunScorer:
-    """The run's own scorer: RUN/clip (or another scorer ``directory`` trained on the run's tokenizer) with
+    """The run's own scorer: RUN/scorer/ (or another scorer ``directory`` trained on the run's tokenizer) with
     RUN/tokenizer.model."""
 
-    def __init__(self, run: Path, tokenizer, device: torch.device, directory: Path | None = None):
-
-        self.model = Scorer.from_pretrained(run / "clip" if directory is None else directory).to(device)
+    def __init__(self, run: Path, tokenizer: TextTokenizer, device: torch.device, directory: Path | None = None):
+        self.model = Scorer.from_pretrained(part_dir(run, "scorer") if directory is None else directory).to(device)
         self.model.check_fits(tokenizer.vocab_size, self.model.config.image_size)
         self.tokenizer = tokenizer
         self.device = device

@@ -1,15 +1,9 @@
 """The CLIP-style scorer that reranks sampled pictures by how well they match the prompt.
 
-``Scorer.from_pretrained(RUN / "clip")``, then ``scorer.score(images, text_ids, text_mask) -> (B,)``;
-trained by ``python -m train clip`` (train/stage_clip.py).
+``Scorer.from_pretrained(RUN / "scorer")``, then ``scorer.score(images, text_ids, text_mask) -> (B,)``;
+trained by ``python -m train scorer`` (train/stage_scorer.py).
 """
 
-from scorer.model import (
-    PRESETS,
-    Scorer,
-    ScorerConfig,
-    contrastive_loss,
-    retrieval_accuracy,
-)
+from scorer.model import PRESETS, Scorer, ScorerConfig, contrastive_loss, retrieval_accuracy
 
 __all__ = ["PRESETS", "Scorer", "ScorerConfig", "contrastive_loss", "retrieval_accuracy"]

@@ -34,7 +34,7 @@ from checkpoint import CheckpointError, load_pretrained, save_pretrained
 
 __all__ = ["ScorerConfig", "PRESETS", "Scorer", "contrastive_loss", "retrieval_accuracy"]
 
-PART = "clip"
+PART = "scorer"
 
 
 @dataclass
@@ -277,7 +277,7 @@ class Scorer(nn.Module):
     # ------------------------------------------------------------------ loading and saving
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> Scorer:
-        """Rebuild from ``directory/config.json`` and ``model.safetensors`` (RUN/clip/), in eval mode."""
+        """Rebuild from ``directory/config.json`` and ``model.safetensors`` (RUN/scorer/), in eval mode."""
         return load_pretrained(cls, ScorerConfig, directory, PART)
 
     def save_pretrained(self, directory: str | Path) -> None:

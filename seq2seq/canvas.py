@@ -22,12 +22,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from seq2seq.generate import (
-    EMPTY_TEXT_IDS,
-    Sampler,
-    candidate_seeds,
-    with_unconditional,
-)
+from seq2seq.generate import EMPTY_TEXT_IDS, Sampler, candidate_seeds, with_unconditional
 from seq2seq.model import Seq2Seq
 
 __all__ = ["generate_canvas", "window_origin"]

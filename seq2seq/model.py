@@ -23,14 +23,7 @@ from torch import Tensor, nn
 from checkpoint import CheckpointError, load_pretrained, save_pretrained
 from seq2seq.cache import KVCache
 from seq2seq.config import Seq2SeqConfig
-from seq2seq.layers import (
-    CausalSelfAttention,
-    CrossAttention,
-    GatedMLP,
-    RMSNorm,
-    SelfAttention,
-    rope_table,
-)
+from seq2seq.layers import CausalSelfAttention, CrossAttention, GatedMLP, RMSNorm, SelfAttention, rope_table
 
 __all__ = ["Seq2Seq", "TextEncoder", "ImageDecoder"]
 

@@ -12,13 +12,7 @@ import ipaddress
 import socket
 import sys
 
-from cli import (
-    ArgumentParser,
-    UserError,
-    add_threads_argument,
-    run_command,
-    set_threads,
-)
+from cli import ArgumentParser, UserError, add_threads_argument, run_command, set_threads
 from sample.pipeline import Pipeline, resolve_run
 from serve.schemas import Limits
 

@@ -33,13 +33,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from sample.output import picture_fields, picture_png, safe_stem
 from sample.pipeline import Picture, Pipeline
 from serve.scheduler import Job, QueueFull, Scheduler
-from serve.schemas import (
-    ErrorResponse,
-    Limits,
-    PictureOut,
-    PictureRequest,
-    PicturesResponse,
-)
+from serve.schemas import ErrorResponse, Limits, PictureOut, PictureRequest, PicturesResponse
 
 __all__ = ["create_app", "ApiError"]
 

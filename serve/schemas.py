@@ -12,13 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
-from sample.pipeline import (
-    MAX_CFG,
-    MAX_SEED,
-    MAX_TEMPERATURE,
-    MIN_TEMPERATURE,
-    SamplingSettings,
-)
+from sample.pipeline import MAX_CFG, MAX_SEED, MAX_TEMPERATURE, MIN_TEMPERATURE, SamplingSettings
 
 __all__ = ["Limits", "PictureRequest", "PictureOut", "PicturesResponse", "ErrorBody", "ErrorResponse"]
 

@@ -243,7 +243,7 @@ def test_structure_compares_scorers_on_the_same_cached_candidates(tiny_run, tmp_
     args = ["--checkpoint", str(tiny_run), "--device", "cpu", "--pairwise-prompts", "3", "--prompts-per-kind", "2",
             "--candidates", "3", "--kinds", "single", "relation", "--cache", str(tmp_path / "cache")]
     assert structure.main([*args, "--out", str(tmp_path / "a")]) == 0
-    first = json.loads((tmp_path / "a" / "structure.json").read_text())["scorers"][str(tiny_run / "clip")]
+    first = json.loads((tmp_path / "a" / "structure.json").read_text())["scorers"][str(tiny_run / "scorer")]
     assert set(first["pairwise"]) == {"relation", "swap", "count", "position", "attribute"}  # JSON: keys sorted
     for r in first["pairwise"].values():
         assert r["pairs"] == 3 and 0 <= r["accuracy"] <= 1 and r["examples"][0][0] != r["examples"][0][1]
@@ -262,10 +262,10 @@ def test_structure_compares_scorers_on_the_same_cached_candidates(tiny_run, tmp_
     original = structure.draw_candidates
     structure.draw_candidates = no_drawing
     try:  # the same scorer twice, from the cache: the same figures
-        assert structure.main([*args, "--out", str(tmp_path / "b"), "--scorer", str(tiny_run / "clip")]) == 0
+        assert structure.main([*args, "--out", str(tmp_path / "b"), "--scorer", str(tiny_run / "scorer")]) == 0
     finally:
         structure.draw_candidates = original
-    second = json.loads((tmp_path / "b" / "structure.json").read_text())["scorers"][str(tiny_run / "clip")]
+    second = json.loads((tmp_path / "b" / "structure.json").read_text())["scorers"][str(tiny_run / "scorer")]
     assert second == first
 
     # Fewer prompts cached: the later ones are drawn and appended, the same pictures as drawn all at once.

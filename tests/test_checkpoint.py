@@ -110,7 +110,7 @@ def test_a_killed_write_leaves_one_temporary_that_every_stage_start_removes(tmp_
     (out / "cache" / ".codes-train-0123456789abcdef.safetensors.x1_y2z3a.tmp").write_bytes(b"half")
     (out / "cache" / ".tmpAb3dE9").write_bytes(b"half")
     # A temporary of a process that still runs (another stage writing into the same run) is left alone.
-    live = out / "clip" / f".model.safetensors.{os.getppid()}-abc123.tmp"
+    live = out / "scorer" / f".model.safetensors.{os.getppid()}-abc123.tmp"
     live.mkdir(parents=True)
     keep = out / "metrics" / "notes.tmp"
     keep.parent.mkdir()

@@ -25,14 +25,7 @@ from PIL import Image
 from cli import UserError
 from data import shapes
 from data.images import MARK_COLOR, from_pil, image_grid, to_pil
-from data.sources import (
-    DataError,
-    batches,
-    heldout_count,
-    open_dataset,
-    stream_dataset,
-    texts,
-)
+from data.sources import DataError, batches, heldout_count, open_dataset, stream_dataset, texts
 
 S = 8  # image size for file sources
 

@@ -19,9 +19,9 @@ from sample import generate_images
 
 def test_train_all_writes_every_part(tiny_run):
     for part in ("tokenizer.model", "vqgan/model.safetensors", "vqgan/config.json", "seq2seq/model.safetensors",
-                 "seq2seq/config.json", "clip/model.safetensors", "clip/config.json"):
+                 "seq2seq/config.json", "scorer/model.safetensors", "scorer/config.json"):
         assert (tiny_run / part).is_file(), part
-    assert sorted(json.loads((tiny_run / "all.json").read_text())["finished"]) == ["clip", "seq2seq", "tokenizer", "vqgan"]
+    assert sorted(json.loads((tiny_run / "all.json").read_text())["finished"]) == ["scorer", "seq2seq", "tokenizer", "vqgan"]
     metrics = [json.loads(line) for line in (tiny_run / "metrics" / "seq2seq.jsonl").read_text().splitlines()]
     assert any("heldout_bits_per_token" in m for m in metrics)
     grids = list((tiny_run / "samples" / "seq2seq").glob("step-*.png"))
@@ -190,9 +190,9 @@ def test_sample_bad_settings(tiny_run, tmp_path, capsys, argv, message):
 def test_sample_checkpoint_missing_a_part_names_it(tiny_run, tmp_path, capsys):
     broken = tmp_path / "run"
     shutil.copytree(tiny_run, broken)
-    shutil.rmtree(broken / "clip")
+    shutil.rmtree(broken / "scorer")
     assert sample_cli.main(["x", "--checkpoint", str(broken), "--out", str(tmp_path / "o"), "--device", "cpu"]) == 2
-    assert _one_line_error(capsys).startswith("error: clip:")
+    assert _one_line_error(capsys).startswith("error: scorer:")
 
 
 def test_sample_unwritable_out(tiny_run, tmp_path, capsys):
@@ -237,7 +237,7 @@ def test_train_all_into_a_finished_run_needs_overwrite(tiny_run, tmp_path, capsy
     # --overwrite trains the stages asked for again; the others stay listed as finished.
     assert train_cli.main([*argv, "--overwrite", "--only", "tokenizer"]) == 0
     assert (run / "tokenizer.model").is_file()
-    assert sorted(json.loads((run / "all.json").read_text())["finished"]) == ["clip", "seq2seq", "tokenizer", "vqgan"]
+    assert sorted(json.loads((run / "all.json").read_text())["finished"]) == ["scorer", "seq2seq", "tokenizer", "vqgan"]
 
 
 def _tiny_hf_clip(directory: Path) -> None:
@@ -293,7 +293,7 @@ def test_pack_halves_the_weights_and_the_packed_run_samples(tiny_run, tmp_path, 
     packed = tmp_path / "packed"
     assert train_cli.main(["pack", "--run", str(tiny_run), "--out", str(packed)]) == 0
     assert not (packed / "state").exists() and (packed / "tokenizer.model").read_bytes() == (tiny_run / "tokenizer.model").read_bytes()
-    for part in ("vqgan", "seq2seq", "clip"):
+    for part in ("vqgan", "seq2seq", "scorer"):
         full, half = load_file(tiny_run / part / "model.safetensors"), load_file(packed / part / "model.safetensors")
         assert full.keys() == half.keys()
         for name, tensor in full.items():
@@ -372,7 +372,7 @@ def test_a_run_records_its_caption_words_and_its_scorers_range(tiny_run):
     words = json.loads((tiny_run / "vocabulary.json").read_text())["words"]
     assert {"red", "circle", "square"} <= set(words) and all(isinstance(n, int) and n > 0 for n in words.values())
     assert "photo" not in words
-    score_range = json.loads((tiny_run / "clip" / "score_range.json").read_text())
+    score_range = json.loads((tiny_run / "scorer" / "score_range.json").read_text())
     assert score_range["pictures"] > 0
     for scores in (score_range["own_caption"], score_range["other_caption"]):
         assert -1.0001 <= scores["p5"] <= scores["p50"] <= scores["p95"] <= 1.0001  # cosine similarities
@@ -430,3 +430,35 @@ def test_half_precision_sampling_draws_pictures_and_fp32_stays_the_default(tiny_
     half = Pipeline(tiny_run, device="cpu", dtype="bf16")(["a red circle"], settings)[0]
     assert [p.image.tobytes() for p in plain] == [p.image.tobytes() for p in again]
     assert [p.image.size for p in half] == [p.image.size for p in plain] and all(p.score is not None for p in half)
+
+
+def test_a_run_made_when_the_scorer_stage_was_called_clip_still_works(tiny_run, tmp_path, capsys):
+    """Older runs hold the scorer in RUN/clip/, its log in metrics/clip.jsonl, its state in state/clip/ and list
+    "clip" as finished: sampling, packing, `train all --resume` and the stage's own --resume read them."""
+    old = tmp_path / "old"
+    shutil.copytree(tiny_run, old)
+    (old / "scorer").rename(old / "clip")
+    (old / "state" / "scorer").rename(old / "state" / "clip")
+    (old / "metrics" / "scorer.jsonl").rename(old / "metrics" / "clip.jsonl")
+    record = json.loads((old / "all.json").read_text())
+    record["finished"] = ["clip" if s == "scorer" else s for s in record["finished"]]
+    record["seconds"]["clip"] = record["seconds"].pop("scorer")
+    (old / "all.json").write_text(json.dumps(record))
+
+    new = generate_images(["a red circle"], checkpoint=tiny_run, n=2, keep=2, device="cpu")[0]
+    kept = generate_images(["a red circle"], checkpoint=old, n=2, keep=2, device="cpu")[0]
+    assert [p.score for p in kept] == [p.score for p in new]
+
+    assert train_cli.main(["pack", "--run", str(old), "--out", str(tmp_path / "packed")]) == 0
+    assert (tmp_path / "packed" / "scorer" / "model.safetensors").is_file()
+    assert json.loads((tmp_path / "packed" / "all.json").read_text())["finished"][-1] == "scorer"
+
+    capsys.readouterr()
+    assert train_cli.main(["all", "--preset", "tiny", "--size", "32", "--out", str(old), "--resume"]) == 0
+    assert capsys.readouterr().out == f"all: already complete -> {old}\n"
+    # The stage by its old name, resumed: its state and log move to today's names, and it goes on from there.
+    assert train_cli.main(["clip", "--out", str(old), "--size", "32", "--model-size", "tiny", "--steps", "7",
+                           "--batch-size", "8", "--save-every", "7", "--log-every", "7", "--device", "cpu",
+                           "--resume"]) == 0
+    assert json.loads((old / "state" / "scorer" / "latest.json").read_text())["step"] == 7
+    assert not (old / "state" / "clip").exists() and (old / "metrics" / "scorer.jsonl").is_file()

@@ -39,7 +39,7 @@ class Timed:
 
 # ------------------------------------------------------------------------------------------- config.json
 
-PARTS = {"vqgan": "vqgan.VQGAN", "seq2seq": "seq2seq.Seq2Seq", "clip": "scorer.Scorer"}
+PARTS = {"vqgan": "vqgan.VQGAN", "seq2seq": "seq2seq.Seq2Seq", "scorer": "scorer.Scorer"}
 
 
 def _model_class(part: str):
@@ -227,9 +227,9 @@ def test_training_numbers_are_checked_before_any_work(values, tmp_path_factory, 
 @FUZZ
 @given(text=st.one_of(json_values.map(json.dumps), st.just("[" * 100_000 + "]" * 100_000), st.text(max_size=30)))
 def test_any_all_json_reads_as_a_record_of_finished_stages(text, tmp_path_factory):
-    from train.stage_all import _read_record
+    from checkpoint import read_run_record
 
     path = tmp_path_factory.mktemp("all") / "all.json"
     path.write_text(text, encoding="utf-8", errors="surrogatepass")
-    record = _read_record(path)
+    record = read_run_record(path.parent)
     assert isinstance(record["finished"], list) and isinstance(record["seconds"], dict)

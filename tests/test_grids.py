@@ -6,14 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from data.images import (
-    GRID_BACKGROUND,
-    MARK_COLOR,
-    MAX_LABEL_LINES,
-    TEXT_COLOR,
-    _wrap,
-    image_grid,
-)
+from data.images import GRID_BACKGROUND, MARK_COLOR, MAX_LABEL_LINES, TEXT_COLOR, _wrap, image_grid
 from train.loop import Run
 
 

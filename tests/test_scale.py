@@ -22,7 +22,7 @@ STAGE_ARGS = {
     "vqgan": ["--batch-size", "8", "--eval-every", "1000", "--sample-every", "1000", "--heldout-examples", "8"],
     "seq2seq": ["--batch-size", "8", "--cache-examples", "64", "--heldout-examples", "16", "--eval-every", "1000",
                 "--sample-every", "1000", "--warmup", "2"],
-    "clip": ["--batch-size", "8", "--eval-every", "1000", "--heldout-examples", "16"],
+    "scorer": ["--batch-size", "8", "--eval-every", "1000", "--heldout-examples", "16"],
 }
 
 
@@ -111,10 +111,10 @@ def _kill_after_checkpoint(argv: list[str], out: Path, stage: str, rng: random.R
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", ["vqgan", "seq2seq", "clip"])
+@pytest.mark.parametrize("stage", ["vqgan", "seq2seq", "scorer"])
 def test_a_killed_stage_resumes_from_its_last_checkpoint_to_the_same_end(stage, tiny_run, tmp_path):
     steps, save_every = 40, 5
-    parts = ("tokenizer.model",) if stage in ("vqgan", "clip") else ("tokenizer.model", "vqgan")
+    parts = ("tokenizer.model",) if stage in ("vqgan", "scorer") else ("tokenizer.model", "vqgan")
     whole = _run_dir(tiny_run, tmp_path / "whole", parts)
     killed = _run_dir(tiny_run, tmp_path / "killed", parts)
     _check(subprocess.run([sys.executable, *_train_argv(stage, whole, steps, "--save-every", str(save_every))],
@@ -165,7 +165,7 @@ def _stale_export(out: Path, stage: str, metadata: dict | None = None) -> None:
     from seq2seq import Seq2Seq
     from vqgan import VQGAN
 
-    model_cls = {"vqgan": VQGAN, "seq2seq": Seq2Seq, "clip": Scorer}[stage]
+    model_cls = {"vqgan": VQGAN, "seq2seq": Seq2Seq, "scorer": Scorer}[stage]
     old = model_cls.from_pretrained(out / stage)
     torch.manual_seed(1234)
     fresh = model_cls(dataclasses.replace(old.config))
@@ -173,14 +173,14 @@ def _stale_export(out: Path, stage: str, metadata: dict | None = None) -> None:
 
 
 @pytest.mark.parametrize("stage, module, extra", [
-    ("vqgan", "vqgan", []), ("clip", "model", []), ("seq2seq", "model", ["--keep", "last"]),
+    ("vqgan", "vqgan", []), ("scorer", "model", []), ("seq2seq", "model", ["--keep", "last"]),
     ("seq2seq", "model", ["--keep", "best"]), ("seq2seq", "ema", ["--keep", "last", "--ema", "0.9"]),
-], ids=["vqgan", "clip", "seq2seq-last", "seq2seq-best", "seq2seq-ema"])
+], ids=["vqgan", "scorer", "seq2seq-last", "seq2seq-best", "seq2seq-ema"])
 def test_a_stage_killed_between_its_checkpoint_and_its_export_exports_again_on_resume(stage, module, extra, tiny_run,
                                                                                        tmp_path):
     import train.__main__ as train_cli
 
-    parts = ("tokenizer.model",) if stage in ("vqgan", "clip") else ("tokenizer.model", "vqgan")
+    parts = ("tokenizer.model",) if stage in ("vqgan", "scorer") else ("tokenizer.model", "vqgan")
     out = _run_dir(tiny_run, tmp_path / "run", parts)
     argv = _train_argv(stage, out, 2, "--save-every", "2", *extra)[2:]
     assert train_cli.main(argv) == 0
@@ -292,11 +292,11 @@ def test_a_resumed_run_keeps_the_precision_its_checkpoint_recorded(monkeypatch, 
 
     monkeypatch.setattr(loop, "native_bf16", lambda device: True)
     layer = torch.nn.Linear(2, 2)
-    first = loop.Run(tmp_path, "clip")
+    first = loop.Run(tmp_path, "scorer")
     assert loop.choose_precision(first, torch.device("cpu"), "auto", _timed_probe(None, [])) is torch.bfloat16
     first.save_checkpoint(1, {"layer": layer}, {}, data_position=8)
 
-    resumed = loop.Run(tmp_path, "clip")
+    resumed = loop.Run(tmp_path, "scorer")
     resumed.load_checkpoint({"layer": layer}, {})
     calls = []  # bf16 would now measure slower: the recorded choice stands, unprobed
     assert loop.choose_precision(resumed, torch.device("cpu"), "auto", _timed_probe(torch.bfloat16, calls)) is torch.bfloat16

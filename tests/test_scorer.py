@@ -1,4 +1,4 @@
-"""The CLIP-style scorer (scorer/model.py) and its training stage (train/stage_clip.py), on tiny configs."""
+"""The CLIP-style scorer (scorer/model.py) and its training stage (train/stage_scorer.py), on tiny configs."""
 
 from __future__ import annotations
 
@@ -151,8 +151,8 @@ def test_save_and_load_round_trip(model, tmp_path):
     images, text_ids, text_mask = tiny_batch()
     with torch.no_grad():
         model.logit_scale.add_(0.5)  # a trained value, not the initial one
-    model.save_pretrained(tmp_path / "clip")
-    loaded = Scorer.from_pretrained(tmp_path / "clip")
+    model.save_pretrained(tmp_path / "scorer")
+    loaded = Scorer.from_pretrained(tmp_path / "scorer")
     assert loaded.config == model.config and not loaded.training
     for name, tensor in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[name], tensor), name
@@ -161,21 +161,21 @@ def test_save_and_load_round_trip(model, tmp_path):
 
 
 def test_loading_weights_of_another_config_names_the_part(model, tmp_path):
-    model.save_pretrained(tmp_path / "clip")
-    config = json.loads((tmp_path / "clip" / "config.json").read_text())
+    model.save_pretrained(tmp_path / "scorer")
+    config = json.loads((tmp_path / "scorer" / "config.json").read_text())
     config["d_model"] = 64
-    (tmp_path / "clip" / "config.json").write_text(json.dumps(config))
-    with pytest.raises(CheckpointError, match="^clip: "):
-        Scorer.from_pretrained(tmp_path / "clip")
-    with pytest.raises(CheckpointError, match="^clip: "):
+    (tmp_path / "scorer" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="^scorer: "):
+        Scorer.from_pretrained(tmp_path / "scorer")
+    with pytest.raises(CheckpointError, match="^scorer: "):
         Scorer.from_pretrained(tmp_path / "missing")
 
 
 def test_check_fits(model):
     model.check_fits(TINY.text_vocab_size, TINY.image_size)
-    with pytest.raises(CheckpointError, match=r"^clip: .*vocabulary of 512 .* tokenizer has 300"):
+    with pytest.raises(CheckpointError, match=r"^scorer: .*vocabulary of 512 .* tokenizer has 300"):
         model.check_fits(300, TINY.image_size)
-    with pytest.raises(CheckpointError, match=r"^clip: .*32x32 pictures but gets 64x64"):
+    with pytest.raises(CheckpointError, match=r"^scorer: .*32x32 pictures but gets 64x64"):
         model.check_fits(TINY.text_vocab_size, 64)
 
 
@@ -221,26 +221,26 @@ def run_with_tokenizer(tmp_path: Path, tokenizer_file: Path, name: str) -> Path:
 
 
 def clip_args(run: Path, *extra: str) -> argparse.Namespace:
-    from train import stage_clip
+    from train import stage_scorer
 
     parser = argparse.ArgumentParser()
-    stage_clip.add_arguments(parser)
+    stage_scorer.add_arguments(parser)
     return parser.parse_args(["--out", str(run), "--data", "shapes", "--size", "32", "--model-size", "tiny",
                               "--batch-size", "8", "--device", "cpu", "--heldout-examples", "16",
                               "--warmup", "2", "--lr", "1e-3", *extra])
 
 
 def read_metrics(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics" / "clip.jsonl").read_text().splitlines()]
+    return [json.loads(line) for line in (run / "metrics" / "scorer.jsonl").read_text().splitlines()]
 
 
 def test_stage_trains_and_writes_the_scorer(tmp_path, tokenizer_file):
     from tokenizer import TextTokenizer
-    from train import stage_clip
+    from train import stage_scorer
 
     run = run_with_tokenizer(tmp_path, tokenizer_file, "run")
-    stage_clip.main(clip_args(run, "--steps", "3", "--log-every", "1", "--eval-every", "3"))
-    scorer = Scorer.from_pretrained(run / "clip")
+    stage_scorer.main(clip_args(run, "--steps", "3", "--log-every", "1", "--eval-every", "3"))
+    scorer = Scorer.from_pretrained(run / "scorer")
     scorer.check_fits(TextTokenizer.load(run / "tokenizer.model").vocab_size, 32)
     assert scorer.config.max_text_len == PRESETS["tiny"].max_text_len
     metrics = read_metrics(run)
@@ -249,47 +249,47 @@ def test_stage_trains_and_writes_the_scorer(tmp_path, tokenizer_file):
     assert all(0 <= m["accuracy"] <= 1 and m["loss"] > 0 for m in losses)
     heldout = [m for m in metrics if "heldout_accuracy" in m]
     assert [m["step"] for m in heldout] == [3] and 0 <= heldout[0]["heldout_accuracy"] <= 1
-    assert json.loads((run / "state" / "clip" / "latest.json").read_text())["step"] == 3
+    assert json.loads((run / "state" / "scorer" / "latest.json").read_text())["step"] == 3
 
 
 def test_resume_gives_the_same_steps_as_an_uninterrupted_run(tmp_path, tokenizer_file, monkeypatch):
     from safetensors.torch import load_file
 
-    from train import stage_clip
+    from train import stage_scorer
 
     options = ("--steps", "4", "--save-every", "2", "--log-every", "1", "--eval-every", "100")
     straight = run_with_tokenizer(tmp_path, tokenizer_file, "straight")
-    stage_clip.main(clip_args(straight, *options))
+    stage_scorer.main(clip_args(straight, *options))
 
     resumed = run_with_tokenizer(tmp_path, tokenizer_file, "resumed")
-    train_step = stage_clip.ClipTrainer.train_step
+    train_step = stage_scorer.ScorerTrainer.train_step
 
     def killed_after_step_2(self, batch):
         if self.step == 2:
             raise KeyboardInterrupt
         return train_step(self, batch)
 
-    monkeypatch.setattr(stage_clip.ClipTrainer, "train_step", killed_after_step_2)
+    monkeypatch.setattr(stage_scorer.ScorerTrainer, "train_step", killed_after_step_2)
     with pytest.raises(KeyboardInterrupt):
-        stage_clip.main(clip_args(resumed, *options))
-    monkeypatch.setattr(stage_clip.ClipTrainer, "train_step", train_step)
-    stage_clip.main(clip_args(resumed, *options, "--resume"))
+        stage_scorer.main(clip_args(resumed, *options))
+    monkeypatch.setattr(stage_scorer.ScorerTrainer, "train_step", train_step)
+    stage_scorer.main(clip_args(resumed, *options, "--resume"))
 
     def losses(run: Path) -> dict[int, float]:
         return {m["step"]: m["loss"] for m in read_metrics(run) if "loss" in m}
 
     assert losses(resumed) == losses(straight)
     assert sorted(losses(resumed)) == [1, 2, 3, 4]
-    a = load_file(str(straight / "clip" / "model.safetensors"))
-    b = load_file(str(resumed / "clip" / "model.safetensors"))
+    a = load_file(str(straight / "scorer" / "model.safetensors"))
+    b = load_file(str(resumed / "scorer" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_stage_without_a_tokenizer_says_which_stage_to_run_first(tmp_path):
-    from train import stage_clip
+    from train import stage_scorer
 
     with pytest.raises(UserError, match="python -m train tokenizer"):
-        stage_clip.main(clip_args(tmp_path / "empty", "--steps", "1"))
+        stage_scorer.main(clip_args(tmp_path / "empty", "--steps", "1"))
 
 
 def test_hard_negative_columns_join_the_image_softmax_only():
@@ -315,22 +315,22 @@ def test_hard_negative_columns_join_the_image_softmax_only():
 
 @pytest.mark.parametrize("mode, recorded", [("auto", "scene"), ("words", "words"), ("none", "none")])
 def test_stage_records_its_hard_negatives_and_measures_pairwise(tmp_path, tokenizer_file, mode, recorded):
-    from train import stage_clip
+    from train import stage_scorer
 
     run = run_with_tokenizer(tmp_path, tokenizer_file, "run")
-    stage_clip.main(clip_args(run, "--steps", "2", "--log-every", "1", "--eval-every", "2", "--hard-negatives", mode))
-    assert Scorer.from_pretrained(run / "clip").config.hard_negatives == recorded
+    stage_scorer.main(clip_args(run, "--steps", "2", "--log-every", "1", "--eval-every", "2", "--hard-negatives", mode))
+    assert Scorer.from_pretrained(run / "scorer").config.hard_negatives == recorded
     heldout = [m for m in read_metrics(run) if "heldout_pairwise" in m]
     assert [m["step"] for m in heldout] == [2] and 0 <= heldout[0]["heldout_pairwise"] <= 1
 
 
 def test_hard_negatives_change_the_training_step(tmp_path, tokenizer_file):
-    from train import stage_clip
+    from train import stage_scorer
 
     losses = {}
     for mode in ("none", "scene"):
         run = run_with_tokenizer(tmp_path, tokenizer_file, mode)
-        stage_clip.main(clip_args(run, "--steps", "1", "--log-every", "1", "--eval-every", "100",
+        stage_scorer.main(clip_args(run, "--steps", "1", "--log-every", "1", "--eval-every", "100",
                                   "--hard-negatives", mode))
         losses[mode] = read_metrics(run)[0]["loss"]
     assert losses["scene"] > losses["none"]  # the same batch with more texts to tell apart
@@ -338,12 +338,12 @@ def test_hard_negatives_change_the_training_step(tmp_path, tokenizer_file):
 
 def test_several_negatives_per_picture_are_distinct_and_false(tmp_path, tokenizer_file):
     from data.sources import batches
-    from train import stage_clip
+    from train import stage_scorer
 
     run = run_with_tokenizer(tmp_path, tokenizer_file, "run")
     counts = {}
     for k in (1, 3):
-        trainer = stage_clip.ClipTrainer(stage_clip.ClipOptions.from_args(
+        trainer = stage_scorer.ScorerTrainer(stage_scorer.ScorerOptions.from_args(
             clip_args(run, "--steps", "1", "--hard-negatives", "auto", "--negatives-per-image", str(k))))
         batch = next(batches(trainer.dataset, 8, seed=0))
         negatives = trainer._negatives(batch)
@@ -351,4 +351,4 @@ def test_several_negatives_per_picture_are_distinct_and_false(tmp_path, tokenize
         counts[k] = len(negatives)
     assert counts[1] == 8 and 8 < counts[3] <= 24  # shapes: every scene has a negative; repeats are dropped
     with pytest.raises(UserError, match="--negatives-per-image"):
-        stage_clip.ClipTrainer(stage_clip.ClipOptions.from_args(clip_args(run, "--negatives-per-image", "0")))
+        stage_scorer.ScorerTrainer(stage_scorer.ScorerOptions.from_args(clip_args(run, "--negatives-per-image", "0")))

@@ -21,12 +21,7 @@ from tqdm import tqdm
 
 from checkpoint import atomic_write
 from cli import UserError
-from data.sources import (
-    DEFAULT_HELDOUT_FRACTION,
-    DEFAULT_MAX_PIXELS,
-    batches,
-    open_dataset,
-)
+from data.sources import DEFAULT_HELDOUT_FRACTION, DEFAULT_MAX_PIXELS, batches, open_dataset
 
 __all__ = ["CodeCache", "cache_path", "load_or_build", "epoch_batch_indices"]
 

@@ -1,4 +1,4 @@
-"""``python -m train all``: tokenizer, VQGAN, code cache + seq2seq, and the CLIP scorer, one after another.
+"""``python -m train all``: tokenizer, VQGAN, code cache + seq2seq, and the CLIP-style scorer, one after another.
 
 The preset is the training plan: every stage's model size (its --model-size) and steps for the machine.
 ``cpu`` trains the shipped demo runs on a 2-core laptop (about 40 minutes on ``shapes``, 82 measured on
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from checkpoint import read_json_or_empty, write_json
+from checkpoint import RUN_RECORD, STAGE_ALIASES, part_dir, read_run_record, stage_name, write_json
 from cli import UserError
 from train.loop import SEED_HELP, add_data_arguments, seed_number
 
@@ -32,21 +32,21 @@ PRESETS: dict[str, dict[str, list[str]]] = {
         "seq2seq": ["--model-size", "tiny", "--steps", "6", "--batch-size", "8", "--cache-examples", "64",
                     "--heldout-examples", "16", "--save-every", "3", "--sample-every", "6", "--eval-every", "6",
                     "--log-every", "3", "--warmup", "2"],
-        "clip": ["--model-size", "tiny", "--steps", "6", "--batch-size", "8", "--save-every", "3", "--log-every", "3"],
+        "scorer": ["--model-size", "tiny", "--steps", "6", "--batch-size", "8", "--save-every", "3", "--log-every", "3"],
     },
     "cpu": {
         "tokenizer": ["--vocab-size", "1024"],
         "vqgan": ["--model-size", "small", "--steps", "3500", "--batch-size", "32", "--disc-start", "2500"],
         "seq2seq": ["--model-size", "small", "--steps", "3500", "--batch-size", "64", "--cache-examples", "40000",
                     "--compile", "--ema", "0.999"],
-        "clip": ["--model-size", "small", "--steps", "600", "--batch-size", "128", "--eval-every", "200"],
+        "scorer": ["--model-size", "small", "--steps", "600", "--batch-size", "128", "--eval-every", "200"],
     },
     "gpu": {
         "tokenizer": ["--vocab-size", "1024"],
         "vqgan": ["--model-size", "base", "--steps", "20000", "--batch-size", "64", "--workers", "8"],
         "seq2seq": ["--model-size", "base", "--steps", "20000", "--batch-size", "256", "--cache-examples", "200000",
                     "--workers", "8"],
-        "clip": ["--model-size", "small", "--steps", "5000", "--batch-size", "256", "--workers", "8"],
+        "scorer": ["--model-size", "small", "--steps", "5000", "--batch-size", "256", "--workers", "8"],
     },
 }
 # Where --data is not `shapes` (real pictures: openmoji, a folder, files), these stages' flags replace the
@@ -59,7 +59,7 @@ REAL_PICTURES: dict[str, dict[str, list[str]]] = {
         "vqgan": ["--model-size", "small", "--steps", "3500", "--batch-size", "32", "--disc-start", "3000"],
     },
 }
-STAGE_ORDER = ("tokenizer", "vqgan", "seq2seq", "clip")
+STAGE_ORDER = ("tokenizer", "vqgan", "seq2seq", "scorer")
 SHARED = ("data", "size", "seed", "image_column", "text_column", "heldout_fraction", "augment", "max_pixels",
           "follow_symlinks")
 
@@ -80,7 +80,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="train again into an --out whose every stage asked for is finished")
     parser.add_argument("--image-column", default=None)
     parser.add_argument("--text-column", default=None)
-    parser.add_argument("--only", nargs="+", choices=STAGE_ORDER, default=None, help="run just these stages")
+    parser.add_argument("--only", nargs="+", type=stage_name, choices=STAGE_ORDER, default=None,
+                        help="run just these stages (" + ", ".join(f"{old} is {new}" for old, new in STAGE_ALIASES.items())
+                             + ", its name before)")
     add_data_arguments(parser)
 
 
@@ -115,30 +117,19 @@ def preset_flags(preset: str, stage: str, data: str) -> list[str]:
     return PRESETS[preset][stage]
 
 
-def _read_record(record_path: Path) -> dict:
-    """RUN/all.json: the stages finished, their seconds, the preset and data; empty where missing or unreadable."""
-    record = read_json_or_empty(record_path)
-    if not isinstance(record.get("finished"), list):
-        return {"finished": [], "seconds": {}}
-    if not isinstance(record.get("seconds"), dict):
-        record["seconds"] = {}
-    return record
-
-
 def _has_state(out: str, stage: str) -> bool:
-    return (Path(out) / "state" / stage / "latest.json").is_file()
+    return (part_dir(Path(out) / "state", stage) / "latest.json").is_file()
 
 
 def main(args: argparse.Namespace) -> None:
-
     preset = args.preset
     if preset == "auto":
         preset = "gpu" if torch.cuda.is_available() and args.device != "cpu" else "cpu"
     stages = args.only or STAGE_ORDER
-    record_path = Path(args.out) / "all.json"
+    record_path = Path(args.out) / RUN_RECORD
     if args.resume and args.overwrite:
         raise UserError("--resume and --overwrite contradict each other; pass one")
-    record = _read_record(record_path)
+    record = read_run_record(args.out)
     if set(stages) <= set(record["finished"]) and not args.overwrite:
         if args.resume:
             print(f"all: already complete -> {args.out}")

@@ -54,7 +54,6 @@ def export_table(data: str, out: Path, n: int, split: str, size: int, seed: int,
 
 
 def main(args: argparse.Namespace) -> None:
-
     if args.n < 1:
         raise UserError(f"--n must be >= 1, got {args.n}")
     if args.size < 16:

@@ -1,10 +1,10 @@
 """``python -m train pack --run RUN --out DIR``: the parts sampling needs, small enough to ship.
 
-Copies RUN/tokenizer.model and, for vqgan/, seq2seq/ and clip/, config.json and the weights with every
+Copies RUN/tokenizer.model and, for vqgan/, seq2seq/ and scorer/, config.json and the weights with every
 floating-point tensor stored in --dtype (float16 by default: half the bytes, and loading casts back to
 the model's float32). Integer buffers are kept as they are. Training state, the code cache, metrics and
 sample grids stay behind; all.json comes along as the record of how the parts were trained, with the
-last held-out figures the stages logged under "final", and vocabulary.json and clip/score_range.json, what
+last held-out figures the stages logged under "final", and vocabulary.json and scorer/score_range.json, what
 sampling's out-of-domain warnings compare a prompt and its best score with.
 This is how the shipped demo run (sample/demo_run) was made from a `python -m train all` run.
 """
@@ -20,11 +20,11 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from checkpoint import CheckpointError, atomic_write, write_json
+from checkpoint import CheckpointError, atomic_write, part_dir, read_run_record, write_json
 from cli import UserError
 
-PARTS = ("vqgan", "seq2seq", "clip")
-RECORDS = ("vocabulary.json", "clip/score_range.json")  # optional: runs before them have neither
+PARTS = ("vqgan", "seq2seq", "scorer")
+RECORDS = ("vocabulary.json", "scorer/score_range.json")  # optional: runs before them have neither
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
@@ -59,9 +59,9 @@ def pack_weights(source: Path, target: Path, dtype: torch.dtype) -> int:
 
 def _record(run: Path) -> dict:
     """The run's all.json (how the parts were trained) plus the last held-out figures its stages logged."""
-    record = json.loads((run / "all.json").read_text()) if (run / "all.json").is_file() else {}
+    record = read_run_record(run)
     final = {}
-    for stage in ("vqgan", "seq2seq", "clip"):
+    for stage in ("vqgan", "seq2seq", "scorer", "clip"):
         path = run / "metrics" / f"{stage}.jsonl"
         if path.is_file():
             for line in path.read_text().splitlines():
@@ -74,8 +74,9 @@ def _record(run: Path) -> dict:
 
 def main(args: argparse.Namespace) -> None:
     run, out = Path(args.run), Path(args.out)
-    missing = [p for p in ("tokenizer.model", *(f"{part}/model.safetensors" for part in PARTS),
-                           *(f"{part}/config.json" for part in PARTS)) if not (run / p).is_file()]
+    sources = {part: part_dir(run, part) for part in PARTS}  # an older run's scorer is in RUN/clip/
+    missing = [str(p.relative_to(run)) for p in (run / "tokenizer.model", *(sources[part] / "model.safetensors" for part in PARTS),
+               *(sources[part] / "config.json" for part in PARTS)) if not p.is_file()]
     if missing:
         raise UserError(f"pack: {run} lacks {', '.join(missing)}; train those stages first (python -m train all)")
     if out.resolve() == run.resolve():
@@ -88,14 +89,17 @@ def main(args: argparse.Namespace) -> None:
         total = 0
         for part in PARTS:
             (out / part).mkdir(parents=True, exist_ok=True)
-            total += pack_weights(run / part / "model.safetensors", out / part / "model.safetensors", DTYPES[args.dtype])
-            atomic_write(out / part / "config.json", lambda tmp, part=part: shutil.copyfile(run / part / "config.json", tmp))
+            total += pack_weights(sources[part] / "model.safetensors", out / part / "model.safetensors",
+                                  DTYPES[args.dtype])
+            atomic_write(out / part / "config.json",
+                         lambda tmp, part=part: shutil.copyfile(sources[part] / "config.json", tmp))
         atomic_write(out / "tokenizer.model", lambda tmp: shutil.copyfile(run / "tokenizer.model", tmp))
         write_json(out / "all.json", _record(run))
         total += sum((out / name).stat().st_size for name in ("tokenizer.model", "all.json"))
         for name in RECORDS:  # what sampling's out-of-domain warnings read, where the run wrote it
-            if (run / name).is_file():
-                atomic_write(out / name, lambda tmp, name=name: shutil.copyfile(run / name, tmp))
+            source = part_dir(run, Path(name).parent.name) / Path(name).name if "/" in name else run / name
+            if source.is_file():
+                atomic_write(out / name, lambda tmp, source=source: shutil.copyfile(source, tmp))
                 total += (out / name).stat().st_size
     except OSError as e:
         raise UserError(f"pack: cannot write {out}: {e.strerror}; pass a writable --out") from None

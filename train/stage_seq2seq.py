@@ -118,7 +118,6 @@ class Seq2SeqTrainer:
     """The stage's state and its explicit loop: batch, step, log, evaluate, sample, checkpoint."""
 
     def __init__(self, options: Seq2SeqOptions):
-
         if not 0 <= options.caption_dropout < 1:
             raise UserError(f"--caption-dropout must be in [0, 1), got {options.caption_dropout}")
         if not 0 <= options.ema < 1:
@@ -384,7 +383,6 @@ class Seq2SeqTrainer:
         self.run.log(self.step, **figures, **({"kept": True} if self.options.keep == "best" and improved else {}))
 
     def fit(self) -> dict:
-
         o = self.options
         tokens_per_step = o.batch_size * self.config.grid_size**2
         resumed_at_end = self.step >= o.steps

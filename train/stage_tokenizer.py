@@ -11,12 +11,7 @@ from pathlib import Path
 
 from checkpoint import remove_temporaries, write_json
 from cli import UserError
-from data.sources import (
-    DEFAULT_HELDOUT_FRACTION,
-    DEFAULT_MAX_PIXELS,
-    caption_texts,
-    open_dataset,
-)
+from data.sources import DEFAULT_HELDOUT_FRACTION, DEFAULT_MAX_PIXELS, caption_texts, open_dataset
 from tokenizer import TextTokenizer, words
 from train.loop import SEED_HELP, add_data_arguments, seed_number
 

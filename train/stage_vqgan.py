@@ -99,7 +99,6 @@ class VQGANTrainer:
     """The stage's state and its explicit loop: batch, step, log, evaluate, sample, checkpoint."""
 
     def __init__(self, options: VQGANOptions):
-
         self.options = o = options
         _check(o)
         try:

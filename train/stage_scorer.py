@@ -1,4 +1,4 @@
-"""``python -m train clip``: the CLIP-style scorer that sampling reranks candidates with, saved as RUN/clip/.
+"""``python -m train scorer``: the CLIP-style scorer that sampling reranks candidates with, saved as RUN/scorer/.
 
 Symmetric InfoNCE over the image-text pairs of each global batch with a learned temperature (CLIP,
 Radford et al., 2021); AdamW, linear warmup then cosine, gradient clipping, bf16 autocast where the
@@ -15,9 +15,9 @@ that is false for it (data/negatives.py): on `shapes`, made from the scene (rela
 swapped between the two objects, count changed by one, another cell, another colour or shape); on any
 other data, from word swaps in the caption (an opposite, a number changed by one, two words exchanged).
 The negatives join each image's softmax over texts (NegCLIP, Yuksekgonul et al., 2023); they cost a text
-encoder pass each. The mode is recorded in RUN/clip/config.json (``hard_negatives``).
+encoder pass each. The mode is recorded in RUN/scorer/config.json (``hard_negatives``).
 
-Logged to RUN/metrics/clip.jsonl: loss, accuracy (image-to-text top-1 within the batch), images_per_s,
+Logged to RUN/metrics/scorer.jsonl: loss, accuracy (image-to-text top-1 within the batch), images_per_s,
 and every --eval-every steps the loss and accuracy of retrieval within a fixed batch of
 --heldout-examples pictures from the held-out split (for `shapes`: colour-shape pairs and relations never
 seen in training), and ``heldout_pairwise``: how often a held-out picture scores its own caption above a
@@ -62,7 +62,7 @@ from train.loop import (
 
 
 @dataclass
-class ClipOptions(StageOptions):
+class ScorerOptions(StageOptions):
     """The stage's options, one per command-line flag (``add_arguments``)."""
 
     steps: int = 1500
@@ -80,23 +80,23 @@ class ClipOptions(StageOptions):
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_common_arguments(parser, steps=ClipOptions.steps, batch_size=ClipOptions.batch_size, lr=ClipOptions.lr)
-    add_model_size_argument(parser, ClipOptions.preset, "tiny (a smoke test) | small | base (scorer/model.py PRESETS)")
-    parser.add_argument("--heldout-examples", type=int, default=ClipOptions.heldout_examples,
+    add_common_arguments(parser, steps=ScorerOptions.steps, batch_size=ScorerOptions.batch_size, lr=ScorerOptions.lr)
+    add_model_size_argument(parser, ScorerOptions.preset, "tiny (a smoke test) | small | base (scorer/model.py PRESETS)")
+    parser.add_argument("--heldout-examples", type=int, default=ScorerOptions.heldout_examples,
                         help="pictures in the fixed held-out retrieval batch")
-    parser.add_argument("--heldout-split", default=ClipOptions.heldout_split,
+    parser.add_argument("--heldout-split", default=ScorerOptions.heldout_split,
                         help="split the held-out batch comes from (default heldout)")
-    parser.add_argument("--warmup", type=int, default=ClipOptions.warmup, help="linear warmup steps")
-    parser.add_argument("--weight-decay", type=float, default=ClipOptions.weight_decay)
-    parser.add_argument("--grad-clip", type=float, default=ClipOptions.grad_clip)
-    parser.add_argument("--eval-every", type=int, default=ClipOptions.eval_every,
+    parser.add_argument("--warmup", type=int, default=ScorerOptions.warmup, help="linear warmup steps")
+    parser.add_argument("--weight-decay", type=float, default=ScorerOptions.weight_decay)
+    parser.add_argument("--grad-clip", type=float, default=ScorerOptions.grad_clip)
+    parser.add_argument("--eval-every", type=int, default=ScorerOptions.eval_every,
                         help="steps between held-out retrieval evaluations")
-    parser.add_argument("--hard-negatives", default=ClipOptions.hard_negatives, choices=MODES,
+    parser.add_argument("--hard-negatives", default=ScorerOptions.hard_negatives, choices=MODES,
                         help="a false caption a word or two from the true one beside each picture (data/negatives.py): "
                              "scene (shapes: from the scene), words (any captions: word swaps), auto (scene on "
                              "shapes, words elsewhere), none (default: in 600 steps on shapes they helped relations "
                              "and hurt counts)")
-    parser.add_argument("--negatives-per-image", type=int, default=ClipOptions.negatives_per_image,
+    parser.add_argument("--negatives-per-image", type=int, default=ScorerOptions.negatives_per_image,
                         help="hard negatives drawn per picture (default 1); repeats of one are dropped")
 
 
@@ -142,7 +142,8 @@ def _gather_rows(x: torch.Tensor, ctx: dist.Context) -> torch.Tensor:
     return torch.cat([part[:n] for part, n in zip(parts, sizes)])
 
 
-SCORE_RANGE = "score_range.json"  # in RUN/clip/: what sampling compares its best pictures' scores with
+SCORER = "scorer"  # the stage, its run folder RUN/scorer/, its metrics and state
+SCORE_RANGE = "score_range.json"  # in RUN/scorer/: what sampling compares its best pictures' scores with
 
 
 @torch.no_grad()
@@ -177,11 +178,10 @@ class _Embed(nn.Module):
         return self.scorer.encode_image(images), self.scorer.encode_text(text_ids, text_mask), self.scorer.scale
 
 
-class ClipTrainer:
+class ScorerTrainer:
     """The stage's state and its explicit loop: batch, step, log, evaluate, checkpoint."""
 
-    def __init__(self, options: ClipOptions):
-
+    def __init__(self, options: ScorerOptions):
         self.options = o = options
         for name in ("heldout_examples", "warmup", "eval_every", "negatives_per_image"):
             if getattr(o, name) < 1:
@@ -194,14 +194,16 @@ class ClipTrainer:
             raise UserError(f"{out / 'tokenizer.model'} is missing; run `python -m train tokenizer --out {out}` first")
         self.ctx = dist.setup(o.device)
         self.device = self.ctx.device
-        self.run = Run(out, "clip")
+        if o.resume:
+            _rename_older_state(out)
+        self.run = Run(out, SCORER)
         self.tokenizer = TextTokenizer.load(out / "tokenizer.model")
         self.negatives = resolve_mode(o.hard_negatives, o.data)
         try:
             self.config = ScorerConfig.from_preset(o.preset, text_vocab_size=self.tokenizer.vocab_size, image_size=o.size,
                                                    hard_negatives=self.negatives)
         except ValueError as e:
-            raise UserError(f"clip: {e}") from None
+            raise UserError(f"scorer: {e}") from None
         if o.batch_size % self.ctx.world_size:
             raise UserError(f"--batch-size {o.batch_size} must be divisible by the {self.ctx.world_size} processes")
 
@@ -217,7 +219,7 @@ class ClipTrainer:
             self.optimizer, lambda s: cosine_schedule(s, warmup=o.warmup, total=o.steps))
         self.train_model = dist.wrap(_Embed(self.model), self.ctx)
         self.step, self.skipped = 0, 0
-        self.captions = CaptionTokens("clip", self.tokenizer, self.config.max_text_len, self.device)
+        self.captions = CaptionTokens("scorer", self.tokenizer, self.config.max_text_len, self.device)
         self.modules = {"model": self.model}
         self.optimizers = {"optimizer": self.optimizer, "schedule": self.schedule}
         if o.resume:
@@ -337,24 +339,24 @@ class ClipTrainer:
         self.export()
 
     def export(self) -> None:
-        """Write the scorer to RUN/clip/, the weights sampling reranks with, and beside them the range of its
+        """Write the scorer to RUN/scorer/, the weights sampling reranks with, and beside them the range of its
         scores on held-out pictures (:func:`score_range`), which sampling compares its best pictures with."""
         if self.run.is_main:
-            self.model.save_pretrained(Path(self.options.out) / "clip")
+            self.model.save_pretrained(Path(self.options.out) / SCORER)
             texts = self.heldout_texts
             wrong = derangement(texts)
             ids, mask = self.captions(texts, count=False)
             wrong_ids, wrong_mask = self.captions([wrong[t] for t in texts], count=False)
-            write_json(Path(self.options.out) / "clip" / SCORE_RANGE,
+            write_json(Path(self.options.out) / SCORER / SCORE_RANGE,
                        score_range(self.model, self.heldout_images.to(self.device), ids, mask, wrong_ids, wrong_mask))
 
     def fit(self) -> dict:
         o = self.options
         # Resumed with nothing left to train: a kill between the last checkpoint and its export can have left
-        # RUN/clip/ older than the checkpoint, so export the restored weights again.
+        # RUN/scorer/ older than the checkpoint, so export the restored weights again.
         if self.step >= o.steps:
             self.export()
-        bar = progress(o.steps, self.step, "clip")
+        bar = progress(o.steps, self.step, "scorer")
         timed, timed_images, last = 0.0, 0, {}
         while self.step < o.steps:
             start = time.perf_counter()
@@ -389,10 +391,19 @@ class ClipTrainer:
         return {"steps": self.step, **last, **({"captions_cut": self.captions.cut} if self.captions.cut else {})}
 
 
+def _rename_older_state(out: Path) -> None:
+    """A run made when this stage was called ``clip`` keeps its checkpoints in state/clip/ and its log in
+    metrics/clip.jsonl: renamed once, so that --resume continues it under today's names."""
+    for old, new in ((out / "state" / "clip", out / "state" / SCORER),
+                     (out / "metrics" / "clip.jsonl", out / "metrics" / f"{SCORER}.jsonl")):
+        if old.exists() and not new.exists():
+            old.rename(new)
+
+
 def main(args: argparse.Namespace) -> None:
-    trainer = ClipTrainer(ClipOptions.from_args(args))
+    trainer = ScorerTrainer(ScorerOptions.from_args(args))
     summary = trainer.fit()
     if trainer.run.is_main:
-        print("clip: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items())
-              + f" -> {Path(trainer.options.out) / 'clip'}")
+        print("scorer: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items())
+              + f" -> {Path(trainer.options.out) / SCORER}")
     dist.teardown(trainer.ctx)
