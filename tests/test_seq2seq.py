@@ -372,7 +372,7 @@ def test_the_weight_average_warms_up_from_the_first_step(tiny_run, tmp_path):
         batch_size=8, cache_examples=16, heldout_examples=8, ema=0.999))
     for step in range(2):
         before = [e.clone() for e in trainer.ema.parameters()]
-        trainer.train_step(step)
+        trainer.train_step(trainer.batch_at(step))
         decay = (1 + step) / (10 + step)  # not 0.999 yet: the random start fades within the first steps
         assert ema_decay(0.999, step) == decay
         for average, old, weight in zip(trainer.ema.parameters(), before, trainer.model.parameters()):
@@ -400,7 +400,7 @@ def test_keep_best_exports_the_weights_of_the_lowest_heldout_loss(tiny_run, tmp_
     trainer.record_evaluation({"heldout_bits_per_token": 5.0})
     best = load_file(str(exported))
     for step in range(2):  # the weights move; a worse evaluation leaves the best export alone
-        trainer.train_step(step)
+        trainer.train_step(trainer.batch_at(step))
     trainer.record_evaluation({"heldout_bits_per_token": 6.0})
     assert all(torch.equal(best[k], v) for k, v in load_file(str(exported)).items())
     trainer.record_evaluation({"heldout_bits_per_token": 4.0})

@@ -1,5 +1,6 @@
-"""What every training stage shares: common options, the device, the run directory's metrics log,
-sample grids, and checkpoints that resume exactly (weights, optimizer, schedule, RNG, data position).
+"""What every training stage shares: the training loop (:func:`fit` over a :class:`Stage`), common options,
+the precision probe, the run directory's metrics log, sample grids, and checkpoints that resume exactly
+(weights, optimizer, schedule, RNG, data position).
 
 A checkpoint is a directory ``RUN/state/<stage>/step-N/`` holding ``modules.safetensors`` (every trained
 module, keys prefixed by its name) and ``state.pt`` (optimizer and schedule state, RNG states, data
@@ -44,8 +45,12 @@ from data.images import image_grid
 from data.sources import DEFAULT_HELDOUT_FRACTION, DEFAULT_MAX_PIXELS, open_dataset
 from devices import autocast_dtype, native_bf16
 from tokenizer import TextTokenizer, TruncationWarning
+from train import dist
 
 __all__ = [
+    "Stage",
+    "fit",
+    "optimizer_groups",
     "add_common_arguments",
     "choose_precision",
     "cosine_schedule",
@@ -90,12 +95,29 @@ class StageOptions:
     augment: str = "crop"
     max_pixels: int = DEFAULT_MAX_PIXELS
     follow_symlinks: bool = False
+    preset: str = "small"  # the model's size (--model-size)
+    sample_every: int = 500
+    warmup: int = 100
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    eval_every: int = 250
+    heldout_examples: int = 64
 
     @classmethod
     def from_args(cls, args: argparse.Namespace):
         """The options from a parsed command line; flags the stage does not use are left out."""
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in vars(args).items() if k in names})
+
+    def __post_init__(self) -> None:
+        """The shared options' values the parser cannot judge alone (tests and scripts build options directly)."""
+        for name in ("warmup", "weight_decay", "grad_clip"):
+            value = getattr(self, name)
+            if not (value >= 0 and math.isfinite(value)):
+                raise UserError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
+        for name in ("eval_every", "heldout_examples"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
 
     def data_options(self) -> dict[str, Any]:
         """The keyword arguments of :func:`data.sources.open_dataset` these options give (split and size apart)."""
@@ -135,6 +157,12 @@ def add_common_arguments(
     log_every: int = 50,
     save_every: int = 500,
     sample_every: int = 500,
+    warmup: int = 100,
+    weight_decay: float = 0.0,
+    grad_clip: float = 1.0,
+    eval_every: int = 250,
+    heldout_examples: int = 64,
+    heldout_help: str = "held-out examples evaluated at every --eval-every",
 ) -> None:
     """Add the options every stage takes (DESIGN.md command lines) with the stage's own defaults."""
     parser.add_argument("--data", default="shapes",
@@ -164,6 +192,16 @@ def add_common_arguments(
                         help=f"steps between checkpoints that --resume continues from (default {save_every})")
     parser.add_argument("--sample-every", type=_positive_int, default=sample_every,
                         help=f"steps between sample grids in RUN/samples/ (default {sample_every})")
+    parser.add_argument("--eval-every", type=int, default=eval_every,
+                        help=f"steps between held-out evaluations (default {eval_every})")
+    parser.add_argument("--heldout-examples", type=int, default=heldout_examples,
+                        help=f"{heldout_help} (default {heldout_examples})")
+    parser.add_argument("--warmup", type=int, default=warmup,
+                        help=f"linear learning-rate warmup steps (default {warmup})")
+    parser.add_argument("--weight-decay", type=float, default=weight_decay,
+                        help=f"AdamW weight decay of matrices (default {weight_decay})")
+    parser.add_argument("--grad-clip", type=float, default=grad_clip,
+                        help=f"max gradient norm (default {grad_clip}; 0 = off)")
 
 
 def add_data_arguments(parser: argparse.ArgumentParser) -> None:
@@ -289,6 +327,133 @@ def choose_precision(run: "Run", device: torch.device, precision: str,
         print(f"{run.stage}: --precision auto: {run.precision} (a training pass measured {seconds[None] * 1e3:.0f} ms "
               f"in fp32, {seconds[torch.bfloat16] * 1e3:.0f} ms in bf16 here; --precision fp32|bf16 fixes it)")
     return torch.bfloat16 if faster else None
+
+
+def optimizer_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW parameter groups: weight decay on matrices and embeddings, none on norms, biases and scalars
+    (nanoGPT's rule); each group in the model's parameter order."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+class Stage:
+    """What :func:`fit` drives: one training stage's state and the few things only the stage knows.
+
+    A stage sets ``name``, ``options`` (a :class:`StageOptions`), ``run``, ``ctx`` and ``step`` and implements
+    :meth:`next_batch`, :meth:`train_step`, :meth:`evaluate` and :meth:`checkpoint`; the other methods have
+    defaults. Everything else (timing, averaging, logging, the evaluation, sample and checkpoint rhythm,
+    skipped non-finite steps, the progress bar) is :func:`fit`'s, the same for every stage.
+    """
+
+    name: str
+    options: StageOptions
+    run: Run
+    ctx: dist.Context
+    step: int = 0
+    skipped: int = 0  # pictures of this process that could not be read, so far
+    unit: str = "images"  # what a batch's size counts, for the throughput figure ``<unit>_per_s``
+
+    def next_batch(self) -> Any:
+        """This process's share of the batch for ``self.step`` (the same again after a skipped step where the
+        stage draws batches by step)."""
+        raise NotImplementedError
+
+    def batch_units(self, batch: Any) -> int:
+        """How many ``unit``s the global batch holds (pictures by default)."""
+        return self.options.batch_size
+
+    def train_step(self, batch: Any) -> dict[str, torch.Tensor | float]:
+        """One optimizer step; its metrics, ``loss`` among them, averaged over the processes by :func:`fit`
+        only at log time. A non-finite loss must leave the weights untouched (the step is skipped)."""
+        raise NotImplementedError
+
+    def figures(self) -> dict[str, float]:
+        """Values read when a metrics line is written rather than averaged over its steps (the learning rate)."""
+        return {}
+
+    def evaluate(self) -> dict[str, float]:
+        raise NotImplementedError
+
+    def record_evaluation(self, figures: dict[str, float]) -> None:
+        """What an evaluation leads to besides its log line (a stage that keeps its best weights exports them)."""
+        self.run.log(self.step, **figures)
+
+    def save_samples(self, step: int) -> None:
+        """A grid of what the model makes now, in RUN/samples/<stage>/ (none by default)."""
+
+    def checkpoint(self, step: int) -> None:
+        raise NotImplementedError
+
+    def start(self) -> None:
+        """Before the first step (also when a resumed run has nothing left to train)."""
+
+    def finish(self, summary: dict[str, Any]) -> dict[str, Any]:
+        """The stage's summary after the last step: ``summary`` as :func:`fit` made it, with the stage's own."""
+        return summary
+
+    def fit(self) -> dict[str, Any]:
+        return fit(self)
+
+
+WARMUP_STEPS = 2  # the first steps carry allocation and warm-up cost: left out of the throughput figure
+
+
+def fit(stage: Stage) -> dict[str, Any]:
+    """Train ``stage`` from ``stage.step`` to ``--steps``: each step a batch and an optimizer step, timed
+    together; every ``--log-every`` steps one metrics line with the metrics averaged over the steps since the
+    last line and across processes, the throughput and the unreadable pictures so far; every ``--eval-every``
+    an evaluation, every ``--sample-every`` a sample grid, every ``--save-every`` a checkpoint, and all three
+    at the last step. A non-finite loss skips its step (:meth:`Run.non_finite`). Returns the summary: steps,
+    the last line's figures, the last evaluation's, and what :meth:`Stage.finish` adds."""
+    o, run = stage.options, stage.run
+    stage.start()
+    bar = progress(o.steps, stage.step, stage.name)
+    sums: dict[str, torch.Tensor] = {}
+    summed, timed, timed_units, data_time = 0, 0.0, 0, 0.0
+    last: dict[str, Any] = {}
+    while stage.step < o.steps:
+        start = time.perf_counter()
+        batch = stage.next_batch()
+        loaded = time.perf_counter()
+        metrics = stage.train_step(batch)
+        elapsed = time.perf_counter() - start
+        loss = float(metrics["loss"])
+        if run.non_finite(stage.step, loss):
+            continue
+        stage.step += 1
+        if stage.step > WARMUP_STEPS:
+            timed += elapsed
+            data_time += loaded - start
+            timed_units += stage.batch_units(batch)
+        for key, value in metrics.items():
+            value = value.detach().float() if isinstance(value, torch.Tensor) else torch.tensor(float(value))
+            sums[key] = sums.get(key, 0.0) + value
+        summed += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.3f}")
+        at_end = stage.step == o.steps
+        if stage.step % o.log_every == 0 or at_end:
+            last = {key: dist.mean_across_ranks((value / summed).item(), stage.ctx) for key, value in sums.items()}
+            last.update(stage.figures())
+            if timed:
+                last[f"{stage.unit}_per_s"] = timed_units / timed
+                last["data_share"] = data_time / timed
+            skipped = round(dist.mean_across_ranks(float(stage.skipped), stage.ctx) * stage.ctx.world_size)
+            if skipped:  # unreadable pictures so far, all processes together
+                last["skipped_images"] = skipped
+            sums, summed = {}, 0
+            run.log(stage.step, **last)
+        if stage.step % o.eval_every == 0 or at_end:
+            figures = stage.evaluate()
+            last.update(figures)
+            stage.record_evaluation(figures)
+        if stage.step % o.sample_every == 0 or at_end:
+            stage.save_samples(stage.step)
+        if stage.step % o.save_every == 0 or at_end:
+            stage.checkpoint(stage.step)
+    bar.close()
+    return stage.finish({"steps": stage.step, **last})
 
 
 class CaptionTokens:

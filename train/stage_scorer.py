@@ -30,7 +30,6 @@ import argparse
 import hashlib
 import math
 import random
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,13 +50,14 @@ from train import dist
 from train.loop import (
     CaptionTokens,
     Run,
+    Stage,
     StageOptions,
     add_common_arguments,
     add_model_size_argument,
     check_pictures_held,
     choose_precision,
     cosine_schedule,
-    progress,
+    optimizer_groups,
 )
 
 
@@ -68,29 +68,22 @@ class ScorerOptions(StageOptions):
     steps: int = 1500
     batch_size: int = 128
     lr: float = 5e-4
-    preset: str = "small"
     heldout_examples: int = 256
     heldout_split: str = "heldout"
-    warmup: int = 100
     weight_decay: float = 0.1
-    grad_clip: float = 1.0
-    eval_every: int = 250
     hard_negatives: str = "none"  # measured mixed on shapes (BENCHMARKS.md): opt in
     negatives_per_image: int = 1
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_common_arguments(parser, steps=ScorerOptions.steps, batch_size=ScorerOptions.batch_size, lr=ScorerOptions.lr)
+    o = ScorerOptions
+    add_common_arguments(parser, steps=o.steps, batch_size=o.batch_size, lr=o.lr, warmup=o.warmup,
+                         weight_decay=o.weight_decay, grad_clip=o.grad_clip, eval_every=o.eval_every,
+                         heldout_examples=o.heldout_examples,
+                         heldout_help="pictures in the fixed held-out retrieval batch")
     add_model_size_argument(parser, ScorerOptions.preset, "tiny (a smoke test) | small | base (scorer/model.py PRESETS)")
-    parser.add_argument("--heldout-examples", type=int, default=ScorerOptions.heldout_examples,
-                        help="pictures in the fixed held-out retrieval batch")
     parser.add_argument("--heldout-split", default=ScorerOptions.heldout_split,
                         help="split the held-out batch comes from (default heldout)")
-    parser.add_argument("--warmup", type=int, default=ScorerOptions.warmup, help="linear warmup steps")
-    parser.add_argument("--weight-decay", type=float, default=ScorerOptions.weight_decay)
-    parser.add_argument("--grad-clip", type=float, default=ScorerOptions.grad_clip)
-    parser.add_argument("--eval-every", type=int, default=ScorerOptions.eval_every,
-                        help="steps between held-out retrieval evaluations")
     parser.add_argument("--hard-negatives", default=ScorerOptions.hard_negatives, choices=MODES,
                         help="a false caption a word or two from the true one beside each picture (data/negatives.py): "
                              "scene (shapes: from the scene), words (any captions: word swaps), auto (scene on "
@@ -178,16 +171,15 @@ class _Embed(nn.Module):
         return self.scorer.encode_image(images), self.scorer.encode_text(text_ids, text_mask), self.scorer.scale
 
 
-class ScorerTrainer:
-    """The stage's state and its explicit loop: batch, step, log, evaluate, checkpoint."""
+class ScorerTrainer(Stage):
+    """The stage's state and its steps; :func:`train.loop.fit` runs them."""
+
+    name = SCORER
 
     def __init__(self, options: ScorerOptions):
         self.options = o = options
-        for name in ("heldout_examples", "warmup", "eval_every", "negatives_per_image"):
-            if getattr(o, name) < 1:
-                raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(o, name)}")
-        if o.weight_decay < 0 or o.grad_clip <= 0:
-            raise UserError("--weight-decay must be >= 0 and --grad-clip > 0")
+        if o.negatives_per_image < 1:
+            raise UserError(f"--negatives-per-image must be >= 1, got {o.negatives_per_image}")
         check_pictures_held(o, o.heldout_examples)
         out = Path(o.out)
         if not (out / "tokenizer.model").is_file():
@@ -209,12 +201,8 @@ class ScorerTrainer:
 
         torch.manual_seed(o.seed)
         self.model = Scorer(self.config).to(self.device)
-        decay = [p for p in self.model.parameters() if p.dim() >= 2]
-        no_decay = [p for p in self.model.parameters() if p.dim() < 2]  # norms, biases, temperature
-        self.optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=o.lr, betas=(0.9, 0.98), eps=1e-6, fused=self.device.type == "cuda",
-        )
+        self.optimizer = torch.optim.AdamW(optimizer_groups(self.model, o.weight_decay), lr=o.lr, betas=(0.9, 0.98),
+                                           eps=1e-6, fused=self.device.type == "cuda")
         self.schedule = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: cosine_schedule(s, warmup=o.warmup, total=o.steps))
         self.train_model = dist.wrap(_Embed(self.model), self.ctx)
@@ -278,8 +266,13 @@ class ScorerTrainer:
             negatives += dict.fromkeys(negative for negative in made if negative is not None)
         return negatives
 
-    def train_step(self, batch: dict) -> tuple[float, float]:
-        """One optimizer step on this process's slice of a global batch: (loss, in-batch accuracy)."""
+    def next_batch(self) -> dict:
+        batch = next(self.batches)
+        self.skipped += batch["skipped"]
+        return batch
+
+    def train_step(self, batch: dict) -> dict[str, float]:
+        """One optimizer step on this process's slice of a global batch: its loss and in-batch accuracy."""
         o = self.options
         images = batch["image"].to(self.device)
         negatives = self._negatives(batch)
@@ -302,12 +295,16 @@ class ScorerTrainer:
         loss_value, accuracy = loss.item(), retrieval_accuracy(logits[:, :b], positives[:, :b])
         if not math.isfinite(loss_value):
             self.optimizer.zero_grad(set_to_none=True)
-            return loss_value, accuracy
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), o.grad_clip)
+            return {"loss": loss_value, "accuracy": accuracy}
+        if o.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), o.grad_clip)
         self.optimizer.step()
         self.schedule.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return loss_value, accuracy
+        return {"loss": loss_value, "accuracy": accuracy}
+
+    def figures(self) -> dict[str, float]:
+        return {"lr": self.schedule.get_last_lr()[0], "scale": self.model.scale.item()}
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -350,45 +347,14 @@ class ScorerTrainer:
             write_json(Path(self.options.out) / SCORER / SCORE_RANGE,
                        score_range(self.model, self.heldout_images.to(self.device), ids, mask, wrong_ids, wrong_mask))
 
-    def fit(self) -> dict:
-        o = self.options
+    def start(self) -> None:
         # Resumed with nothing left to train: a kill between the last checkpoint and its export can have left
         # RUN/scorer/ older than the checkpoint, so export the restored weights again.
-        if self.step >= o.steps:
+        if self.step >= self.options.steps:
             self.export()
-        bar = progress(o.steps, self.step, "scorer")
-        timed, timed_images, last = 0.0, 0, {}
-        while self.step < o.steps:
-            start = time.perf_counter()
-            batch = next(self.batches)
-            self.skipped += batch["skipped"]
-            loss, accuracy = self.train_step(batch)
-            elapsed = time.perf_counter() - start
-            if self.run.non_finite(self.step, loss):
-                continue
-            self.step += 1
-            if self.step > 2:  # the first steps carry allocation and warm-up cost
-                timed += elapsed
-                timed_images += o.batch_size
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.3f}", acc=f"{accuracy:.2f}")
-            if self.step % o.log_every == 0 or self.step == o.steps:
-                last = {"loss": loss, "accuracy": accuracy, "lr": self.schedule.get_last_lr()[0],
-                        "scale": self.model.scale.item()}
-                if timed_images:
-                    last["images_per_s"] = timed_images / timed
-                skipped = round(dist.mean_across_ranks(float(self.skipped), self.ctx) * self.ctx.world_size)
-                if skipped:  # unreadable images so far, all processes together
-                    last["skipped_images"] = skipped
-                self.run.log(self.step, **last)
-            if self.step % o.eval_every == 0 or self.step == o.steps:
-                heldout = self.evaluate()
-                last.update(heldout)
-                self.run.log(self.step, **heldout)
-            if self.step % o.save_every == 0 or self.step == o.steps:
-                self.checkpoint(self.step)
-        bar.close()
-        return {"steps": self.step, **last, **({"captions_cut": self.captions.cut} if self.captions.cut else {})}
+
+    def finish(self, summary: dict) -> dict:
+        return {**summary, **({"captions_cut": self.captions.cut} if self.captions.cut else {})}
 
 
 def _rename_older_state(out: Path) -> None:

@@ -13,7 +13,6 @@ import argparse
 import copy
 import math
 import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,13 +33,14 @@ from train.codes import epoch_batch_indices
 from train.loop import (
     CaptionTokens,
     Run,
+    Stage,
     StageOptions,
     add_common_arguments,
     add_model_size_argument,
     check_held_in_memory,
     choose_precision,
     cosine_schedule,
-    progress,
+    optimizer_groups,
     warn_if_not_below_steps,
 )
 from vqgan import VQGAN
@@ -51,17 +51,13 @@ class Seq2SeqOptions(StageOptions):
     steps: int = 3000
     batch_size: int = 64
     lr: float = 1e-3
-    sample_every: int = 500
-    preset: str = "small"
     micro_batch_size: int | None = None
     cache_examples: int = 30_000
     heldout_examples: int = 512
     caption_dropout: float = 0.1
     warmup: int = 200
     weight_decay: float = 0.05
-    grad_clip: float = 1.0
     ema: float = 0.0
-    eval_every: int = 250
     sample_cfg: float = 1.5  # python -m sample's default
     compile: bool = False
     fsdp: bool = False
@@ -70,20 +66,20 @@ class Seq2SeqOptions(StageOptions):
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_common_arguments(parser, steps=Seq2SeqOptions.steps, batch_size=Seq2SeqOptions.batch_size, lr=Seq2SeqOptions.lr)
+    o = Seq2SeqOptions
+    add_common_arguments(parser, steps=o.steps, batch_size=o.batch_size, lr=o.lr, warmup=o.warmup,
+                         weight_decay=o.weight_decay, grad_clip=o.grad_clip, eval_every=o.eval_every,
+                         heldout_examples=o.heldout_examples,
+                         heldout_help="held-out pictures whose bits per image token and caption gap every evaluation "
+                                      "measures")
     add_model_size_argument(parser, Seq2SeqOptions.preset, "tiny (a smoke test) | small | base | large")
     parser.add_argument("--micro-batch-size", type=int, default=None,
                         help="examples per process per forward; the global batch is reached by accumulation")
     parser.add_argument("--cache-examples", type=int, default=Seq2SeqOptions.cache_examples,
                         help="training examples encoded into the code cache")
-    parser.add_argument("--heldout-examples", type=int, default=Seq2SeqOptions.heldout_examples)
     parser.add_argument("--caption-dropout", type=float, default=Seq2SeqOptions.caption_dropout)
-    parser.add_argument("--warmup", type=int, default=Seq2SeqOptions.warmup)
-    parser.add_argument("--weight-decay", type=float, default=Seq2SeqOptions.weight_decay)
-    parser.add_argument("--grad-clip", type=float, default=Seq2SeqOptions.grad_clip)
     parser.add_argument("--ema", type=float, default=Seq2SeqOptions.ema,
                         help="EMA decay of the weights (0 = off), warmed up over the first steps")
-    parser.add_argument("--eval-every", type=int, default=Seq2SeqOptions.eval_every)
     parser.add_argument("--sample-cfg", type=float, default=Seq2SeqOptions.sample_cfg)
     parser.add_argument("--dropout", type=float, default=None,
                         help="dropout in every block (default: the preset's, 0 for tiny and small, 0.1 above)")
@@ -114,8 +110,11 @@ def ema_decay(decay: float, step: int) -> float:
     return min(decay, (1 + step) / (10 + step))
 
 
-class Seq2SeqTrainer:
-    """The stage's state and its explicit loop: batch, step, log, evaluate, sample, checkpoint."""
+class Seq2SeqTrainer(Stage):
+    """The stage's state and its steps; :func:`train.loop.fit` runs them."""
+
+    name = "seq2seq"
+    unit = "tokens"
 
     def __init__(self, options: Seq2SeqOptions):
         if not 0 <= options.caption_dropout < 1:
@@ -128,7 +127,7 @@ class Seq2SeqTrainer:
         self.options = o = options
         self.ctx = dist.setup(o.device, fsdp=o.fsdp)
         self.device = self.ctx.device
-        self.run = Run(o.out, "seq2seq")
+        self.run = Run(o.out, self.name)
         out = Path(o.out)
         if not (out / "tokenizer.model").is_file():
             raise UserError(f"{out / 'tokenizer.model'} is missing; run `python -m train tokenizer --out {out}` first")
@@ -161,13 +160,8 @@ class Seq2SeqTrainer:
         self.ema = copy.deepcopy(self.model).requires_grad_(False) if o.ema else None
         # Wrapped before the optimizer is built: FSDP2 replaces the parameters with their shards.
         self.train_model = dist.wrap(self.model, self.ctx)
-        decay, no_decay = [], []
-        for p in self.model.parameters():
-            (decay if p.dim() >= 2 else no_decay).append(p)
-        self.optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=o.lr, betas=(0.9, 0.95), fused=self.device.type == "cuda",
-        )
+        self.optimizer = torch.optim.AdamW(optimizer_groups(self.model, o.weight_decay), lr=o.lr, betas=(0.9, 0.95),
+                                           fused=self.device.type == "cuda")
         self.schedule = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: cosine_schedule(s, warmup=o.warmup, total=o.steps))
         if o.compile and _can_compile(self.device):
@@ -227,12 +221,24 @@ class Seq2SeqTrainer:
         texts = [self.train_codes.texts[i] for i in indices.tolist()]
         return texts, self.train_codes.image_ids[indices]
 
-    def train_step(self, step: int) -> float:
+    def batch_at(self, step: int) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+        """This rank's captions, image ids and caption-dropout flags of the global batch for ``step``."""
         o = self.options
         texts, image_ids = self.global_batch(step)
         # Drawn for the whole global batch, then sliced like it: the same captions drop at any world size.
         dropout = torch.Generator().manual_seed(o.seed * 7919 + step)
         drop = (torch.rand(o.batch_size, generator=dropout) < o.caption_dropout)[self.ctx.rank::self.ctx.world_size]
+        return texts, image_ids, drop
+
+    def next_batch(self) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+        return self.batch_at(self.step)
+
+    def batch_units(self, batch) -> int:
+        return self.options.batch_size * self.config.grid_size**2
+
+    def train_step(self, batch: tuple[list[str], torch.Tensor, torch.Tensor]) -> dict[str, float]:
+        o = self.options
+        texts, image_ids, drop = batch
         text_ids, text_mask = self.text_batch(texts, drop)
         image_ids = image_ids.to(self.device)
         self.model.train()
@@ -249,17 +255,21 @@ class Seq2SeqTrainer:
         loss_value = dist.mean_across_ranks(total, self.ctx)
         if not math.isfinite(loss_value):
             self.optimizer.zero_grad(set_to_none=True)
-            return loss_value
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), o.grad_clip)
+            return {"loss": loss_value}
+        if o.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), o.grad_clip)
         self.optimizer.step()
         self.schedule.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.ema is not None:
-            decay = ema_decay(o.ema, step)
+            decay = ema_decay(o.ema, self.step)
             with torch.no_grad():
                 for e, p in zip(self.ema.parameters(), self.model.parameters()):
                     e.lerp_(p, 1 - decay)
-        return loss_value
+        return {"loss": loss_value}
+
+    def figures(self) -> dict[str, float]:
+        return {"lr": self.schedule.get_last_lr()[0]}
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -287,6 +297,8 @@ class Seq2SeqTrainer:
     @torch.no_grad()
     def save_samples(self, step: int) -> None:
         """Eight held-out pictures above what the model draws for their captions, each column captioned."""
+        if not (self.run.is_main or self.ctx.fsdp):  # under --fsdp every rank takes part in the gather
+            return
 
         model = self.whole_model()
         if model is None:
@@ -382,51 +394,29 @@ class Seq2SeqTrainer:
             self.export()
         self.run.log(self.step, **figures, **({"kept": True} if self.options.keep == "best" and improved else {}))
 
-    def fit(self) -> dict:
+    def start(self) -> None:
         o = self.options
-        tokens_per_step = o.batch_size * self.config.grid_size**2
-        resumed_at_end = self.step >= o.steps
-        bar = progress(o.steps, self.step, "seq2seq")
-        flops_per_step, timed, timed_steps, last = None, 0.0, 0, {}
-        if self.step < o.steps and o.compile and self.run.is_main:
-            tqdm.write("seq2seq: compiling the training step; the first step takes a minute or more (longer on a "
-                       "busy machine), then steps run faster")
-        while self.step < o.steps:
-            if flops_per_step is None:
-                flops_per_step = self.count_step_flops()
-            start = time.perf_counter()
-            loss = self.train_step(self.step)
-            elapsed = time.perf_counter() - start
-            if self.run.non_finite(self.step, loss):
-                continue
-            self.step += 1
-            if self.step > 2:  # the first steps carry allocation and warm-up cost
-                timed += elapsed
-                timed_steps += 1
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.3f}")
-            if self.step % o.log_every == 0 or self.step == o.steps:
-                last = {"loss": loss, "lr": self.schedule.get_last_lr()[0]}
-                if timed_steps:
-                    last["tokens_per_s"] = tokens_per_step * timed_steps / timed
-                self.run.log(self.step, **last)
-            if self.step % o.eval_every == 0 or self.step == o.steps:
-                figures = self.evaluate()
-                last.update(figures)
-                self.record_evaluation(figures)
-            if (self.run.is_main or self.ctx.fsdp) and (self.step % o.sample_every == 0 or self.step == o.steps):
-                self.save_samples(self.step)
-            if self.step % o.save_every == 0 or self.step == o.steps:
-                self.checkpoint(self.step)
-        bar.close()
-        if resumed_at_end or not (Path(o.out) / "seq2seq" / "model.safetensors").is_file():
+        self.resumed_at_end = self.step >= o.steps
+        self.flops_per_step = None
+        if self.step < o.steps:
+            self.flops_per_step = self.count_step_flops()
+            if o.compile and self.run.is_main:
+                tqdm.write("seq2seq: compiling the training step; the first step takes a minute or more (longer on "
+                           "a busy machine), then steps run faster")
+
+    def finish(self, summary: dict) -> dict:
+        o = self.options
+        if self.resumed_at_end or not (Path(o.out) / "seq2seq" / "model.safetensors").is_file():
             self.export_at_end()
-        summary = {"steps": self.step, **last, **({"best_heldout_bits_per_token": self.best} if o.keep == "best" else {})}
+        if o.keep == "best":
+            summary["best_heldout_bits_per_token"] = self.best
         if self.captions.cut:  # counted since this process started (a resumed run: since the resume)
             summary["captions_cut"] = self.captions.cut
-        if timed_steps:
+        rate = summary.get(f"{self.unit}_per_s")
+        if rate and self.flops_per_step:
+            tokens_per_step = o.batch_size * self.config.grid_size**2
             peak = matmul_peak_flops(self.device, self.amp_dtype or torch.float32)
-            achieved = flops_per_step * timed_steps / timed
+            achieved = self.flops_per_step * rate / tokens_per_step
             summary.update(achieved_flops=achieved, peak_flops=peak, share_of_peak=achieved / peak)
             self.run.log(self.step, **{k: summary[k] for k in ("achieved_flops", "peak_flops", "share_of_peak")})
         return summary

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,13 +30,13 @@ from devices import autocast
 from train import dist
 from train.loop import (
     Run,
+    Stage,
     StageOptions,
     add_common_arguments,
     add_model_size_argument,
     check_pictures_held,
     choose_precision,
     cosine_schedule,
-    progress,
     warn_if_not_below_steps,
 )
 from vqgan import VQGAN, VQGANConfig
@@ -54,8 +53,6 @@ class VQGANOptions(StageOptions):
     steps: int = 3500
     batch_size: int = 32
     lr: float = 1e-3
-    sample_every: int = 500
-    preset: str = "small"
     codebook_size: int | None = None  # None: the preset's
     downsample: int | None = None  # None: the preset's (8)
     ema: bool = False
@@ -63,16 +60,14 @@ class VQGANOptions(StageOptions):
     disc_weight: float = 0.1
     perceptual_weight: float = 0.1
     perceptual_weights: str | None = None
-    warmup: int = 100
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    eval_every: int = 250
-    heldout_examples: int = 64
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     o = VQGANOptions
-    add_common_arguments(parser, steps=o.steps, batch_size=o.batch_size, lr=o.lr)
+    add_common_arguments(parser, steps=o.steps, batch_size=o.batch_size, lr=o.lr, warmup=o.warmup,
+                         weight_decay=o.weight_decay, grad_clip=o.grad_clip, eval_every=o.eval_every,
+                         heldout_examples=o.heldout_examples,
+                         heldout_help="held-out pictures whose PSNR and codebook use every evaluation measures")
     add_model_size_argument(parser, o.preset, "tiny (a smoke test) | small (CPU) | medium (CPU, finer detail, 1.4x "
                                               "the time a step) | base (GPU)")
     parser.add_argument("--codebook-size", type=int, default=None, help="codes in the codebook (preset: 1024)")
@@ -87,16 +82,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--perceptual-weights", default=None, metavar="PATH",
                         help="VGG16 state dict (.safetensors or .pt) for the LPIPS-style perceptual loss; "
                              "without it the perceptual term is discriminator feature matching")
-    parser.add_argument("--warmup", type=int, default=o.warmup, help="linear learning-rate warmup steps")
-    parser.add_argument("--weight-decay", type=float, default=o.weight_decay)
-    parser.add_argument("--grad-clip", type=float, default=o.grad_clip, help="max gradient norm (0 = off)")
-    parser.add_argument("--eval-every", type=int, default=o.eval_every, help="held-out PSNR every N steps")
-    parser.add_argument("--heldout-examples", type=int, default=o.heldout_examples,
-                        help="size of the fixed held-out batch")
 
 
-class VQGANTrainer:
-    """The stage's state and its explicit loop: batch, step, log, evaluate, sample, checkpoint."""
+class VQGANTrainer(Stage):
+    """The stage's state and its steps; :func:`train.loop.fit` runs them."""
+
+    name = "vqgan"
 
     def __init__(self, options: VQGANOptions):
         self.options = o = options
@@ -109,7 +100,7 @@ class VQGANTrainer:
             raise UserError(f"vqgan: {e}") from None
         self.ctx = dist.setup(o.device)
         self.device = self.ctx.device
-        self.run = Run(o.out, "vqgan")
+        self.run = Run(o.out, self.name)
         torch.manual_seed(o.seed)
         self.model = VQGAN(self.config).to(self.device)
         self.model.grid_size(o.size)  # a --size the factor does not divide is a UserError here
@@ -196,9 +187,12 @@ class VQGANTrainer:
         if d is not None:
             _optimizer_step(d[0], self.discriminator, self.optimizers["discriminator"], o.grad_clip)
             metrics.update(d[1])
-        metrics.update(lr=torch.tensor(lr), loss=loss.detach(), perplexity=quantized.perplexity, codebook_usage=quantized.usage,
+        metrics.update(loss=loss.detach(), perplexity=quantized.perplexity, codebook_usage=quantized.usage,
                        restarted_codes=torch.tensor(float(quantized.restarted)))
         return metrics
+
+    def figures(self) -> dict[str, float]:
+        return {"lr": self.optimizers["generator"].param_groups[0]["lr"]}
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -220,6 +214,8 @@ class VQGANTrainer:
     @torch.no_grad()
     def save_samples(self, step: int) -> None:
         """Eight held-out originals above their reconstructions."""
+        if not self.run.is_main:
+            return
         self.model.eval()
         originals = self.heldout[:8]
         self.run.save_samples(step, torch.cat([originals, self.model.decode(self.model.encode(originals))]),
@@ -235,52 +231,16 @@ class VQGANTrainer:
         if self.run.is_main:
             self.model.save_pretrained(Path(self.options.out) / "vqgan")
 
-    def fit(self) -> dict[str, float]:
-        o = self.options
+    def start(self) -> None:
         # Resumed with nothing left to train: a kill between the last checkpoint and its export can have left
         # RUN/vqgan/ older than the checkpoint, so export the restored weights again (the same bytes if not).
-        if self.step >= o.steps:
+        if self.step >= self.options.steps:
             self.export()
-        bar = progress(o.steps, self.step, "vqgan")
-        sums: dict[str, torch.Tensor] = {}
-        summed, timed, timed_images = 0, 0.0, 0
-        last: dict[str, float] = {}
-        while self.step < o.steps:
-            images = self.next_batch()
-            start = time.perf_counter()
-            metrics = self.train_step(images)
-            elapsed = time.perf_counter() - start
-            if self.run.non_finite(self.step, metrics["loss"].item()):
-                continue
-            self.step += 1
-            if self.step > 2:  # the first steps carry allocation and warm-up cost
-                timed += elapsed
-                timed_images += len(images) * self.ctx.world_size
-            for key, value in metrics.items():
-                sums[key] = sums.get(key, 0.0) + value.float()
-            summed += 1
-            bar.update(1)
-            if self.step % o.log_every == 0 or self.step == o.steps:
-                last = {key: dist.mean_across_ranks((value / summed).item(), self.ctx) for key, value in sums.items()}
-                if timed:
-                    last["images_per_s"] = timed_images / timed
-                if self.skipped:
-                    last["skipped_images"] = self.skipped
-                sums, summed = {}, 0
-                bar.set_postfix(l1=f"{last['l1']:.4f}", usage=f"{last['codebook_usage']:.2f}")
-                self.run.log(self.step, **last)
-            if self.step % o.eval_every == 0 or self.step == o.steps:
-                evaluation = self.evaluate()
-                last.update(evaluation)
-                self.run.log(self.step, **evaluation)
-            if self.run.is_main and (self.step % o.sample_every == 0 or self.step == o.steps):
-                self.save_samples(self.step)
-            if self.step % o.save_every == 0 or self.step == o.steps:
-                self.checkpoint(self.step)
-        bar.close()
-        if "heldout_psnr" not in last:  # resumed at the end: nothing ran, measure anyway
-            last.update(self.evaluate())
-        return {"steps": self.step, **last}
+
+    def finish(self, summary: dict) -> dict:
+        if "heldout_psnr" not in summary:  # resumed at the end: nothing ran, measure anyway
+            summary.update(self.evaluate())
+        return summary
 
 
 def _optimizer_step(loss: torch.Tensor, module: torch.nn.Module, optimizer: torch.optim.Optimizer,
@@ -294,17 +254,14 @@ def _optimizer_step(loss: torch.Tensor, module: torch.nn.Module, optimizer: torc
 
 def _check(o: VQGANOptions) -> None:
     """Option values the parser cannot judge alone."""
-    for name in ("disc_start", "warmup"):
-        if getattr(o, name) < 0:
-            raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(o, name)}")
-    for name in ("disc_weight", "perceptual_weight", "weight_decay", "grad_clip"):
+    if o.disc_start < 0:
+        raise UserError(f"--disc-start must be >= 0, got {o.disc_start}")
+    for name in ("disc_weight", "perceptual_weight"):
         value = getattr(o, name)
         if not (value >= 0 and math.isfinite(value)):
             raise UserError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
     if o.codebook_size is not None and not 2 <= o.codebook_size <= MAX_CODEBOOK_SIZE:
         raise UserError(f"--codebook-size must be from 2 to {MAX_CODEBOOK_SIZE}, got {o.codebook_size}")
-    if o.eval_every < 1 or o.heldout_examples < 1:
-        raise UserError("--eval-every and --heldout-examples must be >= 1")
     check_pictures_held(o, o.heldout_examples)
     warn_if_not_below_steps(o.steps, "vqgan", disc_start=o.disc_start if o.disc_weight > 0 else 0, warmup=o.warmup)
 
