@@ -188,7 +188,7 @@ def quality(run: Path, device: torch.device, args: argparse.Namespace) -> dict:
 
 
 def _pairwise_shapes(run: Path, device: torch.device, prompts: int, size: int, seed: int) -> dict:
-    scorer = load_reranker(run, TextTokenizer.load(run / "tokenizer.model"), device)
+    scorer = load_reranker(run, TextTokenizer.load(run / "tokenizer.model"), device, size)
     return pairwise_shapes(scorer, prompts_per_kind=prompts, size=size, seed=seed)
 
 

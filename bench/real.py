@@ -260,7 +260,7 @@ def real_scores(run: Path, *, data: str, size: int, seed: int = 0, device: str =
     print("bench: VQGAN and caption gap done", file=sys.stderr)
 
     captions = distinct_captions(dataset, retrieval_captions)
-    scorer = RunScorer(run, tokenizer, pipeline.device)
+    scorer = RunScorer(run, tokenizer, pipeline.device, pipeline.canvas_size)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         generated = _generate(pipeline, captions, retrieval_candidates, seed)

@@ -38,7 +38,7 @@ from data.negatives import KINDS_OF_SCENE, SCENE_KINDS, WORD_KINDS, scene_negati
 from data.oracle import check
 from data.shapes import evaluation_prompts, render
 from devices import resolve_device
-from sample.pipeline import Pipeline, SamplingSettings, resolve_run
+from sample.pipeline import Pipeline, SamplingSettings, picture_side, resolve_run
 from sample.rerank import load_reranker
 from tokenizer import TextTokenizer
 
@@ -269,11 +269,12 @@ def _run(args) -> None:
     device = resolve_device(args.device)
     tokenizer = TextTokenizer.load(run / "tokenizer.model")
     directories = [Path(d) for d in (args.scorer or [part_dir(run, "scorer")])]
+    side = picture_side(run)  # every scorer compared must read the pictures the run draws
     scorers = {}
     for directory in directories:
         if not (directory / "config.json").is_file():
             raise CheckpointError(f"--scorer {directory} holds no config.json; pass a RUN/scorer folder")
-        scorers[str(directory)] = load_reranker(run, tokenizer, device, directory=directory)
+        scorers[str(directory)] = load_reranker(run, tokenizer, device, side, directory=directory)
     record = None
     if not args.no_rerank:
         settings = _settings(run, args.prompts_per_kind, args.candidates, args.seed, args.kinds)
@@ -288,10 +289,9 @@ def _run(args) -> None:
                 save_candidates(record, cache)
     report = {"checkpoint": str(run), "command": "python -m bench.structure " + " ".join(
         sys.argv[1:] if args.argv is None else args.argv), "scorers": {}}
-    size = next(iter(scorers.values())).model.config.image_size
     for name, scorer in scorers.items():
         figures = {"hard_negatives": scorer.model.config.hard_negatives,
-                   "pairwise": pairwise_shapes(scorer, prompts_per_kind=args.pairwise_prompts, size=size,
+                   "pairwise": pairwise_shapes(scorer, prompts_per_kind=args.pairwise_prompts, size=side,
                                                seed=args.seed)}
         if record is not None:
             figures["rerank"] = rerank_curves(record, scorer)

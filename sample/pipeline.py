@@ -25,18 +25,25 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from checkpoint import CheckpointError, check_tokenizer_digest, part_dir, read_json_or_empty, read_run_record
+from checkpoint import (
+    CheckpointError,
+    check_tokenizer_digest,
+    load_config,
+    part_dir,
+    read_json_or_empty,
+    read_run_record,
+)
 from cli import UserError
 from data.images import from_pil, to_pil
 from devices import resolve_device
 from sample.edit import completion, inpainting, preview_images
 from sample.output import save_picture
 from sample.rerank import load_reranker
-from seq2seq import Seq2Seq, generate
+from seq2seq import Seq2Seq, Seq2SeqConfig, generate
 from seq2seq.canvas import generate_canvas
 from seq2seq.generate import UNDRAWN
 from tokenizer import TextTokenizer, words
-from vqgan import VQGAN
+from vqgan import VQGAN, VQGANConfig
 
 __all__ = ["DEMO_RUN", "SHIPPED_RUNS", "MAX_CANDIDATES", "CANDIDATES_PER_PASS", "resolve_run", "SamplingSettings",
            "Picture", "Preview", "Pipeline", "generate_images", "make_edit"]
@@ -59,6 +66,13 @@ MAX_SEED = 2**63 - 1  # seeds are int64 tensors
 DEMO_RUN = Path(__file__).resolve().parent / "demo_run"
 # The shipped runs, reachable by name with --checkpoint NAME (a directory of that name wins).
 SHIPPED_RUNS = {"shapes": DEMO_RUN, "openmoji": Path(__file__).resolve().parent / "demo_openmoji"}
+
+
+def picture_side(run: Path) -> int:
+    """The side in pixels of the pictures a run draws (seq2seq's grid times the VQGAN's factor), from the two
+    parts' config.json alone."""
+    grid = load_config(Seq2SeqConfig, run / "seq2seq", "seq2seq").grid_size
+    return grid * load_config(VQGANConfig, run / "vqgan", "vqgan").downsample
 
 
 def resolve_run(checkpoint: str | Path | None) -> Path:
@@ -175,12 +189,15 @@ class Pipeline:
         self.tokenizer = TextTokenizer.load(run / "tokenizer.model")
         self.vqgan = VQGAN.from_pretrained(run / "vqgan").to(self.device)
         self.model = Seq2Seq.from_pretrained(run / "seq2seq").to(self.device)
-        self.model.check_fits(self.tokenizer.vocab_size, self.vqgan.codebook_size, self.model.config.grid_size)
+        record = read_run_record(run)
+        self.model.check_fits(self.tokenizer.vocab_size, self.vqgan.codebook_size, self._trained_grid(record))
         check_tokenizer_digest(run / "tokenizer.model", run / "seq2seq" / "model.safetensors", "seq2seq")
-        self.scorer = load_reranker(run, self.tokenizer, self.device, reranker) if rerank or reranker else None
+        self.scorer = None
+        if rerank or reranker:  # the run's scorer must have been trained on pictures of the side drawn here
+            self.scorer = load_reranker(run, self.tokenizer, self.device, self.canvas_size, reranker=reranker)
         # What the run learned, where training recorded it (older runs have neither file): the words of its
         # training captions, and its scorer's scores of held-out pictures with another picture's caption.
-        if read_run_record(run).get("preset") == "tiny":
+        if record.get("preset") == "tiny":
             warnings.warn(f"{run} was trained by `train all --preset tiny`, a smoke test of a few steps a stage: "
                           "its pictures are noise", stacklevel=2)
         vocabulary = read_json_or_empty(run / "vocabulary.json").get("words")
@@ -190,6 +207,15 @@ class Pipeline:
             other = read_json_or_empty(part_dir(run, "scorer") / "score_range.json").get("other_caption")
             floor = other.get("p95") if isinstance(other, dict) else None
             self.score_floor = float(floor) if isinstance(floor, (int, float)) else None
+
+    def _trained_grid(self, record: dict) -> int:
+        """The grid the run's VQGAN made of its training pictures: their side (``--size``, as RUN/all.json
+        records it) over the VQGAN's factor. A run without the record (trained stage by stage) is checked by its
+        scorer's picture side instead (load_reranker)."""
+        size = record.get("size")
+        if isinstance(size, int) and not isinstance(size, bool) and size > 0:
+            return max(1, size // self.vqgan.downsample)
+        return self.model.config.grid_size
 
     @property
     def token_size(self) -> int:

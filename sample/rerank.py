@@ -40,22 +40,24 @@ class Reranker(Protocol):
     def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor: ...
 
 
-def load_reranker(run: Path, tokenizer: TextTokenizer, device: torch.device, reranker: str | Path | None = None,
-                  directory: Path | None = None) -> Reranker:
+def load_reranker(run: Path, tokenizer: TextTokenizer, device: torch.device, image_size: int,
+                  reranker: str | Path | None = None, directory: Path | None = None) -> Reranker:
     """The reranker a command asked for: a transformers CLIPModel from the local directory ``reranker``, else
-    the run's own scorer (RUN/scorer/, or ``directory``, another scorer trained on the run's tokenizer)."""
+    the run's own scorer (RUN/scorer/, or ``directory``, another scorer trained on the run's tokenizer), which
+    must have been trained on the run's tokenizer and on pictures of ``image_size``, the side it will score."""
     if reranker is not None:
         return HFClipScorer(reranker, device)
-    return RunScorer(run, tokenizer, device, directory=directory)
+    return RunScorer(run, tokenizer, device, image_size, directory=directory)
 
 
 class RunScorer:
     """The run's own scorer: RUN/scorer/ (or another scorer ``directory`` trained on the run's tokenizer) with
     RUN/tokenizer.model."""
 
-    def __init__(self, run: Path, tokenizer: TextTokenizer, device: torch.device, directory: Path | None = None):
+    def __init__(self, run: Path, tokenizer: TextTokenizer, device: torch.device, image_size: int,
+                 directory: Path | None = None):
         self.model = Scorer.from_pretrained(part_dir(run, "scorer") if directory is None else directory).to(device)
-        self.model.check_fits(tokenizer.vocab_size, self.model.config.image_size)
+        self.model.check_fits(tokenizer.vocab_size, image_size)
         self.tokenizer = tokenizer
         self.device = device
 

@@ -52,7 +52,7 @@ class ScorerConfig:
     image_widths: tuple[int, ...] = (32, 64, 128)  # channels of each convolutional stage; each halves the side
     mlp_ratio: int = 4
     # How the weights were trained, recorded for the reader and not read by the model: the hard negatives
-    # of ``python -m train clip --hard-negatives`` (data/negatives.py); "none" for runs made before them.
+    # of ``python -m train scorer --hard-negatives`` (data/negatives.py); "none" for runs made before them.
     hard_negatives: str = "none"
 
     def __post_init__(self) -> None:
@@ -285,16 +285,16 @@ class Scorer(nn.Module):
         save_pretrained(self, self.config, directory)
 
     def check_fits(self, tokenizer_vocab_size: int, image_size: int) -> None:
-        """Raise CheckpointError, naming the clip part, unless the run's tokenizer and pictures fit this scorer."""
+        """Raise CheckpointError, naming the scorer part, unless the run's tokenizer and pictures fit this scorer."""
         if tokenizer_vocab_size != self.config.text_vocab_size:
             raise CheckpointError(
                 f"{PART}: the scorer reads a vocabulary of {self.config.text_vocab_size} text pieces but the "
-                f"tokenizer has {tokenizer_vocab_size}; retrain it with `python -m train clip` on this run"
+                f"tokenizer has {tokenizer_vocab_size}; retrain it with `python -m train scorer` on this run"
             )
         if image_size != self.config.image_size:
             raise CheckpointError(
                 f"{PART}: the scorer reads {self.config.image_size}x{self.config.image_size} pictures but gets "
-                f"{image_size}x{image_size}; retrain it with `python -m train clip --size {image_size}`"
+                f"{image_size}x{image_size}; retrain it with `python -m train scorer --size {image_size}`"
             )
 
     # ------------------------------------------------------------------ embeddings and scores

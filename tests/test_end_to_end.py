@@ -462,3 +462,21 @@ def test_a_run_made_when_the_scorer_stage_was_called_clip_still_works(tiny_run, 
                            "--resume"]) == 0
     assert json.loads((old / "state" / "scorer" / "latest.json").read_text())["step"] == 7
     assert not (old / "state" / "clip").exists() and (old / "metrics" / "scorer.jsonl").is_file()
+
+
+def test_parts_trained_at_another_picture_size_are_refused(tiny_run, tmp_path, capsys):
+    """The run's --size (RUN/all.json) must give the grid seq2seq writes, and the scorer must have been trained
+    on pictures of the side the run draws: otherwise sampling would rank resized pictures without a word."""
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("state", "cache", "samples"))
+    record = json.loads((run / "all.json").read_text())
+    (run / "all.json").write_text(json.dumps({**record, "size": 64}))
+    assert sample_cli.main(["a red circle", "--checkpoint", str(run), "--out", str(tmp_path / "a")]) == 2
+    assert "the VQGAN makes 8x8 grids but seq2seq writes 4x4" in _one_line_error(capsys)
+
+    (run / "all.json").write_text(json.dumps(record))
+    assert train_cli.main(["scorer", "--out", str(run), "--size", "64", "--model-size", "tiny", "--steps", "1",
+                           "--batch-size", "4", "--heldout-examples", "4", "--device", "cpu"]) == 0
+    capsys.readouterr()
+    assert sample_cli.main(["a red circle", "--checkpoint", str(run), "--out", str(tmp_path / "b")]) == 2
+    assert "scorer: the scorer reads 64x64 pictures but gets 32x32" in _one_line_error(capsys)
