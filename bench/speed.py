@@ -183,8 +183,7 @@ def training_figures(seq2seq, vqgan, *, peak: float, seq2seq_batch: int = 64, vq
 
     def seq2seq_loss() -> torch.Tensor:
         with autocast(device, amp_dtype):
-            logits = seq2seq(text_ids, text_mask, image_ids)
-        return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), image_ids.flatten())
+            return seq2seq.loss(text_ids, text_mask, image_ids)
 
     seq2seq.train()
     step = _train_step_fn(seq2seq, seq2seq_loss)

@@ -139,36 +139,35 @@ class SelfAttention(Attention):
 
 
 class CausalSelfAttention(Attention):
-    """The image decoder's masked self-attention, with or without the key/value cache."""
+    """The image decoder's masked self-attention: teacher-forced (:meth:`forward`) or over the cache (:meth:`decode`)."""
 
-    def forward(self, x: Tensor, mask: Tensor, input_pos: Tensor | None = None) -> Tensor:
-        """``x`` (B, T, C). Without ``input_pos`` the keys are ``x``'s own and ``mask`` is (1, 1, T, T).
+    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+        """``x`` (B, T, C) attends to its own positions; ``mask`` (1, 1, T, T) is causal."""
+        q, k, v = self.heads(self.wq(x)), self.heads(self.wk(x)), self.heads(self.wv(x))
+        return self.attend(q, k, v, mask)
 
-        With ``input_pos`` (T,), the grid positions of ``x``'s tokens, their keys and values are written
-        into the cache and the queries attend over the whole cache; ``mask`` (1, 1, T, S) hides the
-        positions not yet written. ``input_pos`` (B, T) gives every row its own positions, with ``mask``
-        (B, 1, T, S).
+    def decode(self, x: Tensor, mask: Tensor, input_pos: Tensor) -> Tensor:
+        """``x`` (B, T, C) at grid positions ``input_pos`` (T,): its keys and values are written into the
+        cache and the queries attend over the whole cache; ``mask`` (1, 1, T, S) hides the positions not
+        yet written. ``input_pos`` (B, T) gives every row its own positions, with ``mask`` (B, 1, T, S).
         """
         q, k, v = self.heads(self.wq(x)), self.heads(self.wk(x)), self.heads(self.wv(x))
-        if input_pos is not None:
-            k, v = self.cache().update(input_pos, k, v)  # (B, H, S, D)
+        k, v = self.cache().update(input_pos, k, v)  # (B, H, S, D)
         return self.attend(q, k, v, mask)
 
 
 class CrossAttention(Attention):
-    """The image decoder's attention to the encoded text."""
+    """The image decoder's attention to the encoded text: given (:meth:`forward`) or cached (:meth:`decode`)."""
 
-    def forward(self, x: Tensor, mask: Tensor, memory: Tensor | None = None) -> Tensor:
-        """``x`` (B, T, C) attends to ``memory`` (B, L, C), or, without it, to the cached text.
-
-        ``mask`` (B, 1, 1, L) marks the real text tokens (L = the cache's max_text_len when cached).
-        """
+    def forward(self, x: Tensor, mask: Tensor, memory: Tensor) -> Tensor:
+        """``x`` (B, T, C) attends to ``memory`` (B, L, C); ``mask`` (B, 1, 1, L) marks the real text tokens."""
         q = self.heads(self.wq(x))
-        if memory is None:
-            k, v = self.cache().read(x.shape[0])  # (B, H, L, D)
-        else:
-            k, v = self.heads(self.wk(memory)), self.heads(self.wv(memory))
-        return self.attend(q, k, v, mask)
+        return self.attend(q, self.heads(self.wk(memory)), self.heads(self.wv(memory)), mask)
+
+    def decode(self, x: Tensor, mask: Tensor) -> Tensor:
+        """``x`` (B, T, C) attends to the cached text; ``mask`` (B, 1, 1, max_text_len) marks its real tokens."""
+        k, v = self.cache().read(x.shape[0])  # (B, H, L, D)
+        return self.attend(self.heads(self.wq(x)), k, v, mask)
 
     def fill_cache(self, memory: Tensor, slots: Tensor | None = None) -> None:
         """Project the encoded text (B, L, C) to keys and values once per prompt and cache them: in the

@@ -6,7 +6,8 @@ picture in raster order, attending to the encoded text. Pre-norm blocks with RMS
 positions for the text; learned row and column embeddings for the image grid, so every image token knows
 its cell (and cross-attention can find "in the top left").
 
-Training runs :meth:`Seq2Seq.forward` with teacher forcing. Decoding runs :meth:`Seq2Seq.prefill` once
+Training runs :meth:`Seq2Seq.forward` with teacher forcing, and :meth:`Seq2Seq.loss` is its objective (the
+model owns its loss, nanoGPT's ``forward(idx, targets)``). Decoding runs :meth:`Seq2Seq.prefill` once
 per prompt (encode the text, cache its keys and values in every decoder layer, read any given prefix)
 and then :meth:`Seq2Seq.decode_one_token` once per image token; that step has static shapes, so it can
 be compiled and captured whole (gpt-fast ``prefill`` / ``decode_one_token``).
@@ -18,6 +19,7 @@ import math
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from checkpoint import CheckpointError, load_pretrained, save_pretrained
@@ -25,7 +27,7 @@ from seq2seq.cache import KVCache
 from seq2seq.config import Seq2SeqConfig
 from seq2seq.layers import CausalSelfAttention, CrossAttention, GatedMLP, RMSNorm, SelfAttention, rope_table
 
-__all__ = ["Seq2Seq", "TextEncoder", "ImageDecoder"]
+__all__ = ["Seq2Seq", "TextEncoder", "ImageDecoder", "image_token_loss"]
 
 
 class EncoderBlock(nn.Module):
@@ -55,10 +57,16 @@ class DecoderBlock(nn.Module):
         self.mlp_norm = RMSNorm(config.d_model, config.norm_eps)
         self.mlp = GatedMLP(config.d_model, config.mlp_hidden, config.dropout)
 
-    def forward(self, x: Tensor, self_mask: Tensor, cross_mask: Tensor, input_pos: Tensor | None,
-                memory: Tensor | None) -> Tensor:
-        x = x + self.self_attn(self.self_norm(x), self_mask, input_pos)
+    def forward(self, x: Tensor, self_mask: Tensor, cross_mask: Tensor, memory: Tensor) -> Tensor:
+        """Teacher forcing: ``x`` (B, T, C) over itself and the encoded text ``memory`` (B, L, C)."""
+        x = x + self.self_attn(self.self_norm(x), self_mask)
         x = x + self.cross_attn(self.cross_norm(x), cross_mask, memory)
+        return x + self.mlp(self.mlp_norm(x))
+
+    def decode(self, x: Tensor, self_mask: Tensor, cross_mask: Tensor, input_pos: Tensor) -> Tensor:
+        """Decoding: ``x`` (B, T, C) at ``input_pos`` over the key/value caches, which it extends."""
+        x = x + self.self_attn.decode(self.self_norm(x), self_mask, input_pos)
+        x = x + self.cross_attn.decode(self.cross_norm(x), cross_mask)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -89,8 +97,9 @@ class TextEncoder(nn.Module):
 class ImageDecoder(nn.Module):
     """Image-token embedding plus row and column embeddings, causal blocks, final norm, logits head.
 
-    Called with the encoded text (``memory``) it is a plain teacher-forced pass. Called without, it
-    decodes with the caches that :meth:`setup_caches` allocated and :meth:`fill_caches` filled.
+    :meth:`forward` is the teacher-forced pass over the encoded text; :meth:`decode` reads and extends the
+    caches that :meth:`setup_caches` allocated and :meth:`fill_caches` filled. Two methods, not one that
+    switches on its arguments: which of the two runs is always written at the call.
     """
 
     def __init__(self, config: Seq2SeqConfig):
@@ -106,30 +115,35 @@ class ImageDecoder(nn.Module):
         self.register_buffer("causal_mask", causal, persistent=False)
         self.register_buffer("text_mask_cache", None, persistent=False)  # (B, max_text_len) once set up
 
-    def forward(self, input_ids: Tensor, input_pos: Tensor, text_mask: Tensor | None = None,
-                memory: Tensor | None = None) -> Tensor:
-        """Logits (B, T, codebook_size) for decoder inputs ``input_ids`` (B, T) at grid positions ``input_pos`` (T,).
-
-        With ``memory`` (B, L, C) and ``text_mask`` (B, L): attention over these inputs alone, which must
-        be the positions 0..T-1. Without them: attention over the caches, which this call extends; there
-        ``input_pos`` may also be (B, T), every row at its own positions (rows at different steps).
-        """
+    def embed_positions(self, input_ids: Tensor, input_pos: Tensor) -> Tensor:
+        """Token plus row and column embeddings (B, T, C) of ids (B, T) at grid positions (T,) or (B, T)."""
         rows = torch.div(input_pos, self.grid_size, rounding_mode="floor")
         cols = input_pos % self.grid_size
-        x = self.embed(input_ids) + self.row_embed(rows) + self.col_embed(cols)  # (B, T, C)
-        self_mask = self.causal_mask[input_pos]  # (T, S), or (B, T, S) per row
-        if memory is None:
-            if self.text_mask_cache is None:
-                raise RuntimeError("decoding needs key/value caches: call setup_caches(batch_size) first")
-            cross_mask = self.text_mask_cache[: x.shape[0], None, None, :]  # (B, 1, 1, max_text_len)
-            pos = input_pos
-        else:
-            self_mask = self_mask[:, : x.shape[1]]  # (T, T)
-            cross_mask = text_mask.bool()[:, None, None, :]  # (B, 1, 1, L)
-            pos = None
-        self_mask = self_mask[:, None] if self_mask.dim() == 3 else self_mask[None, None]  # (B or 1, 1, T, S)
+        return self.embed(input_ids) + self.row_embed(rows) + self.col_embed(cols)  # (B, T, C)
+
+    def forward(self, input_ids: Tensor, memory: Tensor, text_mask: Tensor) -> Tensor:
+        """Teacher forcing: logits (B, T, codebook_size) for decoder inputs ``input_ids`` (B, T) at positions
+        0..T-1, attending to the encoded text ``memory`` (B, L, C) where ``text_mask`` (B, L) is True."""
+        length = input_ids.shape[1]
+        x = self.embed_positions(input_ids, torch.arange(length, device=input_ids.device))
+        self_mask = self.causal_mask[None, None, :length, :length]  # (1, 1, T, T)
+        cross_mask = text_mask.bool()[:, None, None, :]  # (B, 1, 1, L)
         for block in self.blocks:
-            x = block(x, self_mask, cross_mask, pos, memory)
+            x = block(x, self_mask, cross_mask, memory)
+        return self.head(self.norm(x))
+
+    def decode(self, input_ids: Tensor, input_pos: Tensor) -> Tensor:
+        """Decoding: logits (B, T, codebook_size) for ``input_ids`` (B, T) at grid positions ``input_pos``
+        (T,), or (B, T) every row at its own positions (rows at different steps), over the caches, which
+        this call extends."""
+        if self.text_mask_cache is None:
+            raise RuntimeError("decoding needs key/value caches: call setup_caches(batch_size) first")
+        x = self.embed_positions(input_ids, input_pos)
+        self_mask = self.causal_mask[input_pos]  # (T, S), or (B, T, S) per row
+        self_mask = self_mask[:, None] if self_mask.dim() == 3 else self_mask[None, None]  # (B or 1, 1, T, S)
+        cross_mask = self.text_mask_cache[: x.shape[0], None, None, :]  # (B, 1, 1, max_text_len)
+        for block in self.blocks:
+            x = block.decode(x, self_mask, cross_mask, input_pos)
         return self.head(self.norm(x))
 
     def setup_caches(self, batch_size: int, max_text_len: int, dtype: torch.dtype, device: torch.device) -> None:
@@ -182,8 +196,7 @@ class Seq2Seq(nn.Module):
 
     def decode(self, memory: Tensor, text_mask: Tensor, decoder_ids: Tensor) -> Tensor:
         """Logits (B, T, V) for decoder inputs (B, T) that start with ``bos_id``, without the cache."""
-        positions = torch.arange(decoder_ids.shape[1], device=decoder_ids.device)
-        return self.decoder(decoder_ids, positions, text_mask, memory)
+        return self.decoder(decoder_ids, memory, text_mask)
 
     def forward(self, text_ids: Tensor, text_mask: Tensor, image_ids: Tensor) -> Tensor:
         """Teacher forcing: logits (B, T, codebook_size) where position t predicts ``image_ids[:, t]``.
@@ -197,6 +210,15 @@ class Seq2Seq(nn.Module):
         bos = image_ids.new_full((image_ids.shape[0], 1), self.config.bos_id)
         decoder_ids = torch.cat([bos, image_ids[:, :-1]], dim=1)  # (B, T)
         return self.decode(self.encode(text_ids, text_mask), text_mask, decoder_ids)
+
+    def loss(self, text_ids: Tensor, text_mask: Tensor, image_ids: Tensor) -> Tensor:
+        """The training objective: mean cross-entropy (nats, fp32) of every image token under teacher forcing.
+
+        Arguments as :meth:`forward`'s. Under autocast the logits come out in the autocast dtype and the
+        cross-entropy is taken in fp32 all the same. A wrapper such as DistributedDataParallel only sees
+        ``forward``: call it, then :func:`image_token_loss` on its logits.
+        """
+        return image_token_loss(self(text_ids, text_mask, image_ids), image_ids)
 
     # ---------------------------------------------------------------------------------------- decoding
 
@@ -230,7 +252,7 @@ class Seq2Seq(nn.Module):
         if decoder_ids.shape[1] > self.config.image_len:
             raise ValueError(f"a prefix of {decoder_ids.shape[1] - 1} ids leaves nothing to generate")
         positions = torch.arange(decoder_ids.shape[1], device=decoder_ids.device)
-        return self.decoder(decoder_ids, positions)[:, -1]  # (B, V)
+        return self.decoder.decode(decoder_ids, positions)[:, -1]  # (B, V)
 
     @torch.no_grad()
     def prefill_slots(self, text_ids: Tensor, text_mask: Tensor, slots: Tensor) -> None:
@@ -257,13 +279,7 @@ class Seq2Seq(nn.Module):
         """
         if input_pos.shape[0] != 1:
             input_pos = input_pos[:, None]  # (B, 1)
-        return self.decoder(token_ids, input_pos)[:, -1]  # (B, V)
-
-    def generate(self, text_ids: Tensor, text_mask: Tensor, **options) -> Tensor:
-        """:func:`seq2seq.generate.generate` with this model; returns image ids (B * num_candidates, h, w)."""
-        from seq2seq.generate import generate
-
-        return generate(self, text_ids, text_mask, **options)
+        return self.decoder.decode(token_ids, input_pos)[:, -1]  # (B, V)
 
     # ---------------------------------------------------------------------------------------- files
 
@@ -294,6 +310,11 @@ class Seq2Seq(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+def image_token_loss(logits: Tensor, image_ids: Tensor) -> Tensor:
+    """Mean cross-entropy (fp32) of ``logits`` (B, T, codebook_size) against ``image_ids`` (B, T) or (B, h, w)."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), image_ids.flatten())
 
 
 def _init_weights(module: nn.Module) -> None:

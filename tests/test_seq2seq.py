@@ -22,6 +22,7 @@ from seq2seq import (
     sample_from_probs,
 )
 from seq2seq.layers import attention_product
+from seq2seq.model import image_token_loss
 
 # ------------------------------------------------------------------------------------------- fixtures
 
@@ -321,6 +322,43 @@ def test_a_few_optimizer_steps_lower_the_loss():
         losses.append(loss.item())
     assert losses[0] == pytest.approx(math.log(model.config.codebook_size), abs=0.2)
     assert losses[-1] < 0.6 * losses[0]
+
+
+@pytest.mark.parametrize("amp", [None, torch.bfloat16])
+def test_the_model_owns_its_loss_the_training_stage_cross_entropy(amp):
+    """Seq2Seq.loss gives the very numbers and gradients of the formula train/ and bench/ write out today:
+    forward (under autocast if any), then fp32 cross-entropy over every image token."""
+    torch.manual_seed(0)
+    model = Seq2Seq(Seq2SeqConfig.from_preset("tiny")).eval()
+    text_ids, text_mask = text_batch(model.config, [6, 3, 8, 1])
+    grid = model.config.grid_size
+    image_ids = image_batch(model.config, 4).view(4, grid, grid)  # a whole grid, as the stage passes it
+    with torch.autocast("cpu", amp or torch.float32, enabled=amp is not None):
+        logits = model(text_ids, text_mask, image_ids)
+    expected = F.cross_entropy(logits.flatten(0, 1).float(), image_ids.flatten())
+    expected.backward()
+    expected_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    with torch.autocast("cpu", amp or torch.float32, enabled=amp is not None):
+        loss = model.loss(text_ids, text_mask, image_ids)
+    loss.backward()
+    assert loss.dtype == torch.float32 and torch.equal(loss, expected)
+    assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), expected_grads))
+    assert torch.equal(image_token_loss(logits, image_ids.flatten(1)), expected)
+
+
+def test_decoding_lives_in_generate_and_the_model_does_not_import_it():
+    """No Seq2Seq.generate (nothing called it) and no import cycle: seq2seq/model.py imports no decoding module."""
+    import ast
+    import inspect
+
+    import seq2seq.model
+
+    tree = ast.parse(inspect.getsource(seq2seq.model))
+    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    imported |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    assert not any(name.startswith(("seq2seq.generate", "seq2seq.canvas")) for name in imported), imported
+    assert not hasattr(Seq2Seq, "generate")
 
 
 def test_save_and_load_round_trip(model, tmp_path):

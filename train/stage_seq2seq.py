@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from safetensors import safe_open
 from tqdm import tqdm
 
@@ -27,6 +26,7 @@ from devices import autocast
 from devices.flops import count_flops, matmul_peak_flops
 from seq2seq import Seq2Seq, Seq2SeqConfig, generate
 from seq2seq.evaluate import caption_gap
+from seq2seq.model import image_token_loss
 from tokenizer import TextTokenizer
 from train import codes, dist
 from train.codes import epoch_batch_indices
@@ -189,8 +189,8 @@ class Seq2SeqTrainer(Stage):
         image_ids = self.heldout_codes.image_ids[:rows].to(self.device)
         self.model.eval()  # no dropout
         with autocast(self.device, dtype):
-            logits = self.model(text_ids, text_mask, image_ids)
-        F.cross_entropy(logits.flatten(0, 1).float(), image_ids.flatten()).backward()
+            loss = self.model.loss(text_ids, text_mask, image_ids)
+        loss.backward()
         self.model.zero_grad(set_to_none=True)
 
     def _warn_about_passes(self) -> None:
@@ -248,8 +248,8 @@ class Seq2SeqTrainer(Stage):
         for i, (t_ids, t_mask, i_ids) in enumerate(chunks):
             with dist.no_sync_unless_last(self.train_model, i == len(chunks) - 1, self.ctx):
                 with autocast(self.device, self.amp_dtype):
-                    logits = self.train_model(t_ids, t_mask, i_ids)  # (b, T, V)
-                loss = F.cross_entropy(logits.flatten(0, 1).float(), i_ids.flatten())
+                    logits = self.train_model(t_ids, t_mask, i_ids)  # (b, T, V); DDP and FSDP wrap forward
+                loss = image_token_loss(logits, i_ids)
                 (loss * len(i_ids) / len(image_ids)).backward()
             total += loss.item() * len(i_ids) / len(image_ids)
         loss_value = dist.mean_across_ranks(total, self.ctx)
@@ -321,8 +321,7 @@ class Seq2SeqTrainer(Stage):
         image_ids = image_ids.to(self.device)
 
         def forward_backward() -> None:
-            logits = self.model(text_ids, text_mask, image_ids)  # (b, T, V)
-            F.cross_entropy(logits.flatten(0, 1).float(), image_ids.flatten()).backward()
+            self.model.loss(text_ids, text_mask, image_ids).backward()
 
         rng = torch.get_rng_state()
         flops = count_flops(forward_backward)  # this process's share
