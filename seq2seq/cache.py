@@ -37,17 +37,17 @@ class KVCache(nn.Module):
     def length(self) -> int:
         return self.k_cache.shape[2]
 
-    def update(self, input_pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    def update(self, input_pos: Tensor, k: Tensor, v: Tensor, length: int | None = None) -> tuple[Tensor, Tensor]:
         """Write ``k``, ``v`` (B, H, T, D) at positions ``input_pos`` (T,), or (B, T) one row's positions a row;
-        return the first B rows, all positions.
+        return the first B rows, the first ``length`` positions (default: all).
 
-        The returned (B, H, length, D) views hold every position written so far; the caller masks the
-        positions not written yet.
+        The returned (B, H, length, D) views hold every position written so far up to ``length``, which
+        must exceed every position written; the caller masks the positions not written yet.
         """
         batch = k.shape[0]
         if batch > self.batch_size:
             raise ValueError(f"a batch of {batch} rows does not fit a cache set up for {self.batch_size}")
-        k_out, v_out = self.read(batch)
+        k_out, v_out = self.read(batch, length)
         if input_pos.dim() == 2:  # (B, T): each row at its own positions
             index = input_pos[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])  # (B, H, T, D)
             k_out.scatter_(2, index, k.to(k_out.dtype))
@@ -67,6 +67,9 @@ class KVCache(nn.Module):
         self.k_cache[target] = self.k_cache[source]
         self.v_cache[target] = self.v_cache[source]
 
-    def read(self, batch: int) -> tuple[Tensor, Tensor]:
-        """The keys and values of the first ``batch`` rows: two (batch, H, length, D) views."""
-        return self.k_cache[:batch], self.v_cache[:batch]
+    def read(self, batch: int, length: int | None = None) -> tuple[Tensor, Tensor]:
+        """The keys and values of the first ``batch`` rows and ``length`` positions (default all): two
+        (batch, H, length, D) views."""
+        if length is None:
+            return self.k_cache[:batch], self.v_cache[:batch]
+        return self.k_cache[:batch, :, :length], self.v_cache[:batch, :, :length]

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["filter_logits", "sample_from_probs", "counter_uniform"]
+__all__ = ["filter_logits", "sample_from_probs", "counter_uniform", "CounterNoise"]
 
 _MASK32 = 0xFFFFFFFF
 
@@ -70,16 +70,46 @@ def counter_uniform(seeds: Tensor, step: Tensor | int, vocab_size: int) -> Tenso
 
     ``seeds`` (R,) are integers (taken modulo 2**64); ``step`` a scalar or (1,) integer tensor, or (R,)
     one step a row. Row r is the same whatever the other rows are, on every device. The values are
-    23-bit: in [2**-24, 1 - 2**-24], so ``-log(u)`` is finite and positive.
+    23-bit: in [2**-24, 1 - 2**-24], so ``-log(u)`` is finite and positive. :class:`CounterNoise` gives
+    the same values with the per-seed and per-column hashes made once, and many steps in one pass.
     """
-    seeds = seeds.long()
-    step = torch.as_tensor(step, dtype=torch.long, device=seeds.device).reshape(-1)  # (1,) or (R,)
-    if step.numel() not in (1, seeds.numel()):
-        raise ValueError(f"step must be one number or one per row ({seeds.numel()}), got {step.numel()}")
-    key = _mix32((seeds & _MASK32) ^ _mix32(((seeds >> 32) & _MASK32) + 0x632BE5AB))  # (R,) fold 64 bits
-    key = _mix32(key ^ _mix32((step & _MASK32) + 0x85157AF5))  # (R,) this step's key
-    columns = _mix32(torch.arange(vocab_size, device=seeds.device) + 0x9E3779B9)  # (V,)
-    bits = _mix32(key[:, None] ^ columns[None, :])  # (R, V) in [0, 2**32)
+    return CounterNoise(seeds, vocab_size)(step)
+
+
+class CounterNoise:
+    """:func:`counter_uniform` for fixed seeds (R,) and vocabulary: the seed and column hashes made once.
+
+    Calling it with a step gives that step's uniforms (R, V); :meth:`steps` gives a run of steps in one
+    pass, (R, count, V). Integer hashing and the exact conversion to floats make both equal, value for
+    value, to :func:`counter_uniform`, whatever the batch or the block.
+    """
+
+    def __init__(self, seeds: Tensor, vocab_size: int):
+        seeds = seeds.long()
+        self.rows = seeds.numel()
+        self.seed_keys = _mix32((seeds & _MASK32) ^ _mix32(((seeds >> 32) & _MASK32) + 0x632BE5AB))  # (R,)
+        self.columns = _mix32(torch.arange(vocab_size, device=seeds.device) + 0x9E3779B9)  # (V,)
+
+    def __call__(self, step: Tensor | int) -> Tensor:
+        step = torch.as_tensor(step, dtype=torch.long, device=self.seed_keys.device).reshape(-1)  # (1,) or (R,)
+        if step.numel() not in (1, self.rows):
+            raise ValueError(f"step must be one number or one per row ({self.rows}), got {step.numel()}")
+        key = _mix32(self.seed_keys ^ _step_hash(step))  # (R,) this step's key
+        return _to_uniform(_mix32(key[:, None] ^ self.columns[None, :]))  # (R, V)
+
+    def steps(self, start: int, count: int) -> Tensor:
+        """The uniforms of steps ``start .. start + count - 1`` for every row: (R, count, V)."""
+        step = torch.arange(start, start + count, device=self.seed_keys.device)  # (N,)
+        keys = _mix32(self.seed_keys[:, None] ^ _step_hash(step)[None, :])  # (R, N)
+        return _to_uniform(_mix32(keys[:, :, None] ^ self.columns[None, None, :]))  # (R, N, V)
+
+
+def _step_hash(step: Tensor) -> Tensor:
+    return _mix32((step & _MASK32) + 0x85157AF5)
+
+
+def _to_uniform(bits: Tensor) -> Tensor:
+    """32-bit hashes to floats in (0, 1): their top 23 bits, centred in their interval (exact in fp32)."""
     return ((bits >> 9).float() + 0.5) * 2.0**-23
 
 

@@ -21,14 +21,14 @@ positions (previews); without it the loop is the plain one.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 
 import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from seq2seq.filters import counter_uniform, filter_logits, sample_from_probs
+from seq2seq.filters import CounterNoise, filter_logits, sample_from_probs
 from seq2seq.model import Seq2Seq
 from tokenizer.text import EOS_ID
 
@@ -83,19 +83,31 @@ class Sampler:
     top_p: float | None
     cfg_scale: float
     forcing: Forcing | None = None
+    noise: dict[int, CounterNoise] = field(default_factory=dict, repr=False, compare=False)  # by vocabulary size, made once
 
     @property
     def guided(self) -> bool:
         return self.cfg_scale != 1.0
 
-    def __call__(self, logits: Tensor, step: Tensor) -> Tensor:
-        """``logits`` (C, V), or (2C, V) conditional rows then unconditional when guided; ids (C,) of ``step``."""
+    def noise_for(self, vocab_size: int) -> CounterNoise:
+        """The candidates' counter noise over ``vocab_size`` columns (the seed and column hashes made once)."""
+        if vocab_size not in self.noise:
+            self.noise[vocab_size] = CounterNoise(self.seeds, vocab_size)
+        return self.noise[vocab_size]
+
+    def __call__(self, logits: Tensor, step: Tensor, uniform: Tensor | None = None) -> Tensor:
+        """``logits`` (C, V), or (2C, V) conditional rows then unconditional when guided; ids (C,) of ``step``.
+
+        ``uniform`` (C, V), the step's noise made ahead (:meth:`CounterNoise.steps`), saves hashing it here.
+        """
         logits = cond_logits = logits.float()
         if self.guided:
             cond_logits, uncond = logits.chunk(2)
             logits = uncond + self.cfg_scale * (cond_logits - uncond)  # (C, V)
         probs = filter_logits(logits, self.temperature, self.top_k, self.top_p)
-        ids = sample_from_probs(probs, counter_uniform(self.seeds, step, logits.shape[-1]))
+        if uniform is None:
+            uniform = self.noise_for(logits.shape[-1])(step)
+        ids = sample_from_probs(probs, uniform)
         return ids if self.forcing is None else self.forcing(ids, cond_logits, step)
 
     def rows(self, ids: Tensor) -> Tensor:
@@ -197,36 +209,52 @@ def generate(
     return image_ids, forcing.log_likelihood / forcing.after_hole.sum(1).clamp(min=1)
 
 
+# Decoding hashes the draws' noise for this many steps at a time, in one pass (see CounterNoise.steps).
+NOISE_BLOCK = 32
+
+
 def _decode_cached(model: Seq2Seq, text_ids: Tensor, text_mask: Tensor, prefix: Tensor, sampler: Sampler,
                    compile: bool, progress: bool, previews: _Previews | None = None) -> Tensor:
-    """Prefill once, then one cached decode step per token; returns (C, h * w)."""
+    """Prefill once, then one cached decode step per token; returns (C, h * w).
+
+    What every step shares is made before the loop: the caches and stacked projections (setup_caches),
+    the positions, the output buffer, and the noise NOISE_BLOCK steps at a time. Eager steps attend over
+    the filled part of the cache (a bucket of 16 positions); a compiled step keeps one shape, the whole cache.
+    """
     device = text_ids.device
     start, total = prefix.shape[1], model.config.image_len
     model.setup_caches(text_ids.shape[0], device=device)
     logits = model.prefill(text_ids, text_mask, torch.cat([prefix, prefix]) if sampler.guided else prefix)
+    out = prefix.new_empty(prefix.shape[0], total)  # (C, S)
+    out[:, :start] = prefix
     if previews is not None:
         previews(start, [prefix])
-    input_pos = torch.tensor([start], device=device)  # the position whose id is drawn next
-    ids = sampler(logits, input_pos)
-    generated = [prefix, ids[:, None]]
-    if previews is not None:
-        previews(start + 1, generated)
+    positions = torch.arange(total, device=device)
+    noise = sampler.noise_for(model.config.codebook_size)
     step = partial(_next_id, model, sampler)
     if compile:
         mode = "reduce-overhead" if device.type == "cuda" else "default"
         step = torch.compile(step, mode=mode, fullgraph=True)
+    ids = sampler(logits, positions[start : start + 1])
+    out[:, start] = ids
+    if previews is not None:
+        previews(start + 1, [out[:, : start + 1]])
     for position in tqdm(range(start + 1, total), desc="decoding", unit="token", disable=not progress):
-        input_pos += 1
-        ids = step(ids, input_pos).clone()  # clone: a CUDA graph reuses its output buffer
-        generated.append(ids[:, None])
+        if (position - start - 1) % NOISE_BLOCK == 0:
+            block = noise.steps(position, min(NOISE_BLOCK, total - position))  # (C, N, V)
+        uniform = block[:, (position - start - 1) % NOISE_BLOCK]  # (C, V)
+        kv_len = None if compile else model.decode_length(position + 1)
+        ids = step(ids, positions[position : position + 1], uniform, kv_len).clone()  # a CUDA graph reuses its output
+        out[:, position] = ids
         if previews is not None:
-            previews(position + 1, generated)
-    return torch.cat(generated, dim=1)
+            previews(position + 1, [out[:, : position + 1]])
+    return out
 
 
-def _next_id(model: Seq2Seq, sampler: Sampler, ids: Tensor, input_pos: Tensor) -> Tensor:
+def _next_id(model: Seq2Seq, sampler: Sampler, ids: Tensor, input_pos: Tensor, uniform: Tensor,
+             kv_len: int | None) -> Tensor:
     """Read the candidates' last ids (C,) at decoder position ``input_pos``; draw image token ``input_pos``."""
-    return sampler(model.decode_one_token(sampler.rows(ids), input_pos), input_pos)
+    return sampler(model.decode_one_token(sampler.rows(ids), input_pos, kv_len), input_pos, uniform)
 
 
 def _decode_recompute(model: Seq2Seq, text_ids: Tensor, text_mask: Tensor, prefix: Tensor, sampler: Sampler,

@@ -84,8 +84,23 @@ class GatedMLP(nn.Module):
         self.w2 = nn.Linear(hidden, d_model, bias=False)
         self.dropout = nn.Dropout(dropout)
 
+        self.w13_fused: Tensor | None = None  # (2 * hidden, d_model): w1 over w3, for decoding
+
     def forward(self, x: Tensor) -> Tensor:
         return self.dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)))
+
+    def fuse_for_decoding(self, dtype: torch.dtype) -> None:
+        """Stack w1 and w3 into one (2 * hidden, d_model) weight in ``dtype``: one product a decode step.
+
+        A copy of the trained weights, made again whenever decoding is set up, so checkpoints keep their
+        keys and training is untouched. The stacked product gives the same values as the two products.
+        """
+        self.w13_fused = torch.cat([self.w1.weight, self.w3.weight]).detach().to(dtype)
+
+    def decode(self, x: Tensor) -> Tensor:
+        """:meth:`forward` without dropout, with the stacked weight of :meth:`fuse_for_decoding`."""
+        gate, up = F.linear(x, self.w13_fused).chunk(2, dim=-1)  # (B, T, hidden) each
+        return self.w2(F.silu(gate) * up)
 
 
 class Attention(nn.Module):
@@ -107,6 +122,20 @@ class Attention(nn.Module):
         self.wo = nn.Linear(d_model, d_model, bias=False)
         self.resid_dropout = nn.Dropout(dropout)
         self.kv_cache: KVCache | None = None
+        self.qkv_fused: Tensor | None = None  # (3 * d_model, d_model): wq over wk over wv, for decoding
+
+    def fuse_for_decoding(self, dtype: torch.dtype) -> None:
+        """Stack wq, wk and wv into one (3 * d_model, d_model) weight in ``dtype``: one product a decode step.
+
+        A copy made whenever decoding is set up, so checkpoints keep their keys (``wq.weight``, ...) and
+        load unchanged, and training keeps its three products. The stacked product gives the same values.
+        """
+        self.qkv_fused = torch.cat([self.wq.weight, self.wk.weight, self.wv.weight]).detach().to(dtype)
+
+    def decode_attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+        """:meth:`attend` for decoding: no dropout, ``mask`` an additive bias (0 or -inf) in ``q``'s dtype."""
+        y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask)  # (B, H, T, D)
+        return self.wo(y.transpose(1, 2).flatten(2))  # (B, T, C)
 
     def heads(self, x: Tensor) -> Tensor:
         return rearrange(x, "b t (h d) -> b h t d", h=self.n_heads)  # (B, H, T, D)
@@ -146,14 +175,17 @@ class CausalSelfAttention(Attention):
         q, k, v = self.heads(self.wq(x)), self.heads(self.wk(x)), self.heads(self.wv(x))
         return self.attend(q, k, v, mask)
 
-    def decode(self, x: Tensor, mask: Tensor, input_pos: Tensor) -> Tensor:
+    def decode(self, x: Tensor, mask: Tensor, input_pos: Tensor, kv_len: int) -> Tensor:
         """``x`` (B, T, C) at grid positions ``input_pos`` (T,): its keys and values are written into the
-        cache and the queries attend over the whole cache; ``mask`` (1, 1, T, S) hides the positions not
-        yet written. ``input_pos`` (B, T) gives every row its own positions, with ``mask`` (B, 1, T, S).
+        cache and the queries attend over the cache's first ``kv_len`` positions; ``mask`` (1, 1, T, kv_len),
+        an additive bias, hides the positions not yet written. ``input_pos`` (B, T) gives every row its own
+        positions, with ``mask`` (B, 1, T, kv_len). Needs :meth:`fuse_for_decoding`.
         """
-        q, k, v = self.heads(self.wq(x)), self.heads(self.wk(x)), self.heads(self.wv(x))
-        k, v = self.cache().update(input_pos, k, v)  # (B, H, S, D)
-        return self.attend(q, k, v, mask)
+        batch, length = x.shape[:2]
+        qkv = F.linear(x, self.qkv_fused).view(batch, length, 3, self.n_heads, self.head_dim)  # (B, T, 3, H, D)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # (B, H, T, D) each
+        k, v = self.cache().update(input_pos, k, v, kv_len)  # (B, H, kv_len, D)
+        return self.decode_attend(q, k, v, mask)
 
 
 class CrossAttention(Attention):
@@ -164,10 +196,13 @@ class CrossAttention(Attention):
         q = self.heads(self.wq(x))
         return self.attend(q, self.heads(self.wk(memory)), self.heads(self.wv(memory)), mask)
 
-    def decode(self, x: Tensor, mask: Tensor) -> Tensor:
-        """``x`` (B, T, C) attends to the cached text; ``mask`` (B, 1, 1, max_text_len) marks its real tokens."""
-        k, v = self.cache().read(x.shape[0])  # (B, H, L, D)
-        return self.attend(self.heads(self.wq(x)), k, v, mask)
+    def decode(self, x: Tensor, mask: Tensor, text_len: int) -> Tensor:
+        """``x`` (B, T, C) attends to the cache's first ``text_len`` text positions; ``mask`` (B, 1, 1, text_len),
+        an additive bias, hides the padding."""
+        batch, length = x.shape[:2]
+        k, v = self.cache().read(batch, text_len)  # (B, H, text_len, D)
+        q = self.wq(x).view(batch, length, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        return self.decode_attend(q, k, v, mask)
 
     def fill_cache(self, memory: Tensor, slots: Tensor | None = None) -> None:
         """Project the encoded text (B, L, C) to keys and values once per prompt and cache them: in the

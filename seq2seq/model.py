@@ -63,11 +63,17 @@ class DecoderBlock(nn.Module):
         x = x + self.cross_attn(self.cross_norm(x), cross_mask, memory)
         return x + self.mlp(self.mlp_norm(x))
 
-    def decode(self, x: Tensor, self_mask: Tensor, cross_mask: Tensor, input_pos: Tensor) -> Tensor:
-        """Decoding: ``x`` (B, T, C) at ``input_pos`` over the key/value caches, which it extends."""
-        x = x + self.self_attn.decode(self.self_norm(x), self_mask, input_pos)
-        x = x + self.cross_attn.decode(self.cross_norm(x), cross_mask)
-        return x + self.mlp(self.mlp_norm(x))
+    def decode(self, x: Tensor, self_mask: Tensor, cross_mask: Tensor, input_pos: Tensor, kv_len: int,
+               text_len: int) -> Tensor:
+        """Decoding: ``x`` (B, T, C) at ``input_pos`` over the key/value caches, which it extends; attention
+        reads the first ``kv_len`` image positions and ``text_len`` text positions of the caches."""
+        x = x + self.self_attn.decode(self.self_norm(x), self_mask, input_pos, kv_len)
+        x = x + self.cross_attn.decode(self.cross_norm(x), cross_mask, text_len)
+        return x + self.mlp.decode(self.mlp_norm(x))
+
+    def fuse_for_decoding(self, dtype: torch.dtype) -> None:
+        self.self_attn.fuse_for_decoding(dtype)
+        self.mlp.fuse_for_decoding(dtype)
 
 
 class TextEncoder(nn.Module):
@@ -113,7 +119,11 @@ class ImageDecoder(nn.Module):
         self.head = nn.Linear(config.d_model, config.codebook_size, bias=False)
         causal = torch.ones(config.image_len, config.image_len, dtype=torch.bool).tril()  # (S, S)
         self.register_buffer("causal_mask", causal, persistent=False)
-        self.register_buffer("text_mask_cache", None, persistent=False)  # (B, max_text_len) once set up
+        # The same as an additive bias, what a decode step hands the attention kernel: made once, not per step.
+        causal_bias = torch.zeros(causal.shape).masked_fill(~causal, float("-inf"))  # (S, S)
+        self.register_buffer("causal_bias", causal_bias, persistent=False)
+        self.register_buffer("text_bias", None, persistent=False)  # (B, max_text_len) 0 or -inf, once set up
+        self.text_len = 0  # the cached text positions decoding attends to (a bucket: see decode_length)
 
     def embed_positions(self, input_ids: Tensor, input_pos: Tensor) -> Tensor:
         """Token plus row and column embeddings (B, T, C) of ids (B, T) at grid positions (T,) or (B, T)."""
@@ -132,18 +142,21 @@ class ImageDecoder(nn.Module):
             x = block(x, self_mask, cross_mask, memory)
         return self.head(self.norm(x))
 
-    def decode(self, input_ids: Tensor, input_pos: Tensor) -> Tensor:
+    def decode(self, input_ids: Tensor, input_pos: Tensor, kv_len: int | None = None) -> Tensor:
         """Decoding: logits (B, T, codebook_size) for ``input_ids`` (B, T) at grid positions ``input_pos``
         (T,), or (B, T) every row at its own positions (rows at different steps), over the caches, which
-        this call extends."""
-        if self.text_mask_cache is None:
+        this call extends. Self-attention reads the caches' first ``kv_len`` positions (default all; it
+        must exceed every position in ``input_pos``); cross-attention reads the text positions filled."""
+        if self.text_bias is None:
             raise RuntimeError("decoding needs key/value caches: call setup_caches(batch_size) first")
+        kv_len = self.causal_bias.shape[0] if kv_len is None else kv_len
         x = self.embed_positions(input_ids, input_pos)
-        self_mask = self.causal_mask[input_pos]  # (T, S), or (B, T, S) per row
-        self_mask = self_mask[:, None] if self_mask.dim() == 3 else self_mask[None, None]  # (B or 1, 1, T, S)
-        cross_mask = self.text_mask_cache[: x.shape[0], None, None, :]  # (B, 1, 1, max_text_len)
+        dtype = _compute_dtype(self.head.weight)
+        self_mask = self.causal_bias[input_pos, :kv_len].to(dtype)  # (T, kv_len), or (B, T, kv_len) per row
+        self_mask = self_mask[:, None] if self_mask.dim() == 3 else self_mask[None, None]  # (B or 1, 1, T, kv_len)
+        cross_mask = self.text_bias[: x.shape[0], None, None, : self.text_len].to(dtype)  # (B, 1, 1, text_len)
         for block in self.blocks:
-            x = block.decode(x, self_mask, cross_mask, input_pos)
+            x = block.decode(x, self_mask, cross_mask, input_pos, kv_len, self.text_len)
         return self.head(self.norm(x))
 
     def setup_caches(self, batch_size: int, max_text_len: int, dtype: torch.dtype, device: torch.device) -> None:
@@ -153,7 +166,13 @@ class ImageDecoder(nn.Module):
             block.self_attn.kv_cache = KVCache(batch_size, attn.n_heads, self.causal_mask.shape[0], attn.head_dim,
                                                dtype, device)
             block.cross_attn.kv_cache = KVCache(batch_size, attn.n_heads, max_text_len, attn.head_dim, dtype, device)
-        self.text_mask_cache = torch.zeros(batch_size, max_text_len, dtype=torch.bool, device=device)
+        self.text_bias = torch.full((batch_size, max_text_len), float("-inf"), device=device)
+        self.text_len = 0
+
+    def fuse_for_decoding(self, dtype: torch.dtype) -> None:
+        """Stack each block's projections that a decode step runs side by side (q, k, v; w1, w3) in ``dtype``."""
+        for block in self.blocks:
+            block.fuse_for_decoding(dtype)
 
     def fill_caches(self, memory: Tensor, text_mask: Tensor, slots: Tensor | None = None) -> None:
         """Cache the text's keys and values (B, L, C) in every layer, and its mask (B, L): in the first B
@@ -162,15 +181,19 @@ class ImageDecoder(nn.Module):
         for block in self.blocks:
             block.cross_attn.fill_cache(memory, slots)
         rows = slice(0, batch) if slots is None else slots
-        self.text_mask_cache[rows] = False
-        self.text_mask_cache[rows, :length] = text_mask.bool()
+        self.text_bias[rows] = float("-inf")
+        self.text_bias[rows, :length] = torch.zeros_like(text_mask, dtype=torch.float).masked_fill(
+            ~text_mask.bool(), float("-inf"))
+        # Cross-attention reads the text positions any row may hold; the first B rows are all new without slots.
+        longest = length if slots is None else max(length, self.text_len)
+        self.text_len = decode_length(longest, self.text_bias.shape[1])
 
     def move_slots(self, source: Tensor, target: Tensor) -> None:
         """Copy every cache's rows ``source`` (N,) onto rows ``target`` (N,): self- and cross-attention, text mask."""
         for block in self.blocks:
             block.self_attn.cache().move_slots(source, target)
             block.cross_attn.cache().move_slots(source, target)
-        self.text_mask_cache[target] = self.text_mask_cache[source]
+        self.text_bias[target] = self.text_bias[source]
 
 
 class Seq2Seq(nn.Module):
@@ -224,10 +247,17 @@ class Seq2Seq(nn.Module):
 
     def setup_caches(self, max_batch_size: int, dtype: torch.dtype | None = None,
                      device: torch.device | str | None = None) -> None:
-        """Preallocate the decoding caches for up to ``max_batch_size`` rows; kept if the ones there fit."""
+        """Prepare decoding for up to ``max_batch_size`` rows: preallocate the caches (kept if the ones there
+        fit) and stack the projections a decode step runs side by side from the current weights.
+
+        ``dtype`` defaults to the dtype decoding computes in: autocast's if it is on, else the weights'.
+        Call it again after the weights change (training, loading): decoding uses the stacked copies.
+        """
         weight = self.decoder.head.weight
-        dtype = dtype or weight.dtype
+        compute = _compute_dtype(weight)
+        dtype = dtype or compute
         device = torch.device(device) if device is not None else weight.device
+        self.decoder.fuse_for_decoding(compute)
         cache = self.decoder.blocks[0].self_attn.kv_cache
         if cache is not None:
             buffer = cache.k_cache
@@ -235,6 +265,10 @@ class Seq2Seq(nn.Module):
             if cache.batch_size >= max_batch_size and buffer.dtype == dtype and buffer.device == device and usable:
                 return
         self.decoder.setup_caches(max_batch_size, self.config.max_text_len, dtype, device)
+
+    def decode_length(self, positions: int) -> int:
+        """The cache positions a decode step reads when ``positions`` of them are written: a bucket of 16."""
+        return decode_length(positions, self.config.image_len)
 
     @torch.no_grad()
     def prefill(self, text_ids: Tensor, text_mask: Tensor, prefix_ids: Tensor | None = None) -> Tensor:
@@ -252,7 +286,7 @@ class Seq2Seq(nn.Module):
         if decoder_ids.shape[1] > self.config.image_len:
             raise ValueError(f"a prefix of {decoder_ids.shape[1] - 1} ids leaves nothing to generate")
         positions = torch.arange(decoder_ids.shape[1], device=decoder_ids.device)
-        return self.decoder.decode(decoder_ids, positions)[:, -1]  # (B, V)
+        return self.decoder.decode(decoder_ids, positions, self.decode_length(decoder_ids.shape[1]))[:, -1]  # (B, V)
 
     @torch.no_grad()
     def prefill_slots(self, text_ids: Tensor, text_mask: Tensor, slots: Tensor) -> None:
@@ -269,17 +303,21 @@ class Seq2Seq(nn.Module):
         self.decoder.move_slots(source, target)
 
     @torch.no_grad()
-    def decode_one_token(self, token_ids: Tensor, input_pos: Tensor) -> Tensor:
+    def decode_one_token(self, token_ids: Tensor, input_pos: Tensor, kv_len: int | None = None) -> Tensor:
         """Read image ids (B, 1) at decoder position ``input_pos`` (1,); logits (B, codebook_size) of the next.
 
         The token at decoder position p is image token p - 1 (position 0 holds ``bos``), so the logits
         returned predict image token ``input_pos``. Static shapes: compile this with torch.compile.
         ``input_pos`` (B,) puts every row at its own position: rows of different requests at different
         steps in one batch (continuous batching).
+
+        ``kv_len``, at least every row's position + 1, limits self-attention to the caches' first ``kv_len``
+        positions: pass ``decode_length(max position + 1)`` to attend only over the filled part (one shape
+        per bucket of 16). The default, all positions, keeps one shape for every step.
         """
         if input_pos.shape[0] != 1:
             input_pos = input_pos[:, None]  # (B, 1)
-        return self.decoder.decode(token_ids, input_pos)[:, -1]  # (B, V)
+        return self.decoder.decode(token_ids, input_pos, kv_len)[:, -1]  # (B, V)
 
     # ---------------------------------------------------------------------------------------- files
 
@@ -310,6 +348,21 @@ class Seq2Seq(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+def decode_length(positions: int, limit: int, bucket: int = 16) -> int:
+    """``positions`` rounded up to a multiple of ``bucket``, at most ``limit``: how much of a cache attention reads.
+
+    A multiple of 16 keeps the CPU attention kernel on its vector path, so the values equal those of
+    attending over the whole cache with the unwritten positions masked (tested); 16 shapes for 256 tokens.
+    """
+    return min(limit, -(-positions // bucket) * bucket)
+
+
+def _compute_dtype(weight: Tensor) -> torch.dtype:
+    """The dtype the decoder's products run in: autocast's when it is on for the weight's device, else the weight's."""
+    device = weight.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
 
 
 def image_token_loss(logits: Tensor, image_ids: Tensor) -> Tensor:

@@ -259,7 +259,8 @@ class Scheduler:
         if batch == 0:
             return
         positions = self.row_pos[:batch]
-        logits = self.model.decode_one_token(self.row_ids[:batch, None], positions)  # (R, V)
+        kv_len = self.model.decode_length(int(positions.max()) + 1)  # attend over the filled cache only
+        logits = self.model.decode_one_token(self.row_ids[:batch, None], positions, kv_len)  # (R, V)
         for group in self.groups:
             rows = group.cond_rows
             if group.uncond_rows is not None:

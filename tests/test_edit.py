@@ -81,10 +81,10 @@ def test_the_forced_prefix_is_read_in_one_pass(model, monkeypatch):
     keep = torch.zeros(config.grid_size, config.grid_size, dtype=torch.bool)
     keep[:3] = True  # completion: the first three rows
     passes = []
-    forward = type(model.decoder).forward
-    monkeypatch.setattr(type(model.decoder), "forward",
+    decode = type(model.decoder).decode  # the cached decoding pass
+    monkeypatch.setattr(type(model.decoder), "decode",
                         lambda self, input_ids, *args, **kw: passes.append(input_ids.shape[1]) or
-                        forward(self, input_ids, *args, **kw))
+                        decode(self, input_ids, *args, **kw))
     ids = generate(model, text_ids, text_mask, seeds=1, init_ids=_picture(config, 1), keep_mask=keep)
     prefix = 3 * config.grid_size
     assert passes == [1 + prefix] + [1] * (config.image_len - prefix - 1)
