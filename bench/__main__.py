@@ -29,15 +29,8 @@ import torch
 
 from bench.quality import composition_scores, heldout_bits, vqgan_scores
 from bench.real import SSIM_SIGMA, SSIM_WINDOW, real_scores
-from bench.speed import (
-    card_bandwidth,
-    data_figures,
-    decode_figures,
-    peak_figure,
-    scorer_figures,
-    training_figures,
-    vqgan_figures,
-)
+from bench.speed import (card_bandwidth, data_figures, decode_figures, peak_figure, scorer_figures, training_figures,
+                         vqgan_figures)
 from bench.structure import pairwise_markdown, pairwise_shapes
 from checkpoint import atomic_write, load_config, part_dir, read_run_record, write_json
 from cli import ArgumentParser, UserError, add_threads_argument, run_command, set_threads

@@ -25,14 +25,8 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from checkpoint import (
-    CheckpointError,
-    check_tokenizer_digest,
-    load_config,
-    part_dir,
-    read_json_or_empty,
-    read_run_record,
-)
+from checkpoint import (CheckpointError, check_tokenizer_digest, load_config, part_dir, read_json_or_empty,
+                        read_run_record)
 from cli import UserError
 from data.images import from_pil, to_pil
 from devices import resolve_device

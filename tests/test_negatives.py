@@ -4,17 +4,8 @@ import random
 
 import pytest
 
-from data.negatives import (
-    _CELL_OF,
-    _CELL_RE,
-    KINDS_OF_SCENE,
-    SCENE_KINDS,
-    WORD_KINDS,
-    hard_negative,
-    resolve_mode,
-    scene_negative,
-    word_negative,
-)
+from data.negatives import (_CELL_OF, _CELL_RE, KINDS_OF_SCENE, SCENE_KINDS, WORD_KINDS, hard_negative, resolve_mode,
+                            scene_negative, word_negative)
 from data.shapes import Obj, Scene, _scene_and_text, relation_holds
 
 

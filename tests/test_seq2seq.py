@@ -11,16 +11,8 @@ import torch.nn.functional as F
 
 from checkpoint import CheckpointError
 from cli import UserError
-from seq2seq import (
-    EMPTY_TEXT_IDS,
-    PRESETS,
-    Seq2Seq,
-    Seq2SeqConfig,
-    counter_uniform,
-    filter_logits,
-    generate,
-    sample_from_probs,
-)
+from seq2seq import (EMPTY_TEXT_IDS, PRESETS, Seq2Seq, Seq2SeqConfig, counter_uniform, filter_logits, generate,
+                     sample_from_probs)
 from seq2seq.layers import attention_product
 from seq2seq.model import image_token_loss
 

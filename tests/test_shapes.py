@@ -18,32 +18,9 @@ import torch
 from PIL import Image
 
 from data import shapes
-from data.shapes import (
-    CELLS,
-    COLOURS,
-    HELDOUT_PAIRS,
-    HELDOUT_RELATIONS,
-    KINDS,
-    MIN_GAP,
-    RELATIONS,
-    SHAPES,
-    SIZES,
-    TRAIN_PAIRS,
-    Obj,
-    Scene,
-    caption,
-    cell_of,
-    converse,
-    describe,
-    evaluation_prompts,
-    example,
-    export_imagefolder,
-    make_scene,
-    object_gap,
-    relation_holds,
-    render,
-    shape_vertices,
-)
+from data.shapes import (CELLS, COLOURS, HELDOUT_PAIRS, HELDOUT_RELATIONS, KINDS, MIN_GAP, RELATIONS, SHAPES, SIZES,
+                         TRAIN_PAIRS, Obj, Scene, caption, cell_of, converse, describe, evaluation_prompts, example,
+                         export_imagefolder, make_scene, object_gap, relation_holds, render, shape_vertices)
 
 N_SCENES = 3000
 ROOT = Path(__file__).resolve().parents[1]

@@ -10,17 +10,8 @@ import torch
 from checkpoint import CheckpointError
 from vqgan import VQGAN, FactorizedQuantizer, VQGANConfig
 from vqgan.discriminator import DISCRIMINATOR_PRESETS, PatchDiscriminator
-from vqgan.losses import (
-    LossWeights,
-    adaptive_weight,
-    delayed_weight,
-    discriminator_loss,
-    feature_matching_loss,
-    generator_loss,
-    hinge_d_loss,
-    hinge_g_loss,
-    psnr,
-)
+from vqgan.losses import (LossWeights, adaptive_weight, delayed_weight, discriminator_loss, feature_matching_loss,
+                          generator_loss, hinge_d_loss, hinge_g_loss, psnr)
 
 
 def tiny_model(seed: int = 0, **overrides) -> VQGAN:

@@ -30,16 +30,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from checkpoint import (
-    CheckpointError,
-    atomic_write,
-    json_kind,
-    load_torch,
-    read_json,
-    remove_temporaries,
-    save_torch,
-    write_json,
-)
+from checkpoint import (CheckpointError, atomic_write, json_kind, load_torch, read_json, remove_temporaries, save_torch,
+                        write_json)
 from cli import UserError
 from data.images import image_grid
 from data.sources import DEFAULT_HELDOUT_FRACTION, DEFAULT_MAX_PIXELS, open_dataset

@@ -47,18 +47,8 @@ from scorer import Scorer, ScorerConfig, contrastive_loss, retrieval_accuracy
 from seq2seq.evaluate import derangement
 from tokenizer import TextTokenizer
 from train import dist
-from train.loop import (
-    CaptionTokens,
-    Run,
-    Stage,
-    StageOptions,
-    add_common_arguments,
-    add_model_size_argument,
-    check_pictures_held,
-    choose_precision,
-    cosine_schedule,
-    optimizer_groups,
-)
+from train.loop import (CaptionTokens, Run, Stage, StageOptions, add_common_arguments, add_model_size_argument,
+                        check_pictures_held, choose_precision, cosine_schedule, optimizer_groups)
 
 
 @dataclass

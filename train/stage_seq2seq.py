@@ -30,19 +30,9 @@ from seq2seq.model import image_token_loss
 from tokenizer import TextTokenizer
 from train import codes, dist
 from train.codes import epoch_batch_indices
-from train.loop import (
-    CaptionTokens,
-    Run,
-    Stage,
-    StageOptions,
-    add_common_arguments,
-    add_model_size_argument,
-    check_held_in_memory,
-    choose_precision,
-    cosine_schedule,
-    optimizer_groups,
-    warn_if_not_below_steps,
-)
+from train.loop import (CaptionTokens, Run, Stage, StageOptions, add_common_arguments, add_model_size_argument,
+                        check_held_in_memory, choose_precision, cosine_schedule, optimizer_groups,
+                        warn_if_not_below_steps)
 from vqgan import VQGAN
 
 

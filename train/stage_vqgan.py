@@ -28,17 +28,8 @@ from cli import UserError
 from data.sources import batches
 from devices import autocast
 from train import dist
-from train.loop import (
-    Run,
-    Stage,
-    StageOptions,
-    add_common_arguments,
-    add_model_size_argument,
-    check_pictures_held,
-    choose_precision,
-    cosine_schedule,
-    warn_if_not_below_steps,
-)
+from train.loop import (Run, Stage, StageOptions, add_common_arguments, add_model_size_argument, check_pictures_held,
+                        choose_precision, cosine_schedule, warn_if_not_below_steps)
 from vqgan import VQGAN, VQGANConfig
 from vqgan.discriminator import DISCRIMINATOR_PRESETS, PatchDiscriminator
 from vqgan.losses import LossWeights, discriminator_loss, generator_loss, psnr
