@@ -139,24 +139,14 @@ def add_model_size_argument(parser: argparse.ArgumentParser, default: str, sizes
     parser.add_argument("--preset", dest="preset", action=_RenamedPreset, help=argparse.SUPPRESS)
 
 
-def add_common_arguments(
-    parser: argparse.ArgumentParser,
-    *,
-    steps: int,
-    batch_size: int,
-    lr: float,
-    size: int = 64,
-    log_every: int = 50,
-    save_every: int = 500,
-    sample_every: int = 500,
-    warmup: int = 100,
-    weight_decay: float = 0.0,
-    grad_clip: float = 1.0,
-    eval_every: int = 250,
-    heldout_examples: int = 64,
-    heldout_help: str = "held-out examples evaluated at every --eval-every",
-) -> None:
-    """Add the options every stage takes (DESIGN.md command lines) with the stage's own defaults."""
+def add_common_arguments(parser: argparse.ArgumentParser, defaults: type[StageOptions], *,
+                         heldout_help: str = "held-out examples evaluated at every --eval-every") -> None:
+    """Add the options every stage takes (DESIGN.md command lines), with the defaults of the stage's options
+    class ``defaults`` (a :class:`StageOptions` subclass)."""
+    o = defaults
+    steps, batch_size, lr, size = o.steps, o.batch_size, o.lr, o.size
+    log_every, save_every, sample_every, eval_every = o.log_every, o.save_every, o.sample_every, o.eval_every
+    warmup, weight_decay, grad_clip, heldout_examples = o.warmup, o.weight_decay, o.grad_clip, o.heldout_examples
     parser.add_argument("--data", default="shapes",
                         help="shapes (the built-in world, default) | openmoji | a folder | *.jsonl/*.parquet/*.csv | "
                              "*.tar | a hub name")

@@ -67,10 +67,7 @@ class ScorerOptions(StageOptions):
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     o = ScorerOptions
-    add_common_arguments(parser, steps=o.steps, batch_size=o.batch_size, lr=o.lr, warmup=o.warmup,
-                         weight_decay=o.weight_decay, grad_clip=o.grad_clip, eval_every=o.eval_every,
-                         heldout_examples=o.heldout_examples,
-                         heldout_help="pictures in the fixed held-out retrieval batch")
+    add_common_arguments(parser, o, heldout_help="pictures in the fixed held-out retrieval batch")
     add_model_size_argument(parser, ScorerOptions.preset, "tiny (a smoke test) | small | base (scorer/model.py PRESETS)")
     parser.add_argument("--heldout-split", default=ScorerOptions.heldout_split,
                         help="split the held-out batch comes from (default heldout)")

@@ -57,11 +57,8 @@ class Seq2SeqOptions(StageOptions):
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     o = Seq2SeqOptions
-    add_common_arguments(parser, steps=o.steps, batch_size=o.batch_size, lr=o.lr, warmup=o.warmup,
-                         weight_decay=o.weight_decay, grad_clip=o.grad_clip, eval_every=o.eval_every,
-                         heldout_examples=o.heldout_examples,
-                         heldout_help="held-out pictures whose bits per image token and caption gap every evaluation "
-                                      "measures")
+    add_common_arguments(parser, o, heldout_help="held-out pictures whose bits per image token and caption gap "
+                                                 "every evaluation measures")
     add_model_size_argument(parser, Seq2SeqOptions.preset, "tiny (a smoke test) | small | base | large")
     parser.add_argument("--micro-batch-size", type=int, default=None,
                         help="examples per process per forward; the global batch is reached by accumulation")

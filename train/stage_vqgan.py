@@ -55,10 +55,7 @@ class VQGANOptions(StageOptions):
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     o = VQGANOptions
-    add_common_arguments(parser, steps=o.steps, batch_size=o.batch_size, lr=o.lr, warmup=o.warmup,
-                         weight_decay=o.weight_decay, grad_clip=o.grad_clip, eval_every=o.eval_every,
-                         heldout_examples=o.heldout_examples,
-                         heldout_help="held-out pictures whose PSNR and codebook use every evaluation measures")
+    add_common_arguments(parser, o, heldout_help="held-out pictures whose PSNR and codebook use every evaluation measures")
     add_model_size_argument(parser, o.preset, "tiny (a smoke test) | small (CPU) | medium (CPU, finer detail, 1.4x "
                                               "the time a step) | base (GPU)")
     parser.add_argument("--codebook-size", type=int, default=None, help="codes in the codebook (preset: 1024)")
