@@ -4,7 +4,8 @@ A thin layer over :class:`serve.scheduler.Scheduler`, which decodes every reques
 batches with the same sampling as ``python -m sample``. Every error is JSON, ``{"error": {"field",
 "message", "type"}}``, with a 4xx status for anything a request can do wrong (422 a bad field, 413 a body
 too large, 429 a full queue, 408 a request not answered in time, 404/405 an unknown address or method);
-nothing in a request names a file on the server: pictures are fetched by random ids from memory.
+nothing in a request names a file on the server: pictures are fetched by random ids from memory, and an
+edit's pictures come inside the request as base64 PNG (serve/edits.py).
 
 Routes: ``POST /v1/pictures``, ``POST /v1/pictures/stream`` (text/event-stream), ``GET /v1/pictures/{id}``,
 ``GET /v1/info``, ``GET /healthz``, ``GET /readyz``, ``GET /openapi.json`` and ``GET /docs`` (the API
@@ -32,6 +33,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from sample.output import picture_fields, picture_png, safe_stem
 from sample.pipeline import Picture, Pipeline
+from serve.edits import BadField, edit_of
 from serve.scheduler import Job, QueueFull, Scheduler
 from serve.schemas import (
     ErrorResponse,
@@ -97,6 +99,10 @@ class Service:
         if body.n * (1 if body.cfg == 1.0 else 2) > self.limits.max_rows:
             raise ApiError(422, f"n={body.n} needs more decoder rows than this service has ({self.limits.max_rows})",
                            "n")
+        try:
+            edit = edit_of(body, self.pipeline.canvas_size, self.pipeline.token_size)
+        except BadField as e:
+            raise ApiError(422, str(e), e.field) from None
         seed = body.seed if body.seed is not None else secrets.randbelow(SEED_DRAW)
         events: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
@@ -107,7 +113,7 @@ class Service:
             except RuntimeError:  # the loop is gone: the service is shutting down
                 pass
 
-        job = Job(body.prompt, body.settings(seed), on_event, self.preview_every if stream else None)
+        job = Job(body.prompt, body.settings(seed), on_event, self.preview_every if stream else None, edit)
         try:
             self.scheduler.submit(job)
         except QueueFull as e:
@@ -122,6 +128,7 @@ class Service:
             picture_id = self.store.add(png, f"{safe_stem(picture.prompt)}-seed{picture.seed}.png")
             out.append(PictureOut(id=picture_id, url=f"/v1/pictures/{picture_id}", seed=picture.seed,
                                   score=picture.score, rank=picture.rank, candidate=picture.candidate,
+                                  likelihood=picture.likelihood,
                                   png_base64=base64.b64encode(png).decode() if body.response_format == "base64"
                                   else None))
         now = time.monotonic()
@@ -234,11 +241,13 @@ def create_app(pipeline: Pipeline, limits: Limits | None = None) -> FastAPI:
         """The sampling defaults, the limits and the model's picture size: what the page fills its controls with."""
         config = pipeline.model.config
         fields = PictureRequest.model_fields
-        defaults = {name: fields[name].default for name in ("n", "keep", "top_k", "top_p", "temperature", "cfg")}
+        defaults = {name: fields[name].default
+                    for name in ("n", "keep", "top_k", "top_p", "temperature", "cfg", "likelihood_weight")}
         return {"defaults": defaults, "limits": {"max_n": limits.max_n, "max_rows": limits.max_rows,
                                                  "max_queue": limits.max_queue, "max_body_bytes": limits.max_body_bytes,
                                                  "timeout_s": limits.timeout_s},
-                "model": {"run": pipeline.run.name, "grid_size": config.grid_size, "rerank": pipeline.scorer is not None}}
+                "model": {"run": pipeline.run.name, "grid_size": config.grid_size, "canvas": pipeline.canvas_size,
+                          "token_size": pipeline.token_size, "rerank": pipeline.scorer is not None}}
 
     @app.get("/healthz")
     async def healthz() -> dict:

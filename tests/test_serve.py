@@ -11,6 +11,7 @@ import io
 import json
 import threading
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -22,10 +23,11 @@ pytest.importorskip("fastapi", reason="the service needs the serve extra: pip in
 from fastapi.testclient import TestClient
 
 import serve.__main__ as serve_cli
-from sample.pipeline import Pipeline, SamplingSettings
+from sample.pipeline import Pipeline, SamplingSettings, make_edit
 from serve.app import create_app
 from serve.scheduler import Job, Scheduler
 from serve.schemas import Limits
+from train.images import to_pil
 
 LIMITS = Limits(max_n=6, max_rows=24, max_queue=8, max_body_bytes=2048, timeout_s=60.0, preview_every=4)
 
@@ -99,6 +101,82 @@ def test_continuous_batching_draws_the_pictures_generate_images_draws(pipeline, 
         assert [(p.seed, p.rank, p.kept, p.score) for p in served] == [(p.seed, p.rank, p.kept, p.score)
                                                                         for p in expected]
         assert [_pixels(p.image) for p in served] == [_pixels(p.image) for p in expected]
+
+
+def _init_picture(size: int = 32, seed: int = 0) -> Image.Image:
+    """A picture of the tiny run's size to edit: coloured noise, so every token of its grid differs."""
+    generator = torch.Generator().manual_seed(seed)
+    pixels = torch.randint(0, 256, (size, size, 3), generator=generator, dtype=torch.uint8)
+    return Image.fromarray(pixels.numpy(), "RGB")
+
+
+def _mask_picture(size: int = 32) -> Image.Image:
+    """White (redraw) on the right half of the middle rows, black (keep) elsewhere."""
+    mask = Image.new("L", (size, size), 0)
+    mask.paste(255, (size // 2, 8, size, 20))
+    return mask
+
+
+EDITS = [  # (prompt, settings, make_edit's arguments, steps run before the next one arrives)
+    ("a large red circle", dict(n=3, keep=2, seed=3), dict(keep_rows=2), 2),
+    ("a small blue square", dict(n=2, keep=2, seed=10, cfg=1.0, likelihood_weight=0.5), dict(box=(0, 8, 16, 24)), 3),
+    ("a large red circle", dict(n=4, keep=3, seed=7), dict(mask=_mask_picture()), 1),
+    ("two green triangles", dict(n=2, keep=1, seed=5), {}, 0),  # a plain request beside the edits
+]
+
+
+def test_edits_batch_with_plain_requests_and_draw_what_python_m_sample_draws(pipeline, reference):
+    """Completion, a box and a mask, guided and not, joining at different steps beside a plain request: every
+    picture, seed, rank, score, likelihood and settings record is the one python -m sample gives alone."""
+    scheduler = Scheduler(pipeline, max_rows=24)
+    events: dict[int, list] = {}
+    edits = [make_edit(pipeline, _init_picture(seed=i), **options) if options else None
+             for i, (_, _, options, _) in enumerate(EDITS)]
+    with torch.inference_mode():
+        scheduler.setup()
+        for i, (prompt, options, _, steps) in enumerate(EDITS):
+            scheduler.submit(Job(prompt, SamplingSettings(**options), lambda kind, data, i=i: events.setdefault(
+                i, []).append((kind, data)), preview_every=4, edit=edits[i]))
+            for _ in range(steps):
+                scheduler.run_once()
+        assert len({group.sampler for group in scheduler.groups}) < len(EDITS)  # edits share samplers
+        while scheduler.busy_rows:
+            scheduler.run_once()
+        scheduler.render_pending()
+    for i, (prompt, options, _, _) in enumerate(EDITS):
+        assert [kind for kind, _ in events[i]].count("preview") == 4 and events[i][-1][0] == "done"
+        served = events[i][-1][1]["pictures"]
+        expected = reference([prompt], SamplingSettings(**options), edit=edits[i])[0]
+        assert [(p.seed, p.rank, p.kept, p.score, p.settings) for p in served] == [
+            (p.seed, p.rank, p.kept, p.score, p.settings) for p in expected]
+        assert [_pixels(p.image) for p in served] == [_pixels(p.image) for p in expected]
+        if edits[i] is not None and edits[i].keeps_after_hole:
+            assert [p.likelihood for p in served] == pytest.approx([p.likelihood for p in expected], abs=1e-5)
+            assert all(p.likelihood < 0 for p in served)
+        else:
+            assert all(p.likelihood is None for p in served)
+
+
+def test_an_edits_previews_show_its_kept_tokens_from_the_start(pipeline):
+    """Completion keeping 2 of 4 rows: the first preview (step 4) shows rows 1-2 from the picture, not grey."""
+    scheduler = Scheduler(pipeline, max_rows=8)
+    events = []
+    edit = make_edit(pipeline, _init_picture(), keep_rows=2)
+    with torch.inference_mode():
+        scheduler.setup()
+        scheduler.submit(Job("a red circle", SamplingSettings(n=1, keep=1, seed=0),
+                             lambda kind, data: events.append((kind, data)), preview_every=4, edit=edit))
+        while scheduler.busy_rows or scheduler.queue_length:
+            scheduler.run_once()
+        scheduler.render_pending()
+        known = pipeline.encode_init(edit).clone()  # (1, 4, 4)
+        known[:, 2:] = 0  # what a preview decodes where nothing is known yet
+        expected = to_pil(pipeline.vqgan.decode(known).float()[0])
+    first = next(data for kind, data in events if kind == "preview")
+    assert first["step"] == 4  # two rows known: one drawn (forced), one kept ahead
+    preview = np.asarray(first["images"][0])
+    assert np.array_equal(preview[:16], np.asarray(expected)[:16])  # the kept rows
+    assert (preview[16:] == preview[16, 0]).all()  # the rest: one flat grey
 
 
 def test_decode_with_positions_per_row_equals_a_shared_position(pipeline):
