@@ -76,7 +76,10 @@ def _picture(data: str, field: str, canvas: int) -> Image.Image:
         raise BadField(field, f"{field} is not base64; send the PNG's bytes base64-encoded") from None
     try:
         image = Image.open(io.BytesIO(raw), formats=["PNG"])
-    except (OSError, ValueError, Image.DecompressionBombError):
+    except Image.DecompressionBombError:
+        raise BadField(field, f"{field} is a far larger picture than the {canvas}x{canvas} this run draws; resize "
+                              f"it to {canvas}x{canvas}") from None
+    except (OSError, ValueError):
         raise BadField(field, f"{field} is not a PNG picture; send a PNG, base64-encoded") from None
     if image.size != (canvas, canvas):
         raise BadField(field, f"{field} is {image.size[0]}x{image.size[1]} pixels but this run draws "
