@@ -20,6 +20,7 @@ import io
 import json
 import re
 import secrets
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator
@@ -262,7 +263,9 @@ def create_app(pipeline: Pipeline, limits: Limits | None = None) -> FastAPI:
             raise ApiError(503, "the decoder is not running yet", None, "unavailable")
         return {"status": "ready", "queue": scheduler.queue_length, "busy_rows": scheduler.busy_rows,
                 "max_rows": limits.max_rows, "steps": scheduler.steps, "rows_decoded": scheduler.rows_decoded,
-                "decode_busy_s": round(scheduler.busy_s, 3)}
+                "decode_busy_s": round(scheduler.busy_s, 3), "render_busy_s": round(scheduler.render_busy_s, 3),
+                "threads": _thread_times({**scheduler.thread_ids, "event_loop": threading.get_native_id()}),
+                "process_cpu_s": round(time.process_time(), 3)}
 
     @app.get("/", include_in_schema=False)
     async def page() -> FileResponse:
@@ -273,6 +276,20 @@ def create_app(pipeline: Pipeline, limits: Limits | None = None) -> FastAPI:
         return FileResponse(STATIC / "docs.html", media_type="text/html")
 
     return app
+
+
+def _thread_times(thread_ids: dict[str, int]) -> dict:
+    """Each thread's seconds so far on a core (cpu_s) and runnable but waiting for one (runqueue_s), from Linux's
+    schedstat; a thread neither running nor runnable sleeps (on a lock, the GIL, or for work). Empty elsewhere."""
+    times = {}
+    for name, tid in thread_ids.items():
+        try:
+            with open(f"/proc/self/task/{tid}/schedstat") as f:
+                on_cpu, waiting = (int(v) / 1e9 for v in f.read().split()[:2])
+        except (OSError, ValueError):
+            continue
+        times[name] = {"cpu_s": round(on_cpu, 3), "runqueue_s": round(waiting, 3)}
+    return times
 
 
 def _sse(event: str, data: dict) -> str:

@@ -92,6 +92,7 @@ def run_load(url: str, bodies: list[dict], clients: int, server_pid: int | None 
     """POST every body to ``url``/v1/pictures from ``clients`` threads, each taking the next body when free;
     with the decoder's figures over the run (from /readyz) in ``decoder``."""
     before = httpx.get(url + "/readyz", timeout=30).json()
+    client_cpu = time.process_time()
     next_index = iter(range(len(bodies)))
     lock = threading.Lock()
     result = LoadResult(seconds=0.0)
@@ -125,13 +126,24 @@ def run_load(url: str, bodies: list[dict], clients: int, server_pid: int | None 
     for t in threads:
         t.join()
     result.seconds = time.perf_counter() - start
+    client_cpu = time.process_time() - client_cpu
     after = httpx.get(url + "/readyz", timeout=30).json()
     steps = after["steps"] - before["steps"]
     busy = after["decode_busy_s"] - before["decode_busy_s"]
     result.decoder = {"steps": steps, "rows_per_step": round((after["rows_decoded"] - before["rows_decoded"])
                                                              / max(steps, 1), 1),
                       "ms_per_step": round(1000 * busy / max(steps, 1), 1),
-                      "decode_thread_busy": round(busy / result.seconds, 3)}
+                      "decode_thread_busy": round(busy / result.seconds, 3),
+                      "render_thread_busy": round((after["render_busy_s"] - before["render_busy_s"]) / result.seconds,
+                                                  3)}
+    # Where the phase's time went, as shares of its length: each server thread on a core, and runnable but
+    # waiting for one (the machine's other work); the whole server's and this load test's (its clients) CPU.
+    share = lambda seconds: round(seconds / result.seconds, 3)  # noqa: E731
+    result.decoder["threads"] = {
+        name: {key: share(value - before["threads"][name][key]) for key, value in times.items()}
+        for name, times in after["threads"].items() if name in before["threads"]}
+    result.decoder["server_cores"] = share(after["process_cpu_s"] - before["process_cpu_s"])
+    result.decoder["load_test_cores"] = share(client_cpu)
     return result
 
 

@@ -132,6 +132,8 @@ class Scheduler:
         self.steps = 0  # decode steps run, rows decoded and seconds spent: for /readyz and the benchmarks
         self.rows_decoded = 0
         self.busy_s = 0.0
+        self.render_busy_s = 0.0  # seconds the render thread spent drawing
+        self.thread_ids: dict[str, int] = {}  # the threads' native ids: /readyz reads their CPU time by them
 
     # ------------------------------------------------------------------------------ the caller's side
 
@@ -182,6 +184,7 @@ class Scheduler:
     # ------------------------------------------------------------------------------ the decode thread
 
     def _run(self) -> None:
+        self.thread_ids["decode"] = threading.get_native_id()
         with torch.inference_mode():
             self.setup()
             while True:
@@ -358,9 +361,12 @@ class Scheduler:
     # ------------------------------------------------------------------------------ the render thread
 
     def _render_loop(self) -> None:
+        self.thread_ids["render"] = threading.get_native_id()
         with torch.inference_mode():
             while (item := self.renders.get()) is not None:
+                start = time.perf_counter()
                 self._render(*item)
+                self.render_busy_s += time.perf_counter() - start
 
     def render_pending(self) -> None:
         """Draw every queued preview and result in this thread (what the render thread does; for tests)."""
