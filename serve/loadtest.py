@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from urllib.parse import urlparse
 
 import httpx
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from checkpoint import ArgumentParser, UserError, run_command
 
@@ -39,9 +39,24 @@ PROMPTS = ["a large red circle", "a small blue square", "a green triangle above 
            "three yellow circles", "a small green star in the bottom right"]
 
 
-def request_bodies(count: int, n: int, keep: int) -> list[dict]:
-    """``count`` requests: the prompts in turn, each with its own seed, the sampling defaults otherwise."""
-    return [{"prompt": PROMPTS[i % len(PROMPTS)], "n": n, "keep": keep, "seed": 1000 * i} for i in range(count)]
+def request_bodies(count: int, n: int, keep: int, edit_every: int = 0, canvas: int = 64) -> list[dict]:
+    """``count`` requests: the prompts in turn, each with its own seed, the sampling defaults otherwise; with
+    ``edit_every`` K, every K-th one redraws the top-left quarter of a ``canvas``-pixel picture sent inline."""
+    bodies = [{"prompt": PROMPTS[i % len(PROMPTS)], "n": n, "keep": keep, "seed": 1000 * i} for i in range(count)]
+    if edit_every:
+        init = _start_picture(canvas)
+        for body in bodies[edit_every - 1::edit_every]:
+            body.update(init=init, box=[0, 0, canvas // 2, canvas // 2])
+    return bodies
+
+
+def _start_picture(canvas: int) -> str:
+    """A picture to edit, as base64 PNG: a red disc on white."""
+    image = Image.new("RGB", (canvas, canvas), "white")
+    ImageDraw.Draw(image).ellipse([canvas // 4, canvas // 4, 3 * canvas // 4, 3 * canvas // 4], fill=(220, 30, 30))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
 
 
 def resident_bytes(pid: int) -> int:
@@ -219,7 +234,8 @@ def _wait_ready(url: str, timeout: float = 120.0) -> None:
 
 def measure(url: str, args: argparse.Namespace, server_pid: int | None) -> dict:
     """The phases of the module docstring; the figures and checks as a dict."""
-    bodies = request_bodies(args.requests, args.n, args.keep)
+    canvas = httpx.get(url + "/v1/info", timeout=30).json()["model"]["canvas"]
+    bodies = request_bodies(args.requests, args.n, args.keep, args.edit_every, canvas)
     sequential_bodies = bodies[: args.sequential]
     preview_body = {"prompt": PROMPTS[0], "n": 4, "keep": 1, "seed": 7}
     run_load(url, bodies[:2], 1)  # warm up: first-call costs are nobody's latency
@@ -247,7 +263,7 @@ def measure(url: str, args: argparse.Namespace, server_pid: int | None) -> dict:
                             pictures=sum(r.pictures for r in one_at_a_time), decoder=one_at_a_time[0].decoder)
     report = {
         "load": {"clients": args.clients, "requests": args.requests, "sequential_requests": len(sequential_bodies),
-                 "n": args.n, "keep": args.keep, "cfg": 1.5},
+                 "n": args.n, "keep": args.keep, "cfg": 1.5, "edit_every": args.edit_every},
         "concurrent": concurrent.summary(args.n * len(bodies)),
         "one_at_a_time": sequential.summary(args.n * len(sequential_bodies)),
         "time_to_first_preview_n4_idle_s": {"median": round(statistics.median(idle_previews), 3),
@@ -284,6 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                                    "and half after the concurrent phase")
     parser.add_argument("--n", type=int, default=4, help="candidates a request")
     parser.add_argument("--keep", type=int, default=1)
+    parser.add_argument("--edit-every", type=int, default=0, metavar="K",
+                        help="every K-th request is an edit (a box redrawn on a picture sent inline); 0: none")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds a request may take")
     parser.add_argument("--max-growth-mb", type=float, default=32.0,
                         help="resident memory the server may gain from the first 50 answers to the last 50")
@@ -293,6 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> dict:
     if not 1 <= args.clients <= 256 or not 1 <= args.requests <= 10_000 or not 0 <= args.sequential <= 10_000:
         raise UserError("--clients must be 1..256, --requests 1..10000, --sequential 0..10000")
+    if args.edit_every < 0:
+        raise UserError(f"--edit-every must be >= 0 (0: no edits), got {args.edit_every}")
     if not 1 <= args.keep <= args.n:
         raise UserError(f"--keep must be from 1 to --n ({args.n})")
     server = None
