@@ -162,6 +162,22 @@ def run_load(url: str, bodies: list[dict], clients: int, server_pid: int | None 
     return result
 
 
+def _merged_decoder(results: list[LoadResult]) -> dict:
+    """The decoder figures of several phases as one: steps summed, per-step figures weighted by steps, shares
+    of time weighted by the phases' lengths."""
+    def merge(values: list, weights: list[float]):
+        if isinstance(values[0], dict):
+            return {key: merge([v[key] for v in values], weights) for key in values[0] if all(key in v for v in values)}
+        return round(sum(v * w for v, w in zip(values, weights)) / max(sum(weights), 1e-9), 3)
+
+    decoders = [r.decoder for r in results]
+    steps = [d["steps"] for d in decoders]
+    merged = merge(decoders, [r.seconds for r in results])
+    merged.update(steps=sum(steps), rows_per_step=merge([d["rows_per_step"] for d in decoders], steps),
+                  ms_per_step=merge([d["ms_per_step"] for d in decoders], steps))
+    return merged
+
+
 def time_to_first_preview(url: str, body: dict, timeout: float = 60.0) -> tuple[float, float]:
     """Seconds from sending a stream request to its first preview event, and to its done event."""
     start = time.perf_counter()
@@ -260,7 +276,8 @@ def measure(url: str, args: argparse.Namespace, server_pid: int | None) -> dict:
     sequential = LoadResult(seconds=sum(r.seconds for r in one_at_a_time),
                             latencies=[x for r in one_at_a_time for x in r.latencies],
                             failures=[x for r in one_at_a_time for x in r.failures],
-                            pictures=sum(r.pictures for r in one_at_a_time), decoder=one_at_a_time[0].decoder)
+                            pictures=sum(r.pictures for r in one_at_a_time),
+                            decoder=_merged_decoder(one_at_a_time))
     report = {
         "load": {"clients": args.clients, "requests": args.requests, "sequential_requests": len(sequential_bodies),
                  "n": args.n, "keep": args.keep, "cfg": 1.5, "edit_every": args.edit_every},
@@ -274,6 +291,13 @@ def measure(url: str, args: argparse.Namespace, server_pid: int | None) -> dict:
     }
     report["speedup"] = round(report["concurrent"]["candidates_per_s"] / report["one_at_a_time"]["candidates_per_s"],
                               2)
+    # The same ratio per second the decode thread spent on a core: what the machine's other work, which may
+    # differ between the phases, does not change (the idle time of one-at-a-time decoding no longer counts).
+    per_cpu = [summary["candidates_per_s"] / summary["decoder"]["threads"]["decode"]["cpu_s"]
+               for summary in (report["concurrent"], report["one_at_a_time"])
+               if summary["decoder"].get("threads", {}).get("decode", {}).get("cpu_s")]
+    if len(per_cpu) == 2:
+        report["speedup_per_decode_cpu_s"] = round(per_cpu[0] / per_cpu[1], 2)
     window = min(50, len(concurrent.rss) // 2)
     if server_pid is not None and window:
         first, last = max(concurrent.rss[:window]), max(concurrent.rss[-window:])
