@@ -298,9 +298,7 @@ class Pipeline:
         canvas = self.canvas_tokens(size)
         if canvas is not None and (edit is not None or preview_every):
             raise UserError("--width/--height draw a new picture: they do not combine with --init or --preview")
-        init_ids = None
-        if edit is not None:
-            init_ids = self.vqgan.encode(from_pil(edit.image, self.canvas_size)[None].to(self.device))  # (1, h, w)
+        init_ids = None if edit is None else self.encode_init(edit)  # (1, h, w)
         # Text that is not valid Unicode (lone surrogates, as from undecodable command-line bytes) is
         # repaired with U+FFFD rather than refused: no prompt should stop the tool.
         prompts = [p.encode("utf-8", "surrogatepass").decode("utf-8", "replace") for p in prompts]
@@ -354,6 +352,12 @@ class Pipeline:
                 picture.frames = frames[i * n + picture.candidate] if frames else None
             self._warn_out_of_domain(prompt, pictures[-1][0])
         return pictures
+
+    @torch.inference_mode()
+    def encode_init(self, edit) -> torch.Tensor:
+        """The codebook ids (1, h, w) of an :class:`sample.edit.Edit`'s picture: what its kept tokens are
+        forced to; the sampling pipeline's and the service's."""
+        return self.vqgan.encode(from_pil(edit.image, self.canvas_size)[None].to(self.device))
 
     @torch.inference_mode()
     def render(self, image_ids: torch.Tensor, prompts: Sequence[str]) -> tuple[list[Image.Image], torch.Tensor | None]:

@@ -4,7 +4,8 @@ A thin layer over :class:`serve.scheduler.Scheduler`, which decodes every reques
 batches with the same sampling as ``python -m sample``. Every error is JSON, ``{"error": {"field",
 "message", "type"}}``, with a 4xx status for anything a request can do wrong (422 a bad field, 413 a body
 too large, 429 a full queue, 408 a request not answered in time, 404/405 an unknown address or method);
-nothing in a request names a file on the server: pictures are fetched by random ids from memory.
+nothing in a request names a file on the server: pictures are fetched by random ids from memory, and an
+edit's pictures come inside the request as base64 PNG (serve/edits.py).
 
 Routes: ``POST /v1/pictures``, ``POST /v1/pictures/stream`` (text/event-stream), ``GET /v1/pictures/{id}``,
 ``GET /v1/info``, ``GET /healthz``, ``GET /readyz``, ``GET /openapi.json`` and ``GET /docs`` (the API
@@ -19,6 +20,7 @@ import io
 import json
 import re
 import secrets
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator
@@ -32,6 +34,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from sample.output import picture_fields, picture_png, safe_stem
 from sample.pipeline import Picture, Pipeline
+from serve.edits import BadField, edit_of
 from serve.scheduler import Job, QueueFull, Scheduler
 from serve.schemas import ErrorResponse, Limits, PictureOut, PictureRequest, PicturesResponse
 
@@ -91,6 +94,10 @@ class Service:
         if body.n * (1 if body.cfg == 1.0 else 2) > self.limits.max_rows:
             raise ApiError(422, f"n={body.n} needs more decoder rows than this service has ({self.limits.max_rows})",
                            "n")
+        try:
+            edit = edit_of(body, self.pipeline.canvas_size, self.pipeline.token_size)
+        except BadField as e:
+            raise ApiError(422, str(e), e.field) from None
         seed = body.seed if body.seed is not None else secrets.randbelow(SEED_DRAW)
         events: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
@@ -101,7 +108,7 @@ class Service:
             except RuntimeError:  # the loop is gone: the service is shutting down
                 pass
 
-        job = Job(body.prompt, body.settings(seed), on_event, self.preview_every if stream else None)
+        job = Job(body.prompt, body.settings(seed), on_event, self.preview_every if stream else None, edit)
         try:
             self.scheduler.submit(job)
         except QueueFull as e:
@@ -116,6 +123,7 @@ class Service:
             picture_id = self.store.add(png, f"{safe_stem(picture.prompt)}-seed{picture.seed}.png")
             out.append(PictureOut(id=picture_id, url=f"/v1/pictures/{picture_id}", seed=picture.seed,
                                   score=picture.score, rank=picture.rank, candidate=picture.candidate,
+                                  likelihood=picture.likelihood,
                                   png_base64=base64.b64encode(png).decode() if body.response_format == "base64"
                                   else None))
         now = time.monotonic()
@@ -228,11 +236,13 @@ def create_app(pipeline: Pipeline, limits: Limits | None = None) -> FastAPI:
         """The sampling defaults, the limits and the model's picture size: what the page fills its controls with."""
         config = pipeline.model.config
         fields = PictureRequest.model_fields
-        defaults = {name: fields[name].default for name in ("n", "keep", "top_k", "top_p", "temperature", "cfg")}
+        defaults = {name: fields[name].default
+                    for name in ("n", "keep", "top_k", "top_p", "temperature", "cfg", "likelihood_weight")}
         return {"defaults": defaults, "limits": {"max_n": limits.max_n, "max_rows": limits.max_rows,
                                                  "max_queue": limits.max_queue, "max_body_bytes": limits.max_body_bytes,
                                                  "timeout_s": limits.timeout_s},
-                "model": {"run": pipeline.run.name, "grid_size": config.grid_size, "rerank": pipeline.scorer is not None}}
+                "model": {"run": pipeline.run.name, "grid_size": config.grid_size, "canvas": pipeline.canvas_size,
+                          "token_size": pipeline.token_size, "rerank": pipeline.scorer is not None}}
 
     @app.get("/healthz")
     async def healthz() -> dict:
@@ -247,7 +257,9 @@ def create_app(pipeline: Pipeline, limits: Limits | None = None) -> FastAPI:
             raise ApiError(503, "the decoder is not running yet", None, "unavailable")
         return {"status": "ready", "queue": scheduler.queue_length, "busy_rows": scheduler.busy_rows,
                 "max_rows": limits.max_rows, "steps": scheduler.steps, "rows_decoded": scheduler.rows_decoded,
-                "decode_busy_s": round(scheduler.busy_s, 3)}
+                "decode_busy_s": round(scheduler.busy_s, 3), "render_busy_s": round(scheduler.render_busy_s, 3),
+                "threads": _thread_times({**scheduler.thread_ids, "event_loop": threading.get_native_id()}),
+                "process_cpu_s": round(time.process_time(), 3)}
 
     @app.get("/", include_in_schema=False)
     async def page() -> FileResponse:
@@ -258,6 +270,20 @@ def create_app(pipeline: Pipeline, limits: Limits | None = None) -> FastAPI:
         return FileResponse(STATIC / "docs.html", media_type="text/html")
 
     return app
+
+
+def _thread_times(thread_ids: dict[str, int]) -> dict:
+    """Each thread's seconds so far on a core (cpu_s) and runnable but waiting for one (runqueue_s), from Linux's
+    schedstat; a thread neither running nor runnable sleeps (on a lock, the GIL, or for work). Empty elsewhere."""
+    times = {}
+    for name, tid in thread_ids.items():
+        try:
+            with open(f"/proc/self/task/{tid}/schedstat") as f:
+                on_cpu, waiting = (int(v) / 1e9 for v in f.read().split()[:2])
+        except (OSError, ValueError):
+            continue
+        times[name] = {"cpu_s": round(on_cpu, 3), "runqueue_s": round(waiting, 3)}
+    return times
 
 
 def _sse(event: str, data: dict) -> str:

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from urllib.parse import urlparse
 
 import httpx
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from cli import ArgumentParser, UserError, run_command
 
@@ -39,9 +39,24 @@ PROMPTS = ["a large red circle", "a small blue square", "a green triangle above 
            "three yellow circles", "a small green star in the bottom right"]
 
 
-def request_bodies(count: int, n: int, keep: int) -> list[dict]:
-    """``count`` requests: the prompts in turn, each with its own seed, the sampling defaults otherwise."""
-    return [{"prompt": PROMPTS[i % len(PROMPTS)], "n": n, "keep": keep, "seed": 1000 * i} for i in range(count)]
+def request_bodies(count: int, n: int, keep: int, edit_every: int = 0, canvas: int = 64) -> list[dict]:
+    """``count`` requests: the prompts in turn, each with its own seed, the sampling defaults otherwise; with
+    ``edit_every`` K, every K-th one redraws the top-left quarter of a ``canvas``-pixel picture sent inline."""
+    bodies = [{"prompt": PROMPTS[i % len(PROMPTS)], "n": n, "keep": keep, "seed": 1000 * i} for i in range(count)]
+    if edit_every:
+        init = _start_picture(canvas)
+        for body in bodies[edit_every - 1::edit_every]:
+            body.update(init=init, box=[0, 0, canvas // 2, canvas // 2])
+    return bodies
+
+
+def _start_picture(canvas: int) -> str:
+    """A picture to edit, as base64 PNG: a red disc on white."""
+    image = Image.new("RGB", (canvas, canvas), "white")
+    ImageDraw.Draw(image).ellipse([canvas // 4, canvas // 4, 3 * canvas // 4, 3 * canvas // 4], fill=(220, 30, 30))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
 
 
 def resident_bytes(pid: int) -> int:
@@ -92,6 +107,7 @@ def run_load(url: str, bodies: list[dict], clients: int, server_pid: int | None 
     """POST every body to ``url``/v1/pictures from ``clients`` threads, each taking the next body when free;
     with the decoder's figures over the run (from /readyz) in ``decoder``."""
     before = httpx.get(url + "/readyz", timeout=30).json()
+    client_cpu = time.process_time()
     next_index = iter(range(len(bodies)))
     lock = threading.Lock()
     result = LoadResult(seconds=0.0)
@@ -125,14 +141,41 @@ def run_load(url: str, bodies: list[dict], clients: int, server_pid: int | None 
     for t in threads:
         t.join()
     result.seconds = time.perf_counter() - start
+    client_cpu = time.process_time() - client_cpu
     after = httpx.get(url + "/readyz", timeout=30).json()
     steps = after["steps"] - before["steps"]
     busy = after["decode_busy_s"] - before["decode_busy_s"]
     result.decoder = {"steps": steps, "rows_per_step": round((after["rows_decoded"] - before["rows_decoded"])
                                                              / max(steps, 1), 1),
                       "ms_per_step": round(1000 * busy / max(steps, 1), 1),
-                      "decode_thread_busy": round(busy / result.seconds, 3)}
+                      "decode_thread_busy": round(busy / result.seconds, 3),
+                      "render_thread_busy": round((after["render_busy_s"] - before["render_busy_s"]) / result.seconds,
+                                                  3)}
+    # Where the phase's time went, as shares of its length: each server thread on a core, and runnable but
+    # waiting for one (the machine's other work); the whole server's and this load test's (its clients) CPU.
+    share = lambda seconds: round(seconds / result.seconds, 3)  # noqa: E731
+    result.decoder["threads"] = {
+        name: {key: share(value - before["threads"][name][key]) for key, value in times.items()}
+        for name, times in after["threads"].items() if name in before["threads"]}
+    result.decoder["server_cores"] = share(after["process_cpu_s"] - before["process_cpu_s"])
+    result.decoder["load_test_cores"] = share(client_cpu)
     return result
+
+
+def _merged_decoder(results: list[LoadResult]) -> dict:
+    """The decoder figures of several phases as one: steps summed, per-step figures weighted by steps, shares
+    of time weighted by the phases' lengths."""
+    def merge(values: list, weights: list[float]):
+        if isinstance(values[0], dict):
+            return {key: merge([v[key] for v in values], weights) for key in values[0] if all(key in v for v in values)}
+        return round(sum(v * w for v, w in zip(values, weights)) / max(sum(weights), 1e-9), 3)
+
+    decoders = [r.decoder for r in results]
+    steps = [d["steps"] for d in decoders]
+    merged = merge(decoders, [r.seconds for r in results])
+    merged.update(steps=sum(steps), rows_per_step=merge([d["rows_per_step"] for d in decoders], steps),
+                  ms_per_step=merge([d["ms_per_step"] for d in decoders], steps))
+    return merged
 
 
 def time_to_first_preview(url: str, body: dict, timeout: float = 60.0) -> tuple[float, float]:
@@ -207,7 +250,8 @@ def _wait_ready(url: str, timeout: float = 120.0) -> None:
 
 def measure(url: str, args: argparse.Namespace, server_pid: int | None) -> dict:
     """The phases of the module docstring; the figures and checks as a dict."""
-    bodies = request_bodies(args.requests, args.n, args.keep)
+    canvas = httpx.get(url + "/v1/info", timeout=30).json()["model"]["canvas"]
+    bodies = request_bodies(args.requests, args.n, args.keep, args.edit_every, canvas)
     sequential_bodies = bodies[: args.sequential]
     preview_body = {"prompt": PROMPTS[0], "n": 4, "keep": 1, "seed": 7}
     run_load(url, bodies[:2], 1)  # warm up: first-call costs are nobody's latency
@@ -232,10 +276,11 @@ def measure(url: str, args: argparse.Namespace, server_pid: int | None) -> dict:
     sequential = LoadResult(seconds=sum(r.seconds for r in one_at_a_time),
                             latencies=[x for r in one_at_a_time for x in r.latencies],
                             failures=[x for r in one_at_a_time for x in r.failures],
-                            pictures=sum(r.pictures for r in one_at_a_time), decoder=one_at_a_time[0].decoder)
+                            pictures=sum(r.pictures for r in one_at_a_time),
+                            decoder=_merged_decoder(one_at_a_time))
     report = {
         "load": {"clients": args.clients, "requests": args.requests, "sequential_requests": len(sequential_bodies),
-                 "n": args.n, "keep": args.keep, "cfg": 1.5},
+                 "n": args.n, "keep": args.keep, "cfg": 1.5, "edit_every": args.edit_every},
         "concurrent": concurrent.summary(args.n * len(bodies)),
         "one_at_a_time": sequential.summary(args.n * len(sequential_bodies)),
         "time_to_first_preview_n4_idle_s": {"median": round(statistics.median(idle_previews), 3),
@@ -246,6 +291,13 @@ def measure(url: str, args: argparse.Namespace, server_pid: int | None) -> dict:
     }
     report["speedup"] = round(report["concurrent"]["candidates_per_s"] / report["one_at_a_time"]["candidates_per_s"],
                               2)
+    # The same ratio per second the decode thread spent on a core: what the machine's other work, which may
+    # differ between the phases, does not change (the idle time of one-at-a-time decoding no longer counts).
+    per_cpu = [summary["candidates_per_s"] / summary["decoder"]["threads"]["decode"]["cpu_s"]
+               for summary in (report["concurrent"], report["one_at_a_time"])
+               if summary["decoder"].get("threads", {}).get("decode", {}).get("cpu_s")]
+    if len(per_cpu) == 2:
+        report["speedup_per_decode_cpu_s"] = round(per_cpu[0] / per_cpu[1], 2)
     window = min(50, len(concurrent.rss) // 2)
     if server_pid is not None and window:
         first, last = max(concurrent.rss[:window]), max(concurrent.rss[-window:])
@@ -272,6 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                                    "and half after the concurrent phase")
     parser.add_argument("--n", type=int, default=4, help="candidates a request")
     parser.add_argument("--keep", type=int, default=1)
+    parser.add_argument("--edit-every", type=int, default=0, metavar="K",
+                        help="every K-th request is an edit (a box redrawn on a picture sent inline); 0: none")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds a request may take")
     parser.add_argument("--max-growth-mb", type=float, default=32.0,
                         help="resident memory the server may gain from the first 50 answers to the last 50")
@@ -281,6 +335,8 @@ def build_parser() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> dict:
     if not 1 <= args.clients <= 256 or not 1 <= args.requests <= 10_000 or not 0 <= args.sequential <= 10_000:
         raise UserError("--clients must be 1..256, --requests 1..10000, --sequential 0..10000")
+    if args.edit_every < 0:
+        raise UserError(f"--edit-every must be >= 0 (0: no edits), got {args.edit_every}")
     if not 1 <= args.keep <= args.n:
         raise UserError(f"--keep must be from 1 to --n ({args.n})")
     server = None

@@ -10,10 +10,16 @@ candidate's token with the same :class:`seq2seq.generate.Sampler` and seed schem
 draw of candidate j at step t depends on its seed and t only. Finished requests leave; the last rows move
 into their slots, so the batch is always the caches' first rows (Orca, Yu et al. 2022; vLLM's scheduler).
 
-A picture served for (prompt, seed, settings) is therefore the picture ``sample.generate_images`` draws
-for them, whoever else is being served. A second thread draws the pictures while decoding goes on:
+Edits (sample/edit.py: completion, inpainting) share the batch with plain requests: an edited job's rows
+carry its picture's ids and keep mask, and at every step a kept position takes the given id instead of the
+one drawn (the draw is made and discarded, as :class:`seq2seq.generate.Forcing` does), while the
+log-likelihood of the kept ids after the hole is summed for the ranking. ``generate`` reads the leading run
+of kept ids in its prefill; here they are read one a step like any other, which gives the same logits.
+
+A picture served for (prompt, seed, settings, edit) is therefore the picture ``sample.generate_images``
+draws for them, whoever else is being served. A second thread draws the pictures while decoding goes on:
 finished ids go through the same :meth:`Pipeline.render` (VQGAN, scorer) and ranking as ``python -m
-sample``; previews decode the ids drawn so far with the VQGAN, the cells not drawn yet painted grey.
+sample``; previews decode the ids known so far (drawn or kept) with the VQGAN, the others painted grey.
 """
 
 from __future__ import annotations
@@ -29,15 +35,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-from PIL import Image, ImageDraw
 
 from data.images import to_pil
+from sample.edit import Edit, preview_images
 from sample.pipeline import Picture, Pipeline, SamplingSettings
 from seq2seq.generate import EMPTY_TEXT_IDS, Sampler, with_unconditional
 
 __all__ = ["Job", "QueueFull", "Scheduler"]
-
-PREVIEW_GREY = (200, 200, 200)  # the cells not drawn yet in a preview
 
 
 class QueueFull(Exception):
@@ -50,13 +54,15 @@ class Job:
 
     ``on_event(kind, payload)`` is called from the scheduler's thread: ``("started", {})``,
     ``("preview", {"step", "of", "images"})`` every ``preview_every`` tokens when set, then ``("done",
-    {"pictures"})`` (every candidate, best first) or ``("error", {"message"})``.
+    {"pictures"})`` (every candidate, best first) or ``("error", {"message"})``. ``edit`` starts every
+    candidate from its picture (completion or inpainting).
     """
 
     prompt: str
     settings: SamplingSettings
     on_event: Callable[[str, dict], None]
     preview_every: int | None = None
+    edit: Edit | None = None
     text_ids: torch.Tensor | None = None  # (1, L), set by the scheduler
     text_mask: torch.Tensor | None = None
     step: int = 0  # the image token drawn next
@@ -85,6 +91,7 @@ class _Group:
     sampler: Sampler
     cond_rows: torch.Tensor  # (C,)
     uncond_rows: torch.Tensor | None  # (C,) when guided
+    forced: bool  # some of its jobs are edits: kept ids replace the draws
 
 
 class Scheduler:
@@ -103,6 +110,12 @@ class Scheduler:
         self.row_ids = torch.zeros(max_rows, dtype=torch.long, device=device)  # each row's input this step
         self.row_pos = torch.zeros(max_rows, dtype=torch.long, device=device)  # its decoder position
         self.drawn = torch.zeros(max_rows, self.image_len, dtype=torch.long, device=device)  # ids drawn so far
+        # Edits, per row and position: the given id, whether it is kept, whether it is kept after the hole
+        # (its likelihood counts), and the sum of those likelihoods so far (seq2seq.generate.Forcing's fields).
+        self.given = torch.zeros(max_rows, self.image_len, dtype=torch.long, device=device)
+        self.kept = torch.zeros(max_rows, self.image_len, dtype=torch.bool, device=device)
+        self.after_hole = torch.zeros(max_rows, self.image_len, dtype=torch.bool, device=device)
+        self.log_likelihood = torch.zeros(max_rows, device=device)
         self.rows: list[tuple[Job, int]] = []  # row r holds (job, i): candidate i's row, or n + i's uncond row
         self.active: list[Job] = []
         self.job_rows: dict[Job, torch.Tensor] = {}  # the job's rows: (n,) or (2n,) cond then uncond
@@ -111,14 +124,16 @@ class Scheduler:
         self.cond = threading.Condition()
         self.thread: threading.Thread | None = None
         self.render_thread: threading.Thread | None = None
-        # Pictures to draw from finished or partial ids: (job, ids (n, image_len), step). Another thread draws
-        # them (VQGAN, scorer, ranking), so decoding goes on meanwhile.
+        # Pictures to draw: (self._preview, job, ids, undrawn, step) or (self._finish, job, ids, likelihood).
+        # Another thread draws them (VQGAN, scorer, ranking), so decoding goes on meanwhile.
         self.renders: queue.Queue = queue.Queue()
         self.stopping = False
         self.ready = False
         self.steps = 0  # decode steps run, rows decoded and seconds spent: for /readyz and the benchmarks
         self.rows_decoded = 0
         self.busy_s = 0.0
+        self.render_busy_s = 0.0  # seconds the render thread spent drawing
+        self.thread_ids: dict[str, int] = {}  # the threads' native ids: /readyz reads their CPU time by them
 
     # ------------------------------------------------------------------------------ the caller's side
 
@@ -169,6 +184,7 @@ class Scheduler:
     # ------------------------------------------------------------------------------ the decode thread
 
     def _run(self) -> None:
+        self.thread_ids["decode"] = threading.get_native_id()
         with torch.inference_mode():
             self.setup()
             while True:
@@ -223,6 +239,7 @@ class Scheduler:
                 text_ids, text_mask = with_unconditional(text_ids, text_mask, EMPTY_TEXT_IDS)  # (2n, L')
             slots = torch.arange(first, first + text_ids.shape[0], device=self.device)
             self.model.prefill_slots(text_ids, text_mask.bool(), slots)
+            self._set_edit(job, slots)
             self.row_ids[slots] = self.model.config.bos_id
             self.row_pos[slots] = 0
             self.rows += [(job, index) for index in range(text_ids.shape[0])]
@@ -230,6 +247,18 @@ class Scheduler:
             job.on_event("started", {})
         if jobs:
             self._regroup()
+
+    def _set_edit(self, job: Job, slots: torch.Tensor) -> None:
+        """The job's given ids and keep mask in its rows (nothing kept for a plain job)."""
+        self.log_likelihood[slots] = 0.0
+        if job.edit is None:
+            self.kept[slots] = False
+            self.after_hole[slots] = False
+            return
+        keep = job.edit.keep.flatten().to(self.device)  # (S,)
+        self.given[slots] = self.pipeline.encode_init(job.edit).flatten().masked_fill(~keep, 0)
+        self.kept[slots] = keep
+        self.after_hole[slots] = keep & (torch.cumsum((~keep).long(), 0) > 0)
 
     def _regroup(self) -> None:
         """Rebuild every job's rows and the Samplers after rows came or went."""
@@ -248,7 +277,7 @@ class Scheduler:
             cond = torch.cat([self.job_rows[j][:n] for j, n in zip(jobs, n_of)])
             uncond = torch.cat([self.job_rows[j][n:] for j, n in zip(jobs, n_of)]) if cfg != 1.0 else None
             sampler = Sampler(seeds.to(self.device), temperature, top_k, top_p, float(cfg))
-            self.groups.append(_Group(sampler, cond, uncond))
+            self.groups.append(_Group(sampler, cond, uncond, any(j.edit is not None for j in jobs)))
 
     def _step(self) -> None:
         """One token for every row; then previews, finished jobs out, cancelled jobs dropped."""
@@ -263,12 +292,16 @@ class Scheduler:
         logits = self.model.decode_one_token(self.row_ids[:batch, None], positions, kv_len)  # (R, V)
         for group in self.groups:
             rows = group.cond_rows
+            cond_logits = logits[rows]  # (C, V)
             if group.uncond_rows is not None:
-                ids = group.sampler(torch.cat([logits[rows], logits[group.uncond_rows]]), positions[rows])
-                self.row_ids[group.uncond_rows] = ids
+                ids = group.sampler(torch.cat([cond_logits, logits[group.uncond_rows]]), positions[rows])
             else:
-                ids = group.sampler(logits[rows], positions[rows])
+                ids = group.sampler(cond_logits, positions[rows])
+            if group.forced:
+                ids = self._force(ids, cond_logits, rows, positions[rows])
             self.row_ids[rows] = ids
+            if group.uncond_rows is not None:
+                self.row_ids[group.uncond_rows] = ids
         every = torch.arange(batch, device=self.device)
         self.drawn[every, positions] = self.row_ids[:batch]
         positions += 1
@@ -280,11 +313,30 @@ class Scheduler:
             if job.step == self.image_len:
                 finished.append(job)
             elif job.preview_every and job.step % job.preview_every == 0:
-                self.renders.put((job, self.drawn[self.job_rows[job][: job.settings.n]].clone(), job.step))
+                self.renders.put((self._preview, job, *self._known(job)))
         if finished:
             for job in finished:
-                self.renders.put((job, self.drawn[self.job_rows[job][: job.settings.n]].clone(), self.image_len))
+                cond = self.job_rows[job][: job.settings.n]
+                likelihood = self.log_likelihood[cond] / self.after_hole[cond].sum(1).clamp(min=1)  # (n,)
+                self.renders.put((self._finish, job, self.drawn[cond].clone(), likelihood))
             self._remove(finished)
+
+    def _force(self, ids: torch.Tensor, cond_logits: torch.Tensor, rows: torch.Tensor,
+               positions: torch.Tensor) -> torch.Tensor:
+        """The ids (C,) of rows ``rows`` at their ``positions`` (C,): the given id where kept, else the one
+        drawn; the log-probability of a kept id after the hole is added to its row's likelihood."""
+        given = self.given[rows, positions]  # (C,)
+        log_probs = cond_logits.float().log_softmax(-1).gather(1, given[:, None])[:, 0]  # (C,)
+        self.log_likelihood[rows] += torch.where(self.after_hole[rows, positions], log_probs, 0.0)
+        return torch.where(self.kept[rows, positions], given, ids)
+
+    def _known(self, job: Job) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """A preview's grid: the job's ids (n, S) drawn so far or kept, which positions are neither, its step."""
+        cond = self.job_rows[job][: job.settings.n]
+        ahead = torch.arange(self.image_len, device=self.device) >= job.step  # (S,)
+        kept = self.kept[cond] & ahead  # (n, S)
+        ids = torch.where(kept, self.given[cond], self.drawn[cond])
+        return ids, ahead & ~kept, job.step
 
     def _remove(self, jobs: list[Job]) -> None:
         """Free the jobs' rows; the last rows move into the holes so the batch stays the first rows."""
@@ -297,7 +349,8 @@ class Scheduler:
             source = torch.tensor(movers, device=self.device)
             target = torch.tensor(holes, device=self.device)
             self.model.move_slots(source, target)
-            for buffer in (self.row_ids, self.row_pos, self.drawn):
+            for buffer in (self.row_ids, self.row_pos, self.drawn, self.given, self.kept, self.after_hole,
+                           self.log_likelihood):
                 buffer[target] = buffer[source]
         rows = self.rows[:size]
         for hole, mover in zip(holes, movers):
@@ -309,52 +362,43 @@ class Scheduler:
     # ------------------------------------------------------------------------------ the render thread
 
     def _render_loop(self) -> None:
+        self.thread_ids["render"] = threading.get_native_id()
         with torch.inference_mode():
             while (item := self.renders.get()) is not None:
+                start = time.perf_counter()
                 self._render(*item)
+                self.render_busy_s += time.perf_counter() - start
 
     def render_pending(self) -> None:
         """Draw every queued preview and result in this thread (what the render thread does; for tests)."""
         while not self.renders.empty():
             self._render(*self.renders.get_nowait())
 
-    def _render(self, job: Job, image_ids: torch.Tensor, step: int) -> None:
+    def _render(self, draw: Callable, job: Job, *args) -> None:
         if job.cancelled:
             return
         try:
-            if step < self.image_len:
-                self._preview(job, image_ids, step)
-            else:
-                self._finish(job, image_ids)
+            draw(job, *args)
         except Exception:  # a bug: this job fails, the service goes on
             traceback.print_exc(file=sys.stderr)
             job.on_event("error", {"message": "internal error while drawing the pictures; see the server's log"})
 
-    def _preview(self, job: Job, image_ids: torch.Tensor, step: int) -> None:
-        """The candidates as drawn so far (n, image_len), decoded by the VQGAN, the cells still to draw grey."""
-        image_ids[:, step:] = 0
-        decoded = self.pipeline.vqgan.decode(image_ids.view(-1, self.grid_size, self.grid_size)).float()
-        images = [_grey_undrawn(to_pil(image), step, self.grid_size) for image in decoded.cpu()]
+    def _preview(self, job: Job, image_ids: torch.Tensor, undrawn: torch.Tensor, step: int) -> None:
+        """The candidates' ids known so far (n, S), decoded by the VQGAN, the ``undrawn`` (n, S) cells grey."""
+        grid = (-1, self.grid_size, self.grid_size)
+        decoded = self.pipeline.vqgan.decode(image_ids.masked_fill(undrawn, 0).view(grid)).float()
+        images = [to_pil(image) for image in preview_images(decoded, undrawn.view(grid)).cpu()]
         job.on_event("preview", {"step": step, "of": self.image_len, "images": images})
 
-    def _finish(self, job: Job, image_ids: torch.Tensor) -> None:
-        """Render, score and rank the job's pictures (n, image_len) as the sampling pipeline does; hand them over."""
-        n = job.settings.n
+    def _finish(self, job: Job, image_ids: torch.Tensor, likelihood: torch.Tensor) -> None:
+        """Render, score and rank the job's pictures (n, S) as the sampling pipeline does; hand them over. An
+        inpainting's likelihoods (n,) of the kept ids after the hole join the ranking, as they do there."""
+        n, edit = job.settings.n, job.edit
         images, scores = self.pipeline.render(image_ids.view(n, self.grid_size, self.grid_size), [job.prompt] * n)
         if job.preview_every:  # the finished candidates, unranked, on the preview grid
             job.on_event("preview", {"step": self.image_len, "of": self.image_len, "images": list(images)})
-        pictures: list[Picture] = self.pipeline._rank(job.prompt, images, scores, None, job.settings,
-                                                      self.pipeline.settings_record(job.settings))
+        likelihoods = likelihood.float().cpu() if edit is not None and edit.keeps_after_hole else None
+        pictures: list[Picture] = self.pipeline._rank(job.prompt, images, scores, likelihoods, job.settings,
+                                                      self.pipeline.settings_record(job.settings, edit))
         job.on_event("done", {"pictures": pictures})
 
-
-def _grey_undrawn(image: Image.Image, drawn: int, grid_size: int) -> Image.Image:
-    """Paint grey the grid cells from raster position ``drawn`` on: the ones not drawn yet."""
-    cell = image.size[0] // grid_size
-    row, col = divmod(drawn, grid_size)
-    draw = ImageDraw.Draw(image)
-    if row < grid_size:
-        draw.rectangle([col * cell, row * cell, image.size[0] - 1, (row + 1) * cell - 1], fill=PREVIEW_GREY)
-    if row + 1 < grid_size:
-        draw.rectangle([0, (row + 1) * cell, image.size[0] - 1, image.size[1] - 1], fill=PREVIEW_GREY)
-    return image

@@ -2,17 +2,21 @@
 
 The sampling fields, their defaults and their bounds are ``python -m sample``'s (``SamplingSettings`` and
 the constants beside it); a request may not carry a field the model does not know. Numbers are strict: a
-string "4" is not 4, NaN and infinities are refused.
+string "4" is not 4, NaN and infinities are refused. The editing fields are ``python -m sample``'s --init,
+--keep-rows, --box, --mask and --likelihood-weight, with the pictures sent inline as base64 PNG, never as a
+path on the server; what depends on the run (a picture's size, the rows of its grid) is checked by the
+service (serve/app.py).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
-from sample.pipeline import MAX_CFG, MAX_SEED, MAX_TEMPERATURE, MIN_TEMPERATURE, SamplingSettings
+from sample.pipeline import (MAX_CFG, MAX_LIKELIHOOD_WEIGHT, MAX_SEED, MAX_TEMPERATURE, MIN_TEMPERATURE,
+                             SamplingSettings)
 
 __all__ = ["Limits", "PictureRequest", "PictureOut", "PicturesResponse", "ErrorBody", "ErrorResponse"]
 
@@ -27,7 +31,8 @@ class Limits:
     max_n: int = 16  # candidates per request
     max_rows: int = 256  # decoder rows decoding at once (a guided candidate takes two): the KV cache's slots
     max_queue: int = 64  # requests waiting for rows; one more is refused with 429
-    max_body_bytes: int = 16 * 1024  # a request body larger than this is refused with 413
+    max_body_bytes: int = 256 * 1024  # a request body larger than this is refused with 413 (it holds an init
+    # picture and a mask as base64 PNG when editing: a 64x64 picture is at most 17 KB so, a 256x256 one 350 KB)
     timeout_s: float = 120.0  # a request not answered by then is dropped with 408
     stored_pictures: int = 2048  # kept pictures held for GET /v1/pictures/{id}, oldest dropped first
     preview_every: int | None = None  # tokens between previews on the stream; None: one grid row
@@ -49,6 +54,21 @@ class PictureRequest(BaseModel):
     cfg: float = Field(DEFAULTS.cfg, ge=0, le=MAX_CFG, description="classifier-free guidance scale; 1 is off")
     seed: int | None = Field(None, ge=0, le=MAX_SEED,
                              description="candidate j has seed SEED+j; null draws one (returned with each picture)")
+    init: str | None = Field(None, description="edit this picture: a PNG of the run's size (GET /v1/info: "
+                             "model.canvas) as base64, optionally as a data: URL; with keep_rows, box or mask")
+    keep_rows: int | None = Field(None, ge=1, description="with init: keep its first rows of tokens, draw the rest "
+                                                           "(completion)")
+    box: list[Annotated[int, Field(ge=0)]] | None = Field(
+        None, min_length=4, max_length=4, description="with init: redraw this box [x0, y0, x1, y1] in pixels, x1 "
+                                                      "and y1 excluded (inpainting)")
+    mask: str | None = Field(None, description="with init: redraw where this PNG (base64, init's size) is white, "
+                                               "keep where black (inpainting)")
+    likelihood_weight: float = Field(DEFAULTS.likelihood_weight, ge=0, le=MAX_LIKELIHOOD_WEIGHT,
+                                     description="inpainting: weight of the likelihood of what follows the hole "
+                                                 "beside the scorer when ranking; 0: the scorer alone")
+    width: int | None = Field(None, description="the picture's width in pixels: the run's size only (wider "
+                                                "canvases: python -m sample --width)")
+    height: int | None = Field(None, description="likewise, the height")
     response_format: Literal["base64", "url"] = Field(
         "base64", description="base64: each picture's PNG inline; url: only the address to GET it from")
 
@@ -80,7 +100,8 @@ class PictureRequest(BaseModel):
 
     def settings(self, seed: int) -> SamplingSettings:
         return SamplingSettings(n=self.n, keep=self.keep, top_k=self.top_k, top_p=self.top_p,
-                                temperature=self.temperature, cfg=self.cfg, seed=seed)
+                                temperature=self.temperature, cfg=self.cfg, seed=seed,
+                                likelihood_weight=self.likelihood_weight)
 
 
 class PictureOut(BaseModel):
@@ -90,13 +111,16 @@ class PictureOut(BaseModel):
     score: float | None = Field(description="the scorer's match of picture and prompt (higher is better)")
     rank: int = Field(description="1 = best of the request's candidates")
     candidate: int = Field(description="its place j among the candidates (seed = the request's seed + j)")
+    likelihood: float | None = Field(None, description="inpainting: the mean log-likelihood (nats) of the kept "
+                                                       "tokens after the hole, part of the ranking")
     png_base64: str | None = Field(None, description="the PNG, when response_format is base64")
 
 
 class PicturesResponse(BaseModel):
     id: str = Field(description="the request's id")
     prompt: str
-    settings: dict = Field(description="n, keep, top_k, top_p, temperature, cfg and the seed used")
+    settings: dict = Field(description="n, keep, top_k, top_p, temperature, cfg, likelihood_weight, the seed "
+                                       "used and, for an edit, how it was asked for (edit)")
     truncated: bool = Field(description="the prompt was longer than the model reads, and was cut")
     pictures: list[PictureOut] = Field(description="the kept pictures, best first")
     queued_s: float = Field(description="seconds waiting for decoder rows")

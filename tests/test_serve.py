@@ -9,8 +9,11 @@ through FastAPI's TestClient, the decode thread for real.
 import base64
 import io
 import json
+import struct
 import threading
+import zlib
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -22,12 +25,13 @@ pytest.importorskip("fastapi", reason="the service needs the serve extra: pip in
 from fastapi.testclient import TestClient
 
 import serve.__main__ as serve_cli
-from sample.pipeline import Pipeline, SamplingSettings
+from sample.pipeline import Pipeline, SamplingSettings, generate_images, make_edit
 from serve.app import create_app
 from serve.scheduler import Job, Scheduler
 from serve.schemas import Limits
+from data.images import to_pil
 
-LIMITS = Limits(max_n=6, max_rows=24, max_queue=8, max_body_bytes=2048, timeout_s=60.0, preview_every=4)
+LIMITS = Limits(max_n=6, max_rows=24, max_queue=8, max_body_bytes=16384, timeout_s=60.0, preview_every=4)
 
 
 @pytest.fixture(scope="module")
@@ -101,6 +105,98 @@ def test_continuous_batching_draws_the_pictures_generate_images_draws(pipeline, 
         assert [_pixels(p.image) for p in served] == [_pixels(p.image) for p in expected]
 
 
+def _init_picture(size: int = 32, seed: int = 0) -> Image.Image:
+    """A picture of the tiny run's size to edit: coloured noise, so every token of its grid differs."""
+    generator = torch.Generator().manual_seed(seed)
+    pixels = torch.randint(0, 256, (size, size, 3), generator=generator, dtype=torch.uint8)
+    return Image.fromarray(pixels.numpy(), "RGB")
+
+
+def _mask_picture(size: int = 32) -> Image.Image:
+    """White (redraw) on the right half of the middle rows, black (keep) elsewhere."""
+    mask = Image.new("L", (size, size), 0)
+    mask.paste(255, (size // 2, 8, size, 20))
+    return mask
+
+
+def _png64(image: Image.Image, format: str = "PNG") -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format=format)
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def _huge_png64(side: int = 30000) -> str:
+    """A PNG whose header says side x side pixels (2.7 GB decoded) in a few bytes: refused unread."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0))
+    png = b"\x89PNG\r\n\x1a\n" + header + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    return base64.b64encode(png).decode()
+
+
+EDITS = [  # (prompt, settings, make_edit's arguments, steps run before the next one arrives)
+    ("a large red circle", dict(n=3, keep=2, seed=3), dict(keep_rows=2), 2),
+    ("a small blue square", dict(n=2, keep=2, seed=10, cfg=1.0, likelihood_weight=0.5), dict(box=(0, 8, 16, 24)), 3),
+    ("a large red circle", dict(n=4, keep=3, seed=7), dict(mask=_mask_picture()), 1),
+    ("two green triangles", dict(n=2, keep=1, seed=5), {}, 0),  # a plain request beside the edits
+]
+
+
+def test_edits_batch_with_plain_requests_and_draw_what_python_m_sample_draws(pipeline, reference):
+    """Completion, a box and a mask, guided and not, joining at different steps beside a plain request: every
+    picture, seed, rank, score, likelihood and settings record is the one python -m sample gives alone."""
+    scheduler = Scheduler(pipeline, max_rows=24)
+    events: dict[int, list] = {}
+    edits = [make_edit(pipeline, _init_picture(seed=i), **options) if options else None
+             for i, (_, _, options, _) in enumerate(EDITS)]
+    with torch.inference_mode():
+        scheduler.setup()
+        for i, (prompt, options, _, steps) in enumerate(EDITS):
+            scheduler.submit(Job(prompt, SamplingSettings(**options), lambda kind, data, i=i: events.setdefault(
+                i, []).append((kind, data)), preview_every=4, edit=edits[i]))
+            for _ in range(steps):
+                scheduler.run_once()
+        assert len({group.sampler for group in scheduler.groups}) < len(EDITS)  # edits share samplers
+        while scheduler.busy_rows:
+            scheduler.run_once()
+        scheduler.render_pending()
+    for i, (prompt, options, _, _) in enumerate(EDITS):
+        assert [kind for kind, _ in events[i]].count("preview") == 4 and events[i][-1][0] == "done"
+        served = events[i][-1][1]["pictures"]
+        expected = reference([prompt], SamplingSettings(**options), edit=edits[i])[0]
+        assert [(p.seed, p.rank, p.kept, p.score, p.settings) for p in served] == [
+            (p.seed, p.rank, p.kept, p.score, p.settings) for p in expected]
+        assert [_pixels(p.image) for p in served] == [_pixels(p.image) for p in expected]
+        if edits[i] is not None and edits[i].keeps_after_hole:
+            assert [p.likelihood for p in served] == pytest.approx([p.likelihood for p in expected], abs=1e-5)
+            assert all(p.likelihood < 0 for p in served)
+        else:
+            assert all(p.likelihood is None for p in served)
+
+
+def test_an_edits_previews_show_its_kept_tokens_from_the_start(pipeline):
+    """Completion keeping 2 of 4 rows: the first preview (step 4) shows rows 1-2 from the picture, not grey."""
+    scheduler = Scheduler(pipeline, max_rows=8)
+    events = []
+    edit = make_edit(pipeline, _init_picture(), keep_rows=2)
+    with torch.inference_mode():
+        scheduler.setup()
+        scheduler.submit(Job("a red circle", SamplingSettings(n=1, keep=1, seed=0),
+                             lambda kind, data: events.append((kind, data)), preview_every=4, edit=edit))
+        while scheduler.busy_rows or scheduler.queue_length:
+            scheduler.run_once()
+        scheduler.render_pending()
+        known = pipeline.encode_init(edit).clone()  # (1, 4, 4)
+        known[:, 2:] = 0  # what a preview decodes where nothing is known yet
+        expected = to_pil(pipeline.vqgan.decode(known).float()[0])
+    first = next(data for kind, data in events if kind == "preview")
+    assert first["step"] == 4  # two rows known: one drawn (forced), one kept ahead
+    preview = np.asarray(first["images"][0])
+    assert np.array_equal(preview[:16], np.asarray(expected)[:16])  # the kept rows
+    assert (preview[16:] == preview[16, 0]).all()  # the rest: one flat grey
+
+
 def test_decode_with_positions_per_row_equals_a_shared_position(pipeline):
     """decode_one_token with (B,) positions all equal gives the logits of the (1,) form."""
     model = pipeline.model
@@ -144,6 +240,46 @@ def test_http_requests_in_flight_together_get_their_own_pictures(client, referen
         assert [_pixels(image) for image in served] == [_pixels(p.image) for p in kept]
 
 
+def test_an_edit_over_http_returns_what_generate_images_returns(client, reference):
+    """A box inpainting sent with its picture inline (as a data: URL too) and a mask inpainting streamed:
+    python -m sample's kept pictures, seeds, scores and likelihoods, and the edit in the settings."""
+    init = _init_picture(seed=3)
+    box = {"prompt": "a blue square", "n": 3, "keep": 2, "seed": 4, "cfg": 1.0, "init": _png64(init),
+           "box": [8, 0, 24, 16], "likelihood_weight": 2.0, "width": 32, "height": 32}
+    mask = {"prompt": "a red circle", "n": 2, "keep": 2, "seed": 9, "init": "data:image/png;base64," + _png64(init),
+            "mask": _png64(_mask_picture())}
+    answer = client.post("/v1/pictures", json=box)
+    assert answer.status_code == 200, answer.text
+    with client.stream("POST", "/v1/pictures/stream", json=mask) as response:
+        assert response.status_code == 200
+        response.read()
+    events = _read_events(response)
+    assert [kind for kind, _ in events].count("preview") == 4 and events[-1][0] == "done"
+    for served, options, edit in ((answer.json(), box, dict(box=(8, 0, 24, 16), likelihood_weight=2.0)),
+                                  (events[-1][1], mask, dict(mask=_mask_picture()))):
+        kept = generate_images(options["prompt"], pipeline=reference, n=options["n"], keep=options["keep"],
+                               seed=options["seed"], cfg=options.get("cfg", 1.5), init=init, **edit)[0]
+        pictures = served["pictures"]
+        assert [(p["seed"], p["rank"], p["score"]) for p in pictures] == [(p.seed, p.rank, p.score) for p in kept]
+        assert [p["likelihood"] for p in pictures] == pytest.approx([p.likelihood for p in kept], abs=1e-5)
+        images = [Image.open(io.BytesIO(base64.b64decode(p["png_base64"]))) for p in pictures]
+        assert [_pixels(image) for image in images] == [_pixels(p.image) for p in kept]
+        assert served["settings"]["edit"] == kept[0].settings["edit"]
+        assert json.loads(images[0].text["settings"])["edit"] == kept[0].settings["edit"]
+
+
+def test_a_completion_over_http_returns_what_generate_images_returns(client, reference):
+    init = _init_picture(seed=1)
+    answer = client.post("/v1/pictures", json={"prompt": "a green star", "n": 2, "keep": 2, "seed": 0,
+                                               "init": _png64(init), "keep_rows": 3})
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    assert body["settings"]["edit"] == {"keep_rows": 3} and all(p["likelihood"] is None for p in body["pictures"])
+    kept = generate_images("a green star", pipeline=reference, n=2, keep=2, seed=0, init=init, keep_rows=3)[0]
+    images = [Image.open(io.BytesIO(base64.b64decode(p["png_base64"]))) for p in body["pictures"]]
+    assert [_pixels(image) for image in images] == [_pixels(p.image) for p in kept]
+
+
 # ---------------------------------------------------------------------------------------------- endpoints
 
 def test_health_readiness_info_and_docs(client):
@@ -151,7 +287,9 @@ def test_health_readiness_info_and_docs(client):
     ready = client.get("/readyz")
     assert ready.status_code == 200 and ready.json()["status"] == "ready"
     info = client.get("/v1/info").json()
-    assert info["defaults"] == {"n": 16, "keep": 4, "top_k": None, "top_p": None, "temperature": 1.0, "cfg": 1.5}
+    assert info["defaults"] == {"n": 16, "keep": 4, "top_k": None, "top_p": None, "temperature": 1.0, "cfg": 1.5,
+                                "likelihood_weight": 1.0}
+    assert info["model"]["canvas"] == 32 and info["model"]["token_size"] == 8
     assert info["limits"]["max_n"] == LIMITS.max_n
     spec = client.get("/openapi.json").json()
     assert {"/v1/pictures", "/v1/pictures/stream", "/v1/pictures/{picture_id}", "/healthz", "/readyz"} <= set(
@@ -264,6 +402,36 @@ BAD_BODIES = [  # (body, the field named)
     ({"prompt": "a", "response_format": "file"}, "response_format"),
     ({"prompt": "a", "checkpoint": "/etc/passwd"}, "checkpoint"),
     ({"prompt": "a", "out": "../../tmp"}, "out"),
+    # edits
+    ({"prompt": "a", "n": 2, "keep": 1, "keep_rows": 2}, "keep_rows"),
+    ({"prompt": "a", "n": 2, "keep": 1, "box": [0, 0, 8, 8]}, "box"),
+    ({"prompt": "a", "n": 2, "keep": 1, "mask": _png64(_mask_picture())}, "mask"),
+    ({"prompt": "a", "n": 2, "keep": 1, "init": _png64(_init_picture())}, "init"),
+    ({"prompt": "a", "n": 2, "keep": 1, "init": _png64(_init_picture()), "keep_rows": 2, "box": [0, 0, 8, 8]}, "box"),
+    ({"prompt": "a", "n": 2, "keep": 1, "init": "/etc/passwd", "keep_rows": 2}, "init"),
+    ({"prompt": "a", "n": 2, "keep": 1, "init": "not base64!", "keep_rows": 2}, "init"),
+    ({"prompt": "a", "n": 2, "keep": 1, "init": base64.b64encode(b"hello, not a picture").decode(), "keep_rows": 2}, "init"),
+    ({"prompt": "a", "n": 2, "keep": 1, "init": _png64(_init_picture(), "JPEG"), "keep_rows": 2}, "init"),
+    ({"prompt": "a", "n": 2, "keep": 1, "init": _png64(_init_picture())[:200], "keep_rows": 2}, "init"),
+    ({"prompt": "a", "n": 2, "keep": 1, "init": _png64(_init_picture(16)), "keep_rows": 2}, "init"),
+    ({"prompt": "a", "n": 2, "keep": 1, "init": _huge_png64(), "keep_rows": 2}, "init"),
+    ({"prompt": "a", "n": 2, "keep": 1, "init": 5, "keep_rows": 2}, "init"),
+    ({"prompt": "a", "n": 2, "keep": 1, "init": _png64(_init_picture()), "keep_rows": 0}, "keep_rows"),
+    ({"prompt": "a", "n": 2, "keep": 1, "init": _png64(_init_picture()), "keep_rows": 4}, "keep_rows"),
+    ({"prompt": "a", "n": 2, "keep": 1, "init": _png64(_init_picture()), "keep_rows": "2"}, "keep_rows"),
+    ({"prompt": "a", "n": 2, "keep": 1, "init": _png64(_init_picture()), "box": [0, 0, 40, 8]}, "box"),
+    ({"prompt": "a", "n": 2, "keep": 1, "init": _png64(_init_picture()), "box": [8, 8, 8, 16]}, "box"),
+    ({"prompt": "a", "n": 2, "keep": 1, "init": _png64(_init_picture()), "box": [0, 0, 8]}, "box"),
+    ({"prompt": "a", "n": 2, "keep": 1, "init": _png64(_init_picture()), "box": [-1, 0, 8, 8]}, "box"),
+    ({"prompt": "a", "n": 2, "keep": 1, "init": _png64(_init_picture()), "box": "0,0,8,8"}, "box"),
+    ({"prompt": "a", "n": 2, "keep": 1, "init": _png64(_init_picture()), "mask": _png64(_mask_picture(16))}, "mask"),
+    ({"prompt": "a", "n": 2, "keep": 1, "init": _png64(_init_picture()), "mask": _png64(Image.new("L", (32, 32), 0))}, "mask"),
+    ({"prompt": "a", "n": 2, "keep": 1, "init": _png64(_init_picture()), "mask": "////"}, "mask"),
+    ({"prompt": "a", "n": 2, "keep": 1, "likelihood_weight": -1}, "likelihood_weight"),
+    ({"prompt": "a", "n": 2, "keep": 1, "likelihood_weight": 1000}, "likelihood_weight"),
+    ({"prompt": "a", "n": 2, "keep": 1, "likelihood_weight": "1"}, "likelihood_weight"),
+    ({"prompt": "a", "n": 2, "keep": 1, "width": 64}, "width"),
+    ({"prompt": "a", "n": 2, "keep": 1, "height": 16}, "height"),
 ]
 
 
@@ -273,7 +441,7 @@ def test_every_bad_field_is_a_422_naming_it(client, path, body, field):
     answer = client.post(path, json=body)
     assert answer.status_code == 422, answer.text
     error = answer.json()["error"]
-    assert error["field"] == field and error["message"] and field in error["message"]
+    assert error["field"] in (field, f"{field}.0") and error["message"] and field in error["message"]
 
 
 @pytest.mark.parametrize("content, headers, status, field", [
@@ -284,7 +452,7 @@ def test_every_bad_field_is_a_422_naming_it(client, path, body, field):
     (b'{"prompt": "a", "cfg": Infinity}', {"content-type": "application/json"}, 422, "cfg"),
     (b'{"prompt": "a"}', {"content-type": "text/plain"}, 422, "body"),
     (b"\xff\xfe not utf-8", {"content-type": "application/json"}, 422, "body"),
-    (b'{"prompt": "' + b"a" * 3000 + b'"}', {"content-type": "application/json"}, 413, "body"),
+    (b'{"prompt": "' + b"a" * 17000 + b'"}', {"content-type": "application/json"}, 413, "body"),
 ])
 def test_bodies_that_are_not_a_request_are_4xx_json(client, content, headers, status, field):
     answer = client.post("/v1/pictures", content=content, headers=headers)
@@ -292,7 +460,8 @@ def test_bodies_that_are_not_a_request_are_4xx_json(client, content, headers, st
     assert answer.json()["error"]["field"] == field
 
 
-FIELDS = ["prompt", "n", "keep", "top_k", "top_p", "temperature", "cfg", "seed", "response_format"]
+FIELDS = ["prompt", "n", "keep", "top_k", "top_p", "temperature", "cfg", "seed", "response_format", "init",
+          "keep_rows", "box", "mask", "likelihood_weight", "width", "height"]
 JSON_VALUES = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False, allow_infinity=False)
     | st.text(max_size=30),
@@ -326,7 +495,7 @@ def test_the_service_listens_on_this_machine_only_by_default():
 def test_a_body_streamed_past_the_limit_is_refused_while_it_arrives(client):
     def chunks():
         yield b'{"prompt": "'
-        for _ in range(10):
+        for _ in range(20):
             yield b"a" * 1000
         yield b'"}'
 
