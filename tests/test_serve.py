@@ -7,9 +7,11 @@ through FastAPI's TestClient, the decode thread for real.
 """
 
 import base64
+import importlib
 import io
 import json
 import struct
+import sys
 import threading
 import zlib
 
@@ -25,11 +27,12 @@ pytest.importorskip("fastapi", reason="the service needs the serve extra: pip in
 from fastapi.testclient import TestClient
 
 import serve.__main__ as serve_cli
+from data.images import to_pil
 from sample.pipeline import Pipeline, SamplingSettings, generate_images, make_edit
 from serve.app import create_app
 from serve.scheduler import Job, Scheduler
 from serve.schemas import Limits
-from data.images import to_pil
+from serve.stepbench import step_costs
 
 LIMITS = Limits(max_n=6, max_rows=24, max_queue=8, max_body_bytes=16384, timeout_s=60.0, preview_every=4)
 
@@ -556,3 +559,33 @@ def test_bad_flags_are_one_line_and_status_2(argv, says, capsys):
     assert status == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: ") and says in err[-1] and "Traceback" not in "\n".join(err)
+
+
+@pytest.mark.parametrize("module, argv, says", [
+    ("serve.loadtest", ["--edit-every", "-1"], "--edit-every"),
+    ("serve.loadtest", ["--keep", "5", "--n", "4"], "--keep"),
+    ("serve.stepbench", ["--rounds", "0"], "--rounds"),
+    ("serve.stepbench", ["--steps", "5000"], "--steps"),
+])
+def test_the_benchmarks_refuse_bad_flags_with_one_line(module, argv, says, capsys):
+    status = importlib.import_module(module).main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and err[-1].startswith("error: ") and says in err[-1]
+
+
+def test_the_step_benchmark_times_few_rows_and_many(reference):
+    report = step_costs(reference, (1, 3), rounds=1, steps=2, n=1)
+    assert report["1_requests"]["rows"] == 2 and report["3_requests"]["rows"] == 6  # guided: two rows a candidate
+    for size in ("1_requests", "3_requests"):
+        figures = report[size]
+        assert 0 < figures["model_ms_per_step"] <= figures["ms_per_step"] and figures["cpu_ms_per_step"] > 0
+    assert report["row_cost_ratio"] > 0
+    assert "decode_one_token" not in vars(reference.model)  # the timing wrapper is gone
+
+
+def test_readiness_reports_each_threads_time_on_a_core(client):
+    ready = client.get("/readyz").json()
+    assert ready["process_cpu_s"] > 0
+    if sys.platform == "linux":
+        assert {"decode", "render", "event_loop"} <= set(ready["threads"])
+        assert all(times["cpu_s"] >= 0 and times["runqueue_s"] >= 0 for times in ready["threads"].values())
