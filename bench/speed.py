@@ -77,9 +77,12 @@ def card_bandwidth(device: torch.device, override: float | None) -> float | None
 
 
 def _step_bytes(model, rows: int) -> float:
-    """Bytes one cached decode step reads: every weight once, plus the KV cache filled so far (grid average)."""
+    """Bytes one cached decode step reads: every decoder weight once (not the encoder's, not the embedding
+    tables, of which a step reads one row each), plus the KV cache filled so far (grid average)."""
     config = model.config
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    decoder = model.decoder
+    tables = {id(p) for m in (decoder.embed, decoder.row_embed, decoder.col_embed) for p in m.parameters()}
+    weights = sum(p.numel() * p.element_size() for p in decoder.parameters() if id(p) not in tables)
     element = next(model.parameters()).element_size()
     kv_per_position = 2 * config.n_decoder_layers * config.d_model * element * rows
     cross = 2 * config.n_decoder_layers * config.d_model * element * rows * config.max_text_len

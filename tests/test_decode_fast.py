@@ -115,3 +115,15 @@ def test_the_shipped_runs_draw_the_tokens_they_drew_before_the_lean_step(run, di
     plain = generate(model, ids, mask, num_candidates=2, seeds=10, top_k=64)
     guided = generate(model, ids, mask, num_candidates=2, seeds=20, cfg_scale=3.0, top_k=100, top_p=0.9)
     assert hashlib.sha256(torch.cat([plain, guided]).numpy().tobytes()).hexdigest()[:16] == digest
+
+
+def test_compile_without_a_cxx_compiler_decodes_uncompiled_and_says_so(model, monkeypatch, capsys):
+    import shutil
+
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    monkeypatch.setattr(torch, "compile", lambda *a, **kw: pytest.fail("compiled without a compiler"))
+    text_ids, text_mask = text(model.config, [3])
+    ids = generate(model, text_ids, text_mask, seeds=2, compile=True)
+    assert torch.equal(ids, generate(model, text_ids, text_mask, seeds=2))
+    message = capsys.readouterr().err.strip().splitlines()
+    assert len(message) == 1 and "C++ compiler" in message[0] and "uncompiled" in message[0]
