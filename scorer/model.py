@@ -32,9 +32,13 @@ from torch import nn
 
 from checkpoint import CheckpointError, load_pretrained, save_pretrained
 
-__all__ = ["ScorerConfig", "PRESETS", "Scorer", "contrastive_loss", "retrieval_accuracy"]
+__all__ = ["ScorerConfig", "PRESETS", "IMAGE_POOLS", "TEXT_POOLS", "Scorer", "contrastive_loss", "retrieval_accuracy"]
 
 PART = "scorer"
+
+
+IMAGE_POOLS = ("mean", "attention", "flatten")
+TEXT_POOLS = ("mean", "attention", "last")
 
 
 @dataclass
@@ -54,9 +58,18 @@ class ScorerConfig:
     # How the weights were trained, recorded for the reader and not read by the model: the hard negatives
     # of ``python -m train scorer --hard-negatives`` (data/negatives.py); "none" for runs made before them.
     hard_negatives: str = "none"
+    # How each tower turns its final tokens into one vector (``POOLS``). "mean" (runs made before these
+    # fields): the average token. "attention": one learned query attends over the tokens (the text's under
+    # its padding mask). "flatten" (image only): every grid cell's token concatenated and projected, so the
+    # 2-D place of each token reaches the embedding directly. "last" (text only): the last real token.
+    image_pool: str = "mean"
+    text_pool: str = "mean"
 
     def __post_init__(self) -> None:
         self.image_widths = tuple(int(w) for w in self.image_widths)  # config.json stores a list
+        for name, allowed in (("image_pool", IMAGE_POOLS), ("text_pool", TEXT_POOLS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         positive = ("text_vocab_size", "max_text_len", "image_size", "embed_dim", "d_model", "text_layers",
                     "image_layers", "heads", "mlp_ratio")
         for name in positive:
@@ -171,6 +184,30 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_mlp(x))
 
 
+class AttentionPool(nn.Module):
+    """One learned query attends over the tokens (B, T, C) -> (B, C); ``key_mask`` (B, T) hides padding.
+
+    The query starts near zero, so at initialization the weights are nearly uniform and the pool is close to
+    the mean of the projected tokens: every picture keeps its own content from the first step (the collapse
+    a class token suffered, see the module's docstring, does not arise).
+    """
+
+    def __init__(self, d_model: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.query = nn.Parameter(torch.zeros(1, 1, d_model))
+        self.q = nn.Linear(d_model, d_model)
+        self.kv = nn.Linear(d_model, 2 * d_model)
+        self.proj = nn.Linear(d_model, d_model)
+
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        q = rearrange(self.q(self.query), "b t (h d) -> b h t d", h=self.heads)  # (1, H, 1, D)
+        k, v = rearrange(self.kv(x), "b t (two h d) -> two b h t d", two=2, h=self.heads)  # (B, H, T, D)
+        attn_mask = None if key_mask is None else key_mask[:, None, None, :]  # (B, 1, 1, T)
+        y = F.scaled_dot_product_attention(q.expand(x.shape[0], -1, -1, -1), k, v, attn_mask=attn_mask)
+        return self.proj(rearrange(y, "b h t d -> b (t h d)"))  # (B, C)
+
+
 class ConvStage(nn.Module):
     """Halve the side with a 4x4 stride-2 convolution, then one residual block (GroupNorm, SiLU, conv3x3, twice)."""
 
@@ -192,7 +229,7 @@ class ConvStage(nn.Module):
 
 
 class TextEncoder(nn.Module):
-    """Token ids (B, T) and their mask -> the masked mean of the final hidden states, (B, d_model)."""
+    """Token ids (B, T) and their mask -> the final hidden states pooled (``text_pool``), (B, d_model)."""
 
     def __init__(self, config: ScorerConfig):
         super().__init__()
@@ -201,6 +238,9 @@ class TextEncoder(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(config.max_text_len, config.d_model))
         self.blocks = nn.ModuleList(Block(config.d_model, config.heads, config.mlp_ratio) for _ in range(config.text_layers))
         self.ln_final = nn.LayerNorm(config.d_model)
+        self.pool_kind = config.text_pool
+        if config.text_pool == "attention":
+            self.pool = AttentionPool(config.d_model, config.heads)
 
     def forward(self, text_ids: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
         text_ids, text_mask = _fit_text(text_ids, text_mask, self.max_text_len)
@@ -210,6 +250,11 @@ class TextEncoder(nn.Module):
         for block in self.blocks:
             x = block(x, valid)
         x = self.ln_final(x)
+        if self.pool_kind == "attention":
+            return self.pool(x, valid)
+        if self.pool_kind == "last":
+            last = valid.shape[1] - 1 - valid.flip(1).to(torch.int8).argmax(dim=1)  # (B,) the last real token
+            return x[torch.arange(x.shape[0], device=x.device), last]
         weights = valid.unsqueeze(-1).to(x.dtype)  # (B, T, 1)
         return (x * weights).sum(dim=1) / weights.sum(dim=1)  # (B, C)
 
@@ -230,7 +275,8 @@ def _fit_text(text_ids: torch.Tensor, text_mask: torch.Tensor, max_text_len: int
 
 
 class ImageEncoder(nn.Module):
-    """Images (B, 3, S, S) in [-1, 1] -> the mean grid token of a hybrid conv + transformer encoder, (B, d_model)."""
+    """Images (B, 3, S, S) in [-1, 1] -> the grid tokens of a hybrid conv + transformer encoder pooled
+    (``image_pool``), (B, d_model)."""
 
     def __init__(self, config: ScorerConfig):
         super().__init__()
@@ -243,6 +289,11 @@ class ImageEncoder(nn.Module):
         self.ln_pre = nn.LayerNorm(config.d_model)
         self.blocks = nn.ModuleList(Block(config.d_model, config.heads, config.mlp_ratio) for _ in range(config.image_layers))
         self.ln_final = nn.LayerNorm(config.d_model)
+        self.pool_kind = config.image_pool
+        if config.image_pool == "attention":
+            self.pool = AttentionPool(config.d_model, config.heads)
+        elif config.image_pool == "flatten":
+            self.pool = nn.Linear(config.grid_size ** 2 * config.d_model, config.d_model)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if images.dim() != 4 or images.shape[1:] != (3, self.image_size, self.image_size):
@@ -253,7 +304,12 @@ class ImageEncoder(nn.Module):
         x = self.ln_pre(rearrange(tokens, "b h w c -> b (h w) c"))  # (B, g*g, C)
         for block in self.blocks:
             x = block(x)
-        return self.ln_final(x).mean(dim=1)  # (B, C)
+        x = self.ln_final(x)
+        if self.pool_kind == "attention":
+            return self.pool(x)
+        if self.pool_kind == "flatten":
+            return self.pool(x.flatten(1))  # (B, g*g*C) -> (B, C)
+        return x.mean(dim=1)  # (B, C)
 
 
 # ---------------------------------------------------------------------------------------- the scorer
