@@ -64,9 +64,15 @@ class ScorerConfig:
     # 2-D place of each token reaches the embedding directly. "last" (text only): the last real token.
     image_pool: str = "mean"
     text_pool: str = "mean"
+    # Causal self-attention in the text tower (CLIP's): a token reads only itself and the tokens before it,
+    # so the same word before and after "above" has different states from the first step, without
+    # having to learn to use the position embeddings. Pairs with text_pool "last" (CLIP pools at the EOS).
+    text_causal: bool = False
 
     def __post_init__(self) -> None:
         self.image_widths = tuple(int(w) for w in self.image_widths)  # config.json stores a list
+        if not isinstance(self.text_causal, bool):
+            raise ValueError(f"text_causal must be true or false, got {self.text_causal!r}")
         for name, allowed in (("image_pool", IMAGE_POOLS), ("text_pool", TEXT_POOLS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
@@ -152,7 +158,8 @@ def retrieval_accuracy(logits: torch.Tensor, positives: torch.Tensor | None = No
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention; ``key_mask`` (B, T) bool hides the keys marked False (padding)."""
+    """Multi-head self-attention; ``key_mask`` (B, T) bool hides the keys marked False (padding), or (B, T, T)
+    says per query which keys it may read (a causal mask)."""
 
     def __init__(self, d_model: int, heads: int):
         super().__init__()
@@ -162,7 +169,10 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
         q, k, v = rearrange(self.qkv(x), "b t (three h d) -> three b h t d", three=3, h=self.heads)  # (B, H, T, D)
-        attn_mask = None if key_mask is None else key_mask[:, None, None, :]  # (B, 1, 1, T)
+        if key_mask is None:
+            attn_mask = None
+        else:  # (B, 1, 1, T) or (B, 1, T, T)
+            attn_mask = key_mask[:, None, None, :] if key_mask.dim() == 2 else key_mask[:, None]
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
         return self.proj(rearrange(y, "b h t d -> b t (h d)"))  # (B, T, C)
 
@@ -238,7 +248,7 @@ class TextEncoder(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(config.max_text_len, config.d_model))
         self.blocks = nn.ModuleList(Block(config.d_model, config.heads, config.mlp_ratio) for _ in range(config.text_layers))
         self.ln_final = nn.LayerNorm(config.d_model)
-        self.pool_kind = config.text_pool
+        self.pool_kind, self.causal = config.text_pool, config.text_causal
         if config.text_pool == "attention":
             self.pool = AttentionPool(config.d_model, config.heads)
 
@@ -247,8 +257,12 @@ class TextEncoder(nn.Module):
         # A row with no tokens at all (an empty prompt) reads its padding, so its embedding is finite.
         valid = text_mask | ~text_mask.any(dim=1, keepdim=True)  # (B, T)
         x = self.token_embed(text_ids) + self.pos_embed[: text_ids.shape[1]]  # (B, T, C)
+        mask = valid
+        if self.causal:  # each token reads itself and the tokens before it (and no padding)
+            t = text_ids.shape[1]
+            mask = valid[:, None, :] & torch.ones(t, t, dtype=torch.bool, device=valid.device).tril()[None]
         for block in self.blocks:
-            x = block(x, valid)
+            x = block(x, mask)
         x = self.ln_final(x)
         if self.pool_kind == "attention":
             return self.pool(x, valid)

@@ -358,10 +358,11 @@ def test_several_negatives_per_picture_are_distinct_and_false(tmp_path, tokenize
 
 
 @pytest.mark.parametrize("image_pool", IMAGE_POOLS)
-@pytest.mark.parametrize("text_pool", TEXT_POOLS)
-def test_every_pooling_gives_unit_embeddings_that_ignore_padding_and_round_trip(image_pool, text_pool, tmp_path):
+@pytest.mark.parametrize("text_pool, text_causal", [(p, False) for p in TEXT_POOLS] + [("last", True), ("mean", True)])
+def test_every_pooling_gives_unit_embeddings_that_ignore_padding_and_round_trip(image_pool, text_pool, text_causal,
+                                                                                 tmp_path):
     torch.manual_seed(0)
-    model = Scorer(replace(TINY, image_pool=image_pool, text_pool=text_pool)).eval()
+    model = Scorer(replace(TINY, image_pool=image_pool, text_pool=text_pool, text_causal=text_causal)).eval()
     images, text_ids, text_mask = tiny_batch()
     with torch.no_grad():
         image_embeds, text_embeds = model.encode_image(images), model.encode_text(text_ids, text_mask)
@@ -371,7 +372,8 @@ def test_every_pooling_gives_unit_embeddings_that_ignore_padding_and_round_trip(
     torch.testing.assert_close(garbage, text_embeds)
     model.save_pretrained(tmp_path / "scorer")
     loaded = Scorer.from_pretrained(tmp_path / "scorer")
-    assert (loaded.config.image_pool, loaded.config.text_pool) == (image_pool, text_pool)
+    assert (loaded.config.image_pool, loaded.config.text_pool, loaded.config.text_causal) == (image_pool, text_pool,
+                                                                                              text_causal)
     with torch.no_grad():
         torch.testing.assert_close(loaded.score(images, text_ids, text_mask), model.score(images, text_ids, text_mask))
 
@@ -382,11 +384,11 @@ def test_a_config_without_pooling_fields_is_the_old_mean_pooled_model(tmp_path):
     model = Scorer(TINY).eval()
     model.save_pretrained(tmp_path / "scorer")
     config = json.loads((tmp_path / "scorer" / "config.json").read_text())
-    for name in ("image_pool", "text_pool", "hard_negatives"):
+    for name in ("image_pool", "text_pool", "text_causal", "hard_negatives"):
         config.pop(name)
     (tmp_path / "scorer" / "config.json").write_text(json.dumps(config))
     loaded = Scorer.from_pretrained(tmp_path / "scorer")
-    assert (loaded.config.image_pool, loaded.config.text_pool) == ("mean", "mean")
+    assert (loaded.config.image_pool, loaded.config.text_pool, loaded.config.text_causal) == ("mean", "mean", False)
     images, text_ids, text_mask = tiny_batch()
     with torch.no_grad():
         pooled = loaded.text.ln_final(_text_states(loaded, text_ids, text_mask))
@@ -440,8 +442,28 @@ def test_the_stage_records_its_pooling_and_weighs_its_negatives(tmp_path, tokeni
     for weight in ("1", "4"):
         run = run_with_tokenizer(tmp_path, tokenizer_file, f"w{weight}")
         stage_scorer.main(clip_args(run, "--steps", "1", "--log-every", "1", "--eval-every", "100", "--hard-negatives",
-                                    "scene", "--negative-weight", weight, "--image-pool", "flatten", "--text-pool", "last"))
+                                    "scene", "--negative-weight", weight, "--image-pool", "flatten", "--text-pool", "last",
+                                    "--text-causal"))
         losses[weight] = read_metrics(run)[0]["loss"]
         config = Scorer.from_pretrained(run / "scorer").config
-        assert (config.image_pool, config.text_pool) == ("flatten", "last")
+        assert (config.image_pool, config.text_pool, config.text_causal) == ("flatten", "last", True)
     assert losses["4"] > losses["1"]  # each negative counts four times in its picture's softmax
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_a_causal_text_tower_reads_only_the_tokens_before(causal):
+    """Two captions that share their first three tokens: causal, those tokens' final states agree; bidirectional,
+    every state reads the differing tail."""
+    torch.manual_seed(0)
+    model = Scorer(replace(TINY, text_causal=causal)).eval()
+    text_ids = torch.tensor([[5, 6, 7, 8, 9], [5, 6, 7, 30, 40]])
+    states = []
+    hook = model.text.ln_final.register_forward_hook(lambda module, args, out: states.append(out))
+    with torch.no_grad():
+        model.encode_text(text_ids, torch.ones_like(text_ids, dtype=torch.bool))
+    hook.remove()
+    same_prefix = torch.allclose(states[0][0, :3], states[0][1, :3], atol=1e-6)
+    assert same_prefix == causal
+    assert not torch.allclose(states[0][0, 3:], states[0][1, 3:])
+    with pytest.raises(ValueError, match="text_causal"):
+        replace(TINY, text_causal="yes")

@@ -66,6 +66,7 @@ class ScorerOptions(StageOptions):
     negative_weight: float = 1.0
     image_pool: str = "mean"
     text_pool: str = "mean"
+    text_causal: bool = False
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -89,6 +90,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              f"{ScorerOptions.image_pool})")
     parser.add_argument("--text-pool", default=ScorerOptions.text_pool, choices=TEXT_POOLS,
                         help=f"how the text tower pools its tokens (default {ScorerOptions.text_pool})")
+    parser.add_argument("--text-causal", action=argparse.BooleanOptionalAction, default=ScorerOptions.text_causal,
+                        help="causal attention in the text tower, as CLIP's (each token reads the ones before it): "
+                             "word order is read from the first step; pair with --text-pool last")
 
 
 def caption_keys(texts: list[str]) -> torch.Tensor:
@@ -194,7 +198,7 @@ class ScorerTrainer(Stage):
         try:
             self.config = ScorerConfig.from_preset(o.preset, text_vocab_size=self.tokenizer.vocab_size, image_size=o.size,
                                                    hard_negatives=self.negatives, image_pool=o.image_pool,
-                                                   text_pool=o.text_pool)
+                                                   text_pool=o.text_pool, text_causal=o.text_causal)
         except ValueError as e:
             raise UserError(f"scorer: {e}") from None
         if o.batch_size % self.ctx.world_size:
