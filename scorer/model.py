@@ -9,6 +9,10 @@ symmetric InfoNCE loss. Sampling reranks a prompt's candidates by it (DALL-E 1, 
   attention under a padding mask, a final LayerNorm, then the masked mean over the real tokens. CLIP pools
   at the EOS token because its text tower is causal, so only that position has read the whole caption;
   here every position has, and the mean does not depend on whether the tokenizer appends an EOS piece.
+- Options (issue 20, BENCHMARKS.md), all defaulting to the model above so older runs load unchanged:
+  ``text_causal`` (CLIP's causal text attention, which reads word order from the first step where the
+  bidirectional tower must first learn it from its positions), ``text_pool`` (``mean``, ``attention``,
+  ``last``) and ``image_pool`` (``mean``, ``attention``, ``flatten``).
 - Image: convolutional stages that each halve the side (strided convolution, then a residual block),
   the resulting ``grid_size x grid_size`` feature map read as tokens with learned row and column
   positions, a LayerNorm (CLIP's ``ln_pre``), pre-norm transformer blocks, then the mean over the grid
