@@ -106,17 +106,19 @@ def pairwise_captions(scorer, images: torch.Tensor, texts: Sequence[str], seed: 
 
 
 def draw_candidates(run: Path, *, prompts_per_kind: int, candidates: int, seed: int = 0, device: str = "auto",
-                    kinds: Sequence[str] = SCENE_KINDS_ORDER, batch_prompts: int = 8, first: int = 0) -> dict:
+                    kinds: Sequence[str] = SCENE_KINDS_ORDER, batch_prompts: int = 8, first: int = 0,
+                    cfg: float = SamplingSettings.cfg) -> dict:
     """Candidates for held-out prompts ``first`` to ``prompts_per_kind - 1`` of each kind of scene, drawn with
-    `python -m sample` defaults (prompt i and candidate j are the same pictures whatever ``first`` is).
+    `python -m sample` defaults but the guidance scale ``cfg`` (prompt i and candidate j are the same pictures
+    whatever ``first`` is).
 
     {"settings": {...}, "kinds": {kind: {"prompts": [str], "right": [[bool] * candidates]}},
      "images": uint8 tensor (prompts of all kinds, candidates, 3, S, S)}.
     """
 
     pipeline = Pipeline(run, device=device, rerank=False)
-    settings = SamplingSettings(n=candidates, keep=candidates, seed=seed, rerank=False)
-    record = {"settings": _settings(run, prompts_per_kind, candidates, seed, kinds), "kinds": {}}
+    settings = SamplingSettings(n=candidates, keep=candidates, seed=seed, rerank=False, cfg=cfg)
+    record = {"settings": _settings(run, prompts_per_kind, candidates, seed, kinds, cfg), "kinds": {}}
     images = []
     for kind in kinds:
         prompts = evaluation_prompts(kind, prompts_per_kind, seed=seed)[first:]
@@ -134,10 +136,11 @@ def draw_candidates(run: Path, *, prompts_per_kind: int, candidates: int, seed: 
     return record
 
 
-def _settings(run: Path, prompts_per_kind: int, candidates: int, seed: int, kinds: Sequence[str]) -> dict:
+def _settings(run: Path, prompts_per_kind: int, candidates: int, seed: int, kinds: Sequence[str],
+              cfg: float = SamplingSettings.cfg) -> dict:
     return {"run": str(run.resolve()), "prompts_per_kind": prompts_per_kind, "candidates": candidates, "seed": seed,
             "kinds": list(kinds),
-            "cfg": SamplingSettings.cfg, "temperature": SamplingSettings.temperature,
+            "cfg": cfg, "temperature": SamplingSettings.temperature,
             "top_k": SamplingSettings.top_k, "top_p": SamplingSettings.top_p}
 
 
@@ -246,6 +249,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pairwise-prompts", type=int, default=256, help="held-out pictures per negative kind")
     parser.add_argument("--prompts-per-kind", type=int, default=128, help="held-out prompts per kind of scene")
     parser.add_argument("--candidates", type=int, default=16, help="candidates per prompt")
+    parser.add_argument("--cfg", type=float, default=SamplingSettings.cfg,
+                        help=f"classifier-free guidance scale the candidates are drawn with (default "
+                             f"{SamplingSettings.cfg}, `python -m sample`'s)")
     parser.add_argument("--kinds", nargs="+", choices=SCENE_KINDS_ORDER, default=list(SCENE_KINDS_ORDER),
                         help="kinds of scene whose prompts get candidates (default all four)")
     parser.add_argument("--no-rerank", action="store_true", help="the pairwise test only, no candidates drawn")
@@ -277,13 +283,13 @@ def _run(args) -> None:
         scorers[str(directory)] = load_reranker(run, tokenizer, device, side, directory=directory)
     record = None
     if not args.no_rerank:
-        settings = _settings(run, args.prompts_per_kind, args.candidates, args.seed, args.kinds)
+        settings = _settings(run, args.prompts_per_kind, args.candidates, args.seed, args.kinds, args.cfg)
         cache = Path(args.cache) if args.cache else None
         record = load_candidates(cache, settings) if cache else None
         have = 0 if record is None else record["settings"]["prompts_per_kind"]
         if have < args.prompts_per_kind:
             drawn = draw_candidates(run, prompts_per_kind=args.prompts_per_kind, candidates=args.candidates,
-                                    seed=args.seed, device=str(device), kinds=args.kinds, first=have)
+                                    seed=args.seed, device=str(device), kinds=args.kinds, first=have, cfg=args.cfg)
             record = drawn if record is None else extend_candidates(record, drawn)
             if cache:
                 save_candidates(record, cache)

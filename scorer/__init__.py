@@ -4,6 +4,6 @@
 trained by ``python -m train scorer`` (train/stage_scorer.py).
 """
 
-from scorer.model import PRESETS, Scorer, ScorerConfig, contrastive_loss, retrieval_accuracy
+from scorer.model import IMAGE_POOLS, PRESETS, TEXT_POOLS, Scorer, ScorerConfig, contrastive_loss, retrieval_accuracy
 
-__all__ = ["PRESETS", "Scorer", "ScorerConfig", "contrastive_loss", "retrieval_accuracy"]
+__all__ = ["IMAGE_POOLS", "PRESETS", "TEXT_POOLS", "Scorer", "ScorerConfig", "contrastive_loss", "retrieval_accuracy"]

@@ -9,6 +9,10 @@ symmetric InfoNCE loss. Sampling reranks a prompt's candidates by it (DALL-E 1, 
   attention under a padding mask, a final LayerNorm, then the masked mean over the real tokens. CLIP pools
   at the EOS token because its text tower is causal, so only that position has read the whole caption;
   here every position has, and the mean does not depend on whether the tokenizer appends an EOS piece.
+- Options (issue 20, BENCHMARKS.md), all defaulting to the model above so older runs load unchanged:
+  ``text_causal`` (CLIP's causal text attention, which reads word order from the first step where the
+  bidirectional tower must first learn it from its positions), ``text_pool`` (``mean``, ``attention``,
+  ``last``) and ``image_pool`` (``mean``, ``attention``, ``flatten``).
 - Image: convolutional stages that each halve the side (strided convolution, then a residual block),
   the resulting ``grid_size x grid_size`` feature map read as tokens with learned row and column
   positions, a LayerNorm (CLIP's ``ln_pre``), pre-norm transformer blocks, then the mean over the grid
@@ -32,9 +36,13 @@ from torch import nn
 
 from checkpoint import CheckpointError, load_pretrained, save_pretrained
 
-__all__ = ["ScorerConfig", "PRESETS", "Scorer", "contrastive_loss", "retrieval_accuracy"]
+__all__ = ["ScorerConfig", "PRESETS", "IMAGE_POOLS", "TEXT_POOLS", "Scorer", "contrastive_loss", "retrieval_accuracy"]
 
 PART = "scorer"
+
+
+IMAGE_POOLS = ("mean", "attention", "flatten")
+TEXT_POOLS = ("mean", "attention", "last")
 
 
 @dataclass
@@ -54,9 +62,24 @@ class ScorerConfig:
     # How the weights were trained, recorded for the reader and not read by the model: the hard negatives
     # of ``python -m train scorer --hard-negatives`` (data/negatives.py); "none" for runs made before them.
     hard_negatives: str = "none"
+    # How each tower turns its final tokens into one vector (``POOLS``). "mean" (runs made before these
+    # fields): the average token. "attention": one learned query attends over the tokens (the text's under
+    # its padding mask). "flatten" (image only): every grid cell's token concatenated and projected, so the
+    # 2-D place of each token reaches the embedding directly. "last" (text only): the last real token.
+    image_pool: str = "mean"
+    text_pool: str = "mean"
+    # Causal self-attention in the text tower (CLIP's): a token reads only itself and the tokens before it,
+    # so the same word before and after "above" has different states from the first step, without
+    # having to learn to use the position embeddings. Pairs with text_pool "last" (CLIP pools at the EOS).
+    text_causal: bool = False
 
     def __post_init__(self) -> None:
         self.image_widths = tuple(int(w) for w in self.image_widths)  # config.json stores a list
+        if not isinstance(self.text_causal, bool):
+            raise ValueError(f"text_causal must be true or false, got {self.text_causal!r}")
+        for name, allowed in (("image_pool", IMAGE_POOLS), ("text_pool", TEXT_POOLS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         positive = ("text_vocab_size", "max_text_len", "image_size", "embed_dim", "d_model", "text_layers",
                     "image_layers", "heads", "mlp_ratio")
         for name in positive:
@@ -139,7 +162,8 @@ def retrieval_accuracy(logits: torch.Tensor, positives: torch.Tensor | None = No
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention; ``key_mask`` (B, T) bool hides the keys marked False (padding)."""
+    """Multi-head self-attention; ``key_mask`` (B, T) bool hides the keys marked False (padding), or (B, T, T)
+    says per query which keys it may read (a causal mask)."""
 
     def __init__(self, d_model: int, heads: int):
         super().__init__()
@@ -149,7 +173,10 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
         q, k, v = rearrange(self.qkv(x), "b t (three h d) -> three b h t d", three=3, h=self.heads)  # (B, H, T, D)
-        attn_mask = None if key_mask is None else key_mask[:, None, None, :]  # (B, 1, 1, T)
+        if key_mask is None:
+            attn_mask = None
+        else:  # (B, 1, 1, T) or (B, 1, T, T)
+            attn_mask = key_mask[:, None, None, :] if key_mask.dim() == 2 else key_mask[:, None]
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
         return self.proj(rearrange(y, "b h t d -> b t (h d)"))  # (B, T, C)
 
@@ -169,6 +196,30 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
         x = x + self.attn(self.ln_attn(x), key_mask)
         return x + self.mlp(self.ln_mlp(x))
+
+
+class AttentionPool(nn.Module):
+    """One learned query attends over the tokens (B, T, C) -> (B, C); ``key_mask`` (B, T) hides padding.
+
+    The query starts near zero, so at initialization the weights are nearly uniform and the pool is close to
+    the mean of the projected tokens: every picture keeps its own content from the first step (the collapse
+    a class token suffered, see the module's docstring, does not arise).
+    """
+
+    def __init__(self, d_model: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.query = nn.Parameter(torch.zeros(1, 1, d_model))
+        self.q = nn.Linear(d_model, d_model)
+        self.kv = nn.Linear(d_model, 2 * d_model)
+        self.proj = nn.Linear(d_model, d_model)
+
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        q = rearrange(self.q(self.query), "b t (h d) -> b h t d", h=self.heads)  # (1, H, 1, D)
+        k, v = rearrange(self.kv(x), "b t (two h d) -> two b h t d", two=2, h=self.heads)  # (B, H, T, D)
+        attn_mask = None if key_mask is None else key_mask[:, None, None, :]  # (B, 1, 1, T)
+        y = F.scaled_dot_product_attention(q.expand(x.shape[0], -1, -1, -1), k, v, attn_mask=attn_mask)
+        return self.proj(rearrange(y, "b h t d -> b (t h d)"))  # (B, C)
 
 
 class ConvStage(nn.Module):
@@ -192,7 +243,7 @@ class ConvStage(nn.Module):
 
 
 class TextEncoder(nn.Module):
-    """Token ids (B, T) and their mask -> the masked mean of the final hidden states, (B, d_model)."""
+    """Token ids (B, T) and their mask -> the final hidden states pooled (``text_pool``), (B, d_model)."""
 
     def __init__(self, config: ScorerConfig):
         super().__init__()
@@ -201,15 +252,27 @@ class TextEncoder(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(config.max_text_len, config.d_model))
         self.blocks = nn.ModuleList(Block(config.d_model, config.heads, config.mlp_ratio) for _ in range(config.text_layers))
         self.ln_final = nn.LayerNorm(config.d_model)
+        self.pool_kind, self.causal = config.text_pool, config.text_causal
+        if config.text_pool == "attention":
+            self.pool = AttentionPool(config.d_model, config.heads)
 
     def forward(self, text_ids: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
         text_ids, text_mask = _fit_text(text_ids, text_mask, self.max_text_len)
         # A row with no tokens at all (an empty prompt) reads its padding, so its embedding is finite.
         valid = text_mask | ~text_mask.any(dim=1, keepdim=True)  # (B, T)
         x = self.token_embed(text_ids) + self.pos_embed[: text_ids.shape[1]]  # (B, T, C)
+        mask = valid
+        if self.causal:  # each token reads itself and the tokens before it (and no padding)
+            t = text_ids.shape[1]
+            mask = valid[:, None, :] & torch.ones(t, t, dtype=torch.bool, device=valid.device).tril()[None]
         for block in self.blocks:
-            x = block(x, valid)
+            x = block(x, mask)
         x = self.ln_final(x)
+        if self.pool_kind == "attention":
+            return self.pool(x, valid)
+        if self.pool_kind == "last":
+            last = valid.shape[1] - 1 - valid.flip(1).to(torch.int8).argmax(dim=1)  # (B,) the last real token
+            return x[torch.arange(x.shape[0], device=x.device), last]
         weights = valid.unsqueeze(-1).to(x.dtype)  # (B, T, 1)
         return (x * weights).sum(dim=1) / weights.sum(dim=1)  # (B, C)
 
@@ -230,7 +293,8 @@ def _fit_text(text_ids: torch.Tensor, text_mask: torch.Tensor, max_text_len: int
 
 
 class ImageEncoder(nn.Module):
-    """Images (B, 3, S, S) in [-1, 1] -> the mean grid token of a hybrid conv + transformer encoder, (B, d_model)."""
+    """Images (B, 3, S, S) in [-1, 1] -> the grid tokens of a hybrid conv + transformer encoder pooled
+    (``image_pool``), (B, d_model)."""
 
     def __init__(self, config: ScorerConfig):
         super().__init__()
@@ -243,6 +307,11 @@ class ImageEncoder(nn.Module):
         self.ln_pre = nn.LayerNorm(config.d_model)
         self.blocks = nn.ModuleList(Block(config.d_model, config.heads, config.mlp_ratio) for _ in range(config.image_layers))
         self.ln_final = nn.LayerNorm(config.d_model)
+        self.pool_kind = config.image_pool
+        if config.image_pool == "attention":
+            self.pool = AttentionPool(config.d_model, config.heads)
+        elif config.image_pool == "flatten":
+            self.pool = nn.Linear(config.grid_size ** 2 * config.d_model, config.d_model)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if images.dim() != 4 or images.shape[1:] != (3, self.image_size, self.image_size):
@@ -253,7 +322,12 @@ class ImageEncoder(nn.Module):
         x = self.ln_pre(rearrange(tokens, "b h w c -> b (h w) c"))  # (B, g*g, C)
         for block in self.blocks:
             x = block(x)
-        return self.ln_final(x).mean(dim=1)  # (B, C)
+        x = self.ln_final(x)
+        if self.pool_kind == "attention":
+            return self.pool(x)
+        if self.pool_kind == "flatten":
+            return self.pool(x.flatten(1))  # (B, g*g*C) -> (B, C)
+        return x.mean(dim=1)  # (B, C)
 
 
 # ---------------------------------------------------------------------------------------- the scorer

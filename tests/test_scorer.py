@@ -12,7 +12,7 @@ import torch
 
 from checkpoint import CheckpointError
 from cli import UserError
-from scorer import PRESETS, Scorer, ScorerConfig, contrastive_loss, retrieval_accuracy
+from scorer import IMAGE_POOLS, PRESETS, TEXT_POOLS, Scorer, ScorerConfig, contrastive_loss, retrieval_accuracy
 
 TINY = PRESETS["tiny"]
 
@@ -352,3 +352,118 @@ def test_several_negatives_per_picture_are_distinct_and_false(tmp_path, tokenize
     assert counts[1] == 8 and 8 < counts[3] <= 24  # shapes: every scene has a negative; repeats are dropped
     with pytest.raises(UserError, match="--negatives-per-image"):
         stage_scorer.ScorerTrainer(stage_scorer.ScorerOptions.from_args(clip_args(run, "--negatives-per-image", "0")))
+
+
+# ------------------------------------------------------------------------------------ pooling (issue 20)
+
+
+@pytest.mark.parametrize("image_pool", IMAGE_POOLS)
+@pytest.mark.parametrize("text_pool, text_causal", [(p, False) for p in TEXT_POOLS] + [("last", True), ("mean", True)])
+def test_every_pooling_gives_unit_embeddings_that_ignore_padding_and_round_trip(image_pool, text_pool, text_causal,
+                                                                                 tmp_path):
+    torch.manual_seed(0)
+    model = Scorer(replace(TINY, image_pool=image_pool, text_pool=text_pool, text_causal=text_causal)).eval()
+    images, text_ids, text_mask = tiny_batch()
+    with torch.no_grad():
+        image_embeds, text_embeds = model.encode_image(images), model.encode_text(text_ids, text_mask)
+        garbage = model.encode_text(text_ids.masked_fill(~text_mask, 7), text_mask)
+    torch.testing.assert_close(image_embeds.norm(dim=-1), torch.ones(6))
+    torch.testing.assert_close(text_embeds.norm(dim=-1), torch.ones(6))
+    torch.testing.assert_close(garbage, text_embeds)
+    model.save_pretrained(tmp_path / "scorer")
+    loaded = Scorer.from_pretrained(tmp_path / "scorer")
+    assert (loaded.config.image_pool, loaded.config.text_pool, loaded.config.text_causal) == (image_pool, text_pool,
+                                                                                              text_causal)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.score(images, text_ids, text_mask), model.score(images, text_ids, text_mask))
+
+
+def test_a_config_without_pooling_fields_is_the_old_mean_pooled_model(tmp_path):
+    """Runs saved before the pooling fields (the shipped demos) load as mean/mean and score as before."""
+    torch.manual_seed(0)
+    model = Scorer(TINY).eval()
+    model.save_pretrained(tmp_path / "scorer")
+    config = json.loads((tmp_path / "scorer" / "config.json").read_text())
+    for name in ("image_pool", "text_pool", "text_causal", "hard_negatives"):
+        config.pop(name)
+    (tmp_path / "scorer" / "config.json").write_text(json.dumps(config))
+    loaded = Scorer.from_pretrained(tmp_path / "scorer")
+    assert (loaded.config.image_pool, loaded.config.text_pool, loaded.config.text_causal) == ("mean", "mean", False)
+    images, text_ids, text_mask = tiny_batch()
+    with torch.no_grad():
+        pooled = loaded.text.ln_final(_text_states(loaded, text_ids, text_mask))
+        mean = (pooled * text_mask[..., None]).sum(1) / text_mask.sum(1, keepdim=True)
+        torch.testing.assert_close(loaded.text(text_ids, text_mask), mean)
+        torch.testing.assert_close(loaded.score(images, text_ids, text_mask), model.score(images, text_ids, text_mask))
+    shipped = Scorer.from_pretrained(Path(__file__).resolve().parents[1] / "sample" / "demo_run" / "scorer")
+    assert (shipped.config.image_pool, shipped.config.text_pool) == ("mean", "mean")
+
+
+def _text_states(model: Scorer, text_ids: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+    x = model.text.token_embed(text_ids) + model.text.pos_embed[: text_ids.shape[1]]
+    for block in model.text.blocks:
+        x = block(x, text_mask)
+    return x
+
+
+def test_last_token_pool_reads_the_last_real_token_and_attention_pool_starts_as_a_mean():
+    torch.manual_seed(0)
+    model = Scorer(replace(TINY, text_pool="last", image_pool="attention")).eval()
+    _, text_ids, text_mask = tiny_batch()
+    with torch.no_grad():
+        states = model.text.ln_final(_text_states(model, text_ids, text_mask))
+        last = text_mask.sum(1) - 1
+        torch.testing.assert_close(model.text(text_ids, text_mask), states[torch.arange(6), last])
+        # A zero query attends uniformly: the pool is the projected mean of the values.
+        pool = model.image.pool
+        tokens = torch.randn(3, 16, TINY.d_model)
+        values = pool.kv(tokens)[..., TINY.d_model:]
+        torch.testing.assert_close(pool(tokens), pool.proj(values.mean(dim=1)))
+
+
+def test_unknown_pooling_is_an_error_and_the_stage_checks_its_negative_weight(tmp_path, tokenizer_file):
+    from train import stage_scorer
+
+    with pytest.raises(ValueError, match="image_pool"):
+        replace(TINY, image_pool="max")
+    with pytest.raises(ValueError, match="text_pool"):
+        replace(TINY, text_pool="flatten")
+    run = run_with_tokenizer(tmp_path, tokenizer_file, "run")
+    with pytest.raises(UserError, match="--negative-weight"):
+        stage_scorer.ScorerTrainer(stage_scorer.ScorerOptions.from_args(clip_args(run, "--negative-weight", "0")))
+    with pytest.raises(SystemExit):
+        clip_args(run, "--image-pool", "max")
+
+
+def test_the_stage_records_its_pooling_and_weighs_its_negatives(tmp_path, tokenizer_file):
+    from train import stage_scorer
+
+    losses = {}
+    for weight in ("1", "4"):
+        run = run_with_tokenizer(tmp_path, tokenizer_file, f"w{weight}")
+        stage_scorer.main(clip_args(run, "--steps", "1", "--log-every", "1", "--eval-every", "100", "--hard-negatives",
+                                    "scene", "--negative-weight", weight, "--image-pool", "flatten", "--text-pool", "last",
+                                    "--text-causal"))
+        losses[weight] = read_metrics(run)[0]["loss"]
+        config = Scorer.from_pretrained(run / "scorer").config
+        assert (config.image_pool, config.text_pool, config.text_causal) == ("flatten", "last", True)
+    assert losses["4"] > losses["1"]  # each negative counts four times in its picture's softmax
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_a_causal_text_tower_reads_only_the_tokens_before(causal):
+    """Two captions that share their first three tokens: causal, those tokens' final states agree; bidirectional,
+    every state reads the differing tail."""
+    torch.manual_seed(0)
+    model = Scorer(replace(TINY, text_causal=causal)).eval()
+    text_ids = torch.tensor([[5, 6, 7, 8, 9], [5, 6, 7, 30, 40]])
+    states = []
+    hook = model.text.ln_final.register_forward_hook(lambda module, args, out: states.append(out))
+    with torch.no_grad():
+        model.encode_text(text_ids, torch.ones_like(text_ids, dtype=torch.bool))
+    hook.remove()
+    same_prefix = torch.allclose(states[0][0, :3], states[0][1, :3], atol=1e-6)
+    assert same_prefix == causal
+    assert not torch.allclose(states[0][0, 3:], states[0][1, 3:])
+    with pytest.raises(ValueError, match="text_causal"):
+        replace(TINY, text_causal="yes")

@@ -43,7 +43,7 @@ from cli import UserError
 from data.negatives import MODES, hard_negative, resolve_mode
 from data.sources import batches
 from devices import autocast
-from scorer import Scorer, ScorerConfig, contrastive_loss, retrieval_accuracy
+from scorer import IMAGE_POOLS, TEXT_POOLS, Scorer, ScorerConfig, contrastive_loss, retrieval_accuracy
 from seq2seq.evaluate import derangement
 from tokenizer import TextTokenizer
 from train import dist
@@ -63,6 +63,10 @@ class ScorerOptions(StageOptions):
     weight_decay: float = 0.1
     hard_negatives: str = "none"  # measured mixed on shapes (BENCHMARKS.md): opt in
     negatives_per_image: int = 1
+    negative_weight: float = 1.0
+    image_pool: str = "mean"
+    text_pool: str = "mean"
+    text_causal: bool = False
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -78,6 +82,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "and hurt counts)")
     parser.add_argument("--negatives-per-image", type=int, default=ScorerOptions.negatives_per_image,
                         help="hard negatives drawn per picture (default 1); repeats of one are dropped")
+    parser.add_argument("--negative-weight", type=float, default=ScorerOptions.negative_weight,
+                        help="each hard negative counts this many times in its picture's softmax over texts "
+                             "(default 1)")
+    parser.add_argument("--image-pool", default=ScorerOptions.image_pool, choices=IMAGE_POOLS,
+                        help="how the image tower pools its grid tokens (scorer/model.py; default "
+                             f"{ScorerOptions.image_pool})")
+    parser.add_argument("--text-pool", default=ScorerOptions.text_pool, choices=TEXT_POOLS,
+                        help=f"how the text tower pools its tokens (default {ScorerOptions.text_pool})")
+    parser.add_argument("--text-causal", action=argparse.BooleanOptionalAction, default=ScorerOptions.text_causal,
+                        help="causal attention in the text tower, as CLIP's (each token reads the ones before it): "
+                             "word order is read from the first step; pair with --text-pool last")
 
 
 def caption_keys(texts: list[str]) -> torch.Tensor:
@@ -167,6 +182,8 @@ class ScorerTrainer(Stage):
         self.options = o = options
         if o.negatives_per_image < 1:
             raise UserError(f"--negatives-per-image must be >= 1, got {o.negatives_per_image}")
+        if not (o.negative_weight > 0 and math.isfinite(o.negative_weight)):
+            raise UserError(f"--negative-weight must be a positive number, got {o.negative_weight}")
         check_pictures_held(o, o.heldout_examples)
         out = Path(o.out)
         if not (out / "tokenizer.model").is_file():
@@ -180,7 +197,8 @@ class ScorerTrainer(Stage):
         self.negatives = resolve_mode(o.hard_negatives, o.data)
         try:
             self.config = ScorerConfig.from_preset(o.preset, text_vocab_size=self.tokenizer.vocab_size, image_size=o.size,
-                                                   hard_negatives=self.negatives)
+                                                   hard_negatives=self.negatives, image_pool=o.image_pool,
+                                                   text_pool=o.text_pool, text_causal=o.text_causal)
         except ValueError as e:
             raise UserError(f"scorer: {e}") from None
         if o.batch_size % self.ctx.world_size:
@@ -276,9 +294,11 @@ class ScorerTrainer(Stage):
         # A negative made for one picture can be another picture's own caption: that pair is a match.
         positives = keys[:, None] == torch.cat([keys, negative_keys])[None, :]  # (B, B + N)
         logits = scale.float() * image_embeds @ text_embeds.t()  # (B, B + N)
+        b = keys.shape[0]
+        if o.negative_weight != 1.0:  # w copies of a column in a softmax add log(w) to its logit
+            logits = torch.cat([logits[:, :b], logits[:, b:] + math.log(o.negative_weight)], dim=1)
         loss = contrastive_loss(logits, positives)
         loss.backward()
-        b = keys.shape[0]
         loss_value, accuracy = loss.item(), retrieval_accuracy(logits[:, :b], positives[:, :b])
         if not math.isfinite(loss_value):
             self.optimizer.zero_grad(set_to_none=True)
