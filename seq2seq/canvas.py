@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from seq2seq.generate import EMPTY_TEXT_IDS, Sampler, candidate_seeds, with_unconditional
+from seq2seq.generate import EMPTY_TEXT_IDS, Sampler, candidate_rows, candidate_seeds, conditioning
 from seq2seq.model import Seq2Seq
 
 __all__ = ["generate_canvas", "window_origin"]
@@ -55,18 +55,10 @@ def generate_canvas(
     grid = model.config.grid_size
     if height < grid or width < grid:
         raise ValueError(f"a canvas of {height}x{width} tokens is smaller than the model's {grid}x{grid} grid")
-    if num_candidates < 1:
-        raise ValueError(f"num_candidates must be >= 1, got {num_candidates}")
-    device = model.decoder.head.weight.device
-    text_ids, text_mask = text_ids.to(device), text_mask.to(device).bool()
-    if text_ids.dim() != 2 or text_mask.shape != text_ids.shape or not bool(text_mask.any(1).all()):
-        raise ValueError("text_ids and text_mask must be (B, L) alike, every prompt with a real token")
-    n_rows = text_ids.shape[0] * num_candidates
-    text_ids = text_ids.repeat_interleave(num_candidates, 0)  # (C, L)
-    text_mask = text_mask.repeat_interleave(num_candidates, 0)
+    text_ids, text_mask = candidate_rows(model, text_ids, text_mask, num_candidates)  # (C, L) each
+    device, n_rows = text_ids.device, text_ids.shape[0]
     sampler = Sampler(candidate_seeds(seeds, n_rows, device), temperature, top_k, top_p, float(cfg_scale))
-    if sampler.guided:
-        text_ids, text_mask = with_unconditional(text_ids, text_mask, uncond_ids)  # (2C, L')
+    text_ids, text_mask = conditioning(model, text_ids, text_mask, sampler, uncond_ids)  # (R, L')
 
     was_training = model.training
     model.eval()

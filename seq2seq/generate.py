@@ -171,18 +171,8 @@ def generate(
         progress: show a tqdm bar over the decoding steps.
     """
     config = model.config
-    device = model.decoder.head.weight.device
-    if text_ids.dim() != 2 or text_mask.shape != text_ids.shape:
-        raise ValueError(f"text_ids and text_mask must be (B, L) alike, got {tuple(text_ids.shape)} "
-                         f"and {tuple(text_mask.shape)}")
-    if num_candidates < 1:
-        raise ValueError(f"num_candidates must be >= 1, got {num_candidates}")
-    text_ids, text_mask = text_ids.to(device), text_mask.to(device).bool()
-    if not bool(text_mask.any(1).all()):
-        raise ValueError("every prompt needs at least one real token (the tokenizer's eos)")
-    n_rows = text_ids.shape[0] * num_candidates
-    text_ids = text_ids.repeat_interleave(num_candidates, 0)  # (C, L)
-    text_mask = text_mask.repeat_interleave(num_candidates, 0)
+    text_ids, text_mask = candidate_rows(model, text_ids, text_mask, num_candidates)  # (C, L) each
+    device, n_rows = text_ids.device, text_ids.shape[0]
     if prefix_ids is not None:
         if init_ids is not None:
             raise ValueError("give prefix_ids or init_ids with keep_mask, not both")
@@ -195,10 +185,7 @@ def generate(
     previews = None if on_step is None else _Previews(on_step, preview_every, prefix.shape[1], forcing, n_rows,
                                                       config.grid_size)
     sampler = Sampler(candidate_seeds(seeds, n_rows, device), temperature, top_k, top_p, float(cfg_scale), forcing)
-    if sampler.guided:
-        text_ids, text_mask = with_unconditional(text_ids, text_mask, uncond_ids)  # (2C, L')
-    if text_ids.shape[1] > config.max_text_len:
-        raise ValueError(f"text of {text_ids.shape[1]} tokens; the model reads at most {config.max_text_len}")
+    text_ids, text_mask = conditioning(model, text_ids, text_mask, sampler, uncond_ids)  # (R, L')
 
     was_training = model.training
     model.eval()
@@ -213,6 +200,32 @@ def generate(
     if forcing is None:
         return image_ids, torch.zeros(n_rows, device=device)
     return image_ids, forcing.log_likelihood / forcing.after_hole.sum(1).clamp(min=1)
+
+
+def candidate_rows(model: Seq2Seq, text_ids: Tensor, text_mask: Tensor, num_candidates: int) -> tuple[Tensor, Tensor]:
+    """The prompts (B, L), checked, on the model's device, each repeated for its ``num_candidates`` candidates:
+    (C, L) ids and bool mask, rows ``i * num_candidates + j`` for prompt i (:func:`generate` and the canvas)."""
+    if text_ids.dim() != 2 or text_mask.shape != text_ids.shape:
+        raise ValueError(f"text_ids and text_mask must be (B, L) alike, got {tuple(text_ids.shape)} "
+                         f"and {tuple(text_mask.shape)}")
+    if num_candidates < 1:
+        raise ValueError(f"num_candidates must be >= 1, got {num_candidates}")
+    device = model.decoder.head.weight.device
+    text_ids, text_mask = text_ids.to(device), text_mask.to(device).bool()
+    if not bool(text_mask.any(1).all()):
+        raise ValueError("every prompt needs at least one real token (the tokenizer's eos)")
+    return text_ids.repeat_interleave(num_candidates, 0), text_mask.repeat_interleave(num_candidates, 0)
+
+
+def conditioning(model: Seq2Seq, text_ids: Tensor, text_mask: Tensor, sampler: Sampler,
+                 uncond_ids: Sequence[int]) -> tuple[Tensor, Tensor]:
+    """The text the decoder reads: the candidates' rows, and under guidance the unconditional rows after them
+    (:func:`with_unconditional`); longer than the model reads is a ValueError."""
+    if sampler.guided:
+        text_ids, text_mask = with_unconditional(text_ids, text_mask, uncond_ids)  # (2C, L')
+    if text_ids.shape[1] > model.config.max_text_len:
+        raise ValueError(f"text of {text_ids.shape[1]} tokens; the model reads at most {model.config.max_text_len}")
+    return text_ids, text_mask
 
 
 # Decoding hashes the draws' noise for this many steps at a time, in one pass (see CounterNoise.steps).
