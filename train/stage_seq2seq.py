@@ -221,6 +221,7 @@ class Seq2SeqTrainer(Stage):
         return self.batch_at(self.step)
 
     def batch_units(self, batch) -> int:
+        """Image tokens in a global batch: every batch has the same count."""
         return self.options.batch_size * self.config.grid_size**2
 
     def train_step(self, batch: tuple[list[str], torch.Tensor, torch.Tensor]) -> dict[str, float]:
@@ -400,9 +401,8 @@ class Seq2SeqTrainer(Stage):
             summary["captions_cut"] = self.captions.cut
         rate = summary.get(f"{self.unit}_per_s")
         if rate and self.flops_per_step:
-            tokens_per_step = o.batch_size * self.config.grid_size**2
             peak = matmul_peak_flops(self.device, self.amp_dtype or torch.float32)
-            achieved = self.flops_per_step * rate / tokens_per_step
+            achieved = self.flops_per_step * rate / self.batch_units(None)  # steps a second times FLOPs a step
             summary.update(achieved_flops=achieved, peak_flops=peak, share_of_peak=achieved / peak)
             self.run.log(self.step, **{k: summary[k] for k in ("achieved_flops", "peak_flops", "share_of_peak")})
         return summary
