@@ -8,6 +8,8 @@ import pytest
 import torch
 
 from checkpoint import CheckpointError
+from train.__main__ import build_parser
+from train.stage_all import STAGE_ORDER, preset_flags
 from vqgan import VQGAN, FactorizedQuantizer, VQGANConfig
 from vqgan.discriminator import DISCRIMINATOR_PRESETS, PatchDiscriminator
 from vqgan.losses import (LossWeights, adaptive_weight, delayed_weight, discriminator_loss, feature_matching_loss,
@@ -130,6 +132,18 @@ def test_small_loss_pieces():
     assert feature_matching_loss(feats, [f + 0.5 for f in feats]).item() == pytest.approx(0.5)
     images = torch.zeros(2, 3, 4, 4)
     assert psnr(images, images + 0.2).item() == pytest.approx(10 * torch.log10(torch.tensor(4 / 0.04)).item())
+
+
+def test_squared_error_term_adds_its_weighted_mse():
+    disc = PatchDiscriminator(DISCRIMINATOR_PRESETS["tiny"])
+    images, reconstructions = torch.zeros(2, 3, 4, 4), torch.full((2, 3, 4, 4), 0.5)
+    zero = torch.zeros(())
+    kwargs = dict(discriminator=disc, last_layer=zero, step=0)
+    plain, metrics = generator_loss(images, reconstructions, zero, weights=LossWeights(disc_start=10), **kwargs)
+    both, both_metrics = generator_loss(images, reconstructions, zero, weights=LossWeights(mse=5.0, disc_start=10),
+                                        **kwargs)
+    assert "mse" not in metrics and both_metrics["mse"].item() == pytest.approx(0.25)
+    assert (both - plain).item() == pytest.approx(5.0 * 0.25)
 
 
 def test_gan_terms_start_at_disc_start():
@@ -363,3 +377,15 @@ def test_stage_precision_changes_the_arithmetic_not_the_training(tmp_path):
     assert fp32.keys() == bf16.keys() and len(fp32) == 4
     for step, loss in fp32.items():
         assert bf16[step] == pytest.approx(loss, rel=0.05), step
+
+
+@pytest.mark.parametrize("data", ["shapes", "openmoji"])
+@pytest.mark.parametrize("plan", ["tiny", "cpu", "gpu"])
+def test_every_plan_of_train_all_parses_in_its_stage(plan, data):
+    """A typo in a plan's flags would otherwise surface only when `train all` reaches that stage."""
+    parser = build_parser()
+    for stage in STAGE_ORDER:
+        args = parser.parse_args([stage, "--out", "RUN", *preset_flags(plan, stage, data)])
+        assert args.stage == stage
+    real = parser.parse_args(["vqgan", "--out", "RUN", *preset_flags("cpu", "vqgan", "openmoji")])
+    assert real.mse_weight > 0 and real.disc_start < real.steps

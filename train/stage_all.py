@@ -50,13 +50,21 @@ PRESETS: dict[str, dict[str, list[str]]] = {
     },
 }
 # Where --data is not `shapes` (real pictures: openmoji, a folder, files), these stages' flags replace the
-# preset's: the GAN only in the last 500 VQGAN steps, since it costs held-out PSNR while it sharpens, and
-# real pictures need every step of plain reconstruction they can get. The `medium` VQGAN draws finer
-# detail per step (1 dB more held-out PSNR on openmoji at step 600) for about 1.4x the time of `small` a
-# step on a 2-core CPU; the same number of steps would not fit this budget (BENCHMARKS.md).
+# preset's, measured on openmoji (BENCHMARKS.md):
+# - vqgan: a squared-error term beside L1 (+0.3 dB held-out PSNR at step 600), and the GAN only in the last
+#   300 steps, since it costs held-out PSNR while it sharpens; 1 700 steps hold the 20-minute budget. The
+#   `medium` VQGAN (or `small` with `medium`'s finer decoder) draws more per step but costs 1.6-1.9x a step,
+#   a wash in a fixed time; twice the learning rate changed nothing by step 300.
+# - seq2seq: 2 000 steps, since held-out loss stops falling after about 1 750 of 3 500 (the run keeps its
+#   best held-out weights either way).
+# - scorer: word-swap hard negatives (R@5 +5 points and pairwise +9 points on openmoji).
 REAL_PICTURES: dict[str, dict[str, list[str]]] = {
     "cpu": {
-        "vqgan": ["--model-size", "small", "--steps", "3500", "--batch-size", "32", "--disc-start", "3000"],
+        "vqgan": ["--model-size", "small", "--steps", "1700", "--batch-size", "32", "--disc-start", "1400",
+                  "--mse-weight", "5"],
+        "seq2seq": ["--model-size", "small", "--steps", "2000", "--batch-size", "64", "--cache-examples", "40000",
+                    "--compile", "--ema", "0.999"],
+        "scorer": [*PRESETS["cpu"]["scorer"], "--hard-negatives", "words"],
     },
 }
 STAGE_ORDER = ("tokenizer", "vqgan", "seq2seq", "scorer")
@@ -69,7 +77,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="the run directory")
     parser.add_argument("--preset", default="auto", type=_plan, metavar="{auto,tiny,cpu,gpu}",
                         help="the training plan, every stage's model size and steps: cpu (a 2-core machine: about 40 "
-                             "minutes on shapes, 80 on openmoji), gpu (one CUDA device), tiny (a smoke test: 6 steps "
+                             "minutes on shapes, about 60 on openmoji), gpu (one CUDA device), tiny (a smoke test: 6 steps "
                              "a stage, its pictures are noise); auto (default): gpu when CUDA is visible, else cpu. "
                              "A stage's own model size is its --model-size")
     parser.add_argument("--size", type=int, default=64)

@@ -39,6 +39,7 @@ class LossWeights:
     """Weights of the autoencoder's loss terms and the step from which the GAN (and feature matching) runs."""
 
     reconstruction: float = 1.0  # L1
+    mse: float = 0.0  # squared error, the term PSNR measures (the real-pictures plan sets it, BENCHMARKS.md)
     perceptual: float = 1.0  # LPIPS-style with VGG weights, else discriminator feature matching
     disc: float = 0.5  # scales the adaptive weight of the generator's GAN loss
     disc_start: int = 0  # optimizer step at which the discriminator starts to train and to count
@@ -106,12 +107,16 @@ def generator_loss(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The autoencoder's loss at optimizer step ``step``: (loss, detached metrics for the log).
 
-    L1 + perceptual + quantizer loss, plus ``disc * adaptive_weight * hinge_g_loss`` once the GAN has
+    L1 (+ squared error with ``weights.mse``) + perceptual + quantizer loss, plus ``disc * adaptive_weight * hinge_g_loss`` once the GAN has
     started. Gradients reach the discriminator's parameters too unless the caller freezes them.
     """
     l1 = F.l1_loss(reconstructions, images)
     nll = weights.reconstruction * l1
     metrics = {"l1": l1.detach(), "quantizer_loss": quantizer_loss.detach()}
+    if weights.mse > 0:
+        mse = F.mse_loss(reconstructions.float(), images.float())
+        nll = nll + weights.mse * mse
+        metrics["mse"] = mse.detach()
     if perceptual is not None and weights.perceptual > 0:
         perceptual_loss = perceptual(images, reconstructions)
         nll = nll + weights.perceptual * perceptual_loss
