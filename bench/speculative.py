@@ -110,7 +110,7 @@ def quality(pipeline: Pipeline, window: int, prompts: int, candidates: int, kind
 def main(argv: list[str] | None = None) -> None:
     parser = ArgumentParser(prog="python -m bench.speculative", description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", help="a run directory or shipped run (default: the shapes demo)")
-    parser.add_argument("--windows", default="8,16", help="speculative windows, comma-separated (default 8,16)")
+    parser.add_argument("--windows", default="8,12,16", help="speculative windows, comma-separated (default 8,12,16)")
     parser.add_argument("--batches", default="1,16", help="batch sizes, comma-separated (default 1,16)")
     parser.add_argument("--threads", default="1,2", help="thread counts, comma-separated (default 1,2)")
     parser.add_argument("--prompts", type=int, default=16, help="held-out prompts (default 16)")

@@ -115,7 +115,9 @@ def decode_speculative(model: Seq2Seq, text_ids: Tensor, text_mask: Tensor, pref
             drafts_from, positions = _draft(seq, accepted, first, probs, window, counter, forcing)
             first = positions[:, 0]
             pass_index += 1
-            logits = model.decoder.decode(both(seq.gather(1, positions)), both(positions),
+            # One row (and its unconditional twin): shared positions, the cache's plain write and a shared mask.
+            read_at = positions[0] if n_rows == 1 else both(positions)  # (W,) or (R, W)
+            logits = model.decoder.decode(both(seq.gather(1, positions)), read_at,
                                           model.decode_length(int(positions[:, -1].max()) + 1))  # (R, W, V)
             probs, cond_logits = sampler.probs(logits)  # (C, W, V)
 
