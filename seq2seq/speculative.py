@@ -112,7 +112,9 @@ def decode_speculative(model: Seq2Seq, text_ids: Tensor, text_mask: Tensor, pref
             done = least
             if least == total:
                 return seq[:, 1:]
-            drafts_from, positions = _draft(seq, accepted, first, probs, window, counter, forcing)
+            # Near the grid's end every window reaches its last token: reading fewer accepted tokens again
+            # changes no row's verdicts, drafts or noise (all keyed by position).
+            drafts_from, positions = _draft(seq, accepted, first, probs, min(window, total - least), counter, forcing)
             first = positions[:, 0]
             pass_index += 1
             # One row (and its unconditional twin): shared positions, the cache's plain write and a shared mask.
