@@ -119,11 +119,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--window", type=int, default=16, help="the window --quality uses (default 16)")
     parser.add_argument("--n", type=int, default=4, help="candidates per prompt for --quality (default 4)")
     parser.add_argument("--kind", default="single", help="prompt kind for --quality (default single)")
+    parser.add_argument("--quality-threads", type=int, default=1, help="CPU threads for --quality (default 1)")
     args = parser.parse_args(argv)
 
     pipeline = Pipeline(args.checkpoint, device="cpu", rerank=args.quality is not None)
     settings = SamplingSettings()
     if args.quality is not None:
+        torch.set_num_threads(args.quality_threads)  # two threads on a loaded 2-core machine crawl
         quality(pipeline, args.window, args.quality, args.n, args.kind, settings)
         return
     speed(pipeline, [int(w) for w in args.windows.split(",")], [int(b) for b in args.batches.split(",")],
