@@ -16,6 +16,9 @@ the other positions stay a function of the seed). A causal model never sees what
 fills it, so :class:`Forcing` also sums each candidate's log-likelihood of the forced ids after the hole:
 a seam that breaks the rest of the picture scores low. ``on_step`` hands out the partial grid every few
 positions (previews); without it the loop is the plain one.
+
+``speculative=W`` hands the decoding to :func:`seq2seq.speculative.decode_speculative`: a window of W drafted
+tokens verified per cached pass, the same distribution in fewer passes, from another random stream.
 """
 
 from __future__ import annotations
