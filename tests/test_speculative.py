@@ -137,7 +137,7 @@ class _Passes:
 
 
 def test_greedy_speculative_decoding_is_greedy_decoding_in_fewer_passes(tiny, monkeypatch):
-    text_ids, text_mask = torch.randint(4, 64, (2, 5), generator=torch.Generator().manual_seed(3)), None
+    text_ids = torch.randint(4, 64, (2, 5), generator=torch.Generator().manual_seed(3))
     text_mask = torch.ones_like(text_ids, dtype=torch.bool)
     greedy = generate(tiny, text_ids, text_mask, temperature=0, cfg_scale=2.0)
     passes = _Passes(tiny, monkeypatch)
