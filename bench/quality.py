@@ -37,13 +37,13 @@ def composition_scores(run: Path, *, prompts_per_kind: int = 32, candidates: int
                        cfg: float = SamplingSettings.cfg, top_k: int | None = SamplingSettings.top_k,
                        top_p: float | None = SamplingSettings.top_p, temperature: float = SamplingSettings.temperature,
                        seed: int = 0, device: str = "auto", kinds=KINDS, batch_prompts: int = 8,
-                       dtype: str = "auto") -> dict:
+                       dtype: str = "auto", speculative: int = 0) -> dict:
     """{kind: {"any", "random1", "clip1", "prompts"}} over held-out prompts of each kind, with the sampling
     defaults of ``python -m sample`` unless told otherwise."""
 
     pipeline = Pipeline(run, device=device, rerank=True, dtype=dtype)
     settings = SamplingSettings(n=candidates, keep=1, top_k=top_k, top_p=top_p, temperature=temperature, cfg=cfg,
-                                seed=seed)
+                                seed=seed, speculative=speculative)
     subsets = sorted({k for k in (1, 2, 4, 8, 16, 32) if k < candidates} | {candidates})
     results = {}
     for kind in kinds:

@@ -53,6 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cfg", type=float, default=defaults.cfg,
                         help=f"classifier-free guidance scale, 1 = off (default {defaults.cfg:g})")
     parser.add_argument("--seed", type=int, default=0, help="candidate j has seed SEED+j")
+    parser.add_argument("--speculative", type=int, default=defaults.speculative, metavar="W",
+                        help="verify a window of W drafted tokens per decoder pass (speculative Jacobi decoding, "
+                             "2 to the picture's tokens): the same distribution in fewer passes, other pictures "
+                             "for a seed than without; 0 = off (default)")
     parser.add_argument("--out", default="samples", help="output directory (default ./samples)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                         help="where to sample; auto (default): CUDA when one is visible, else the CPU")
@@ -122,7 +126,8 @@ def run(args: argparse.Namespace) -> list[dict]:
     keep = args.keep if args.keep is not None else min(4, max(args.n, 1))
     settings = SamplingSettings(n=args.n, keep=keep, top_k=args.top_k, top_p=args.top_p,
                                 temperature=args.temperature, cfg=args.cfg, seed=args.seed,
-                                rerank=not args.no_rerank, likelihood_weight=args.likelihood_weight)
+                                rerank=not args.no_rerank, likelihood_weight=args.likelihood_weight,
+                                speculative=args.speculative)
     if args.preview is not None and args.preview < 1:
         raise UserError(f"--preview must be >= 1 tokens between frames, got {args.preview}")
     batch = batch_size(args, settings.n)

@@ -56,6 +56,7 @@ MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-3, 100.0
 MAX_CFG = 100.0
 MAX_LIKELIHOOD_WEIGHT = 100.0
 MAX_SEED = 2**63 - 1  # seeds are int64 tensors
+MAX_SPECULATIVE = 4096  # a window of a 64 x 64 grid; the run's own grid is checked when drawing
 
 DEMO_RUN = Path(__file__).resolve().parent / "demo_run"
 # The shipped runs, reachable by name with --checkpoint NAME (a directory of that name wins).
@@ -94,6 +95,7 @@ class SamplingSettings:
     # Inpainting ranks by z(scorer) + likelihood_weight * z(likelihood of the kept tokens after the hole),
     # z-scores among a prompt's candidates; 0 ranks by the scorer alone. See BENCHMARKS.md.
     likelihood_weight: float = 1.0
+    speculative: int = 0  # a window of W tokens verified per decoder pass (seq2seq.speculative); 0 = off
 
     def __post_init__(self) -> None:
         if self.n < 1:
@@ -117,6 +119,9 @@ class SamplingSettings:
         if not 0 <= self.cfg <= MAX_CFG:
             raise UserError(f"--cfg must be >= 0 and at most {MAX_CFG:g} (1 turns guidance off; more overflows the "
                             f"logits), got {self.cfg}")
+        if self.speculative != 0 and not 2 <= self.speculative <= MAX_SPECULATIVE:
+            raise UserError(f"--speculative must be 0 (off) or a window from 2 to {MAX_SPECULATIVE} tokens, got "
+                            f"{self.speculative}")
         if not 0 <= self.likelihood_weight <= MAX_LIKELIHOOD_WEIGHT:
             raise UserError(f"--likelihood-weight must be from 0 to {MAX_LIKELIHOOD_WEIGHT:g}, got "
                             f"{self.likelihood_weight}")
@@ -298,6 +303,11 @@ class Pipeline:
         canvas = self.canvas_tokens(size)
         if canvas is not None and (edit is not None or preview_every):
             raise UserError("--width/--height draw a new picture: they do not combine with --init or --preview")
+        if canvas is not None and settings.speculative:
+            raise UserError("--width/--height draw with a sliding window, one token a pass: drop --speculative")
+        if settings.speculative > self.model.config.image_len:
+            raise UserError(f"--speculative {settings.speculative} is longer than this run's pictures of "
+                            f"{self.model.config.image_len} tokens; give at most {self.model.config.image_len}")
         init_ids = None if edit is None else self.encode_init(edit)  # (1, h, w)
         # Text that is not valid Unicode (lone surrogates, as from undecodable command-line bytes) is
         # repaired with U+FFFD rather than refused: no prompt should stop the tool.
@@ -326,7 +336,8 @@ class Pipeline:
                 pass_ids, pass_mask = text_ids[which.to(self.device)], text_mask[which.to(self.device)]
                 if canvas is None:
                     image_ids, likelihood = generate(self.model, pass_ids, pass_mask, return_likelihood=True,
-                                                     **sampling, **forced, **watch)  # (rows, h, w), (rows,)
+                                                     speculative=settings.speculative, **sampling, **forced,
+                                                     **watch)  # (rows, h, w), (rows,)
                     likelihoods.append(likelihood.float().cpu())
                 else:
                     image_ids = generate_canvas(self.model, pass_ids, pass_mask, height=canvas[0], width=canvas[1],
@@ -470,6 +481,7 @@ def generate_images(
     mask: str | Path | Image.Image | None = None,
     box: str | tuple[int, int, int, int] | None = None,
     likelihood_weight: float = SamplingSettings.likelihood_weight,
+    speculative: int = SamplingSettings.speculative,
     preview_every: int | None = None,
     on_step: Callable[[Preview], None] | None = None,
     width: int | None = None,
@@ -491,12 +503,13 @@ def generate_images(
     follows the hole at ``likelihood_weight``. ``preview_every`` K calls ``on_step(Preview)`` every K
     tokens with the partial pictures and keeps them in each picture's ``frames``. ``width`` and ``height``
     in pixels (multiples of the token size, at least the run's size) draw a larger canvas with a sliding
-    window.
+    window. ``speculative`` W verifies a window of W drafted tokens per decoder pass (speculative Jacobi
+    decoding): pictures of the same distribution in fewer passes, other pictures for a seed than W = 0.
     """
     if isinstance(prompts, str):
         prompts = [prompts]
     settings = SamplingSettings(n=n, keep=keep, top_k=top_k, top_p=top_p, temperature=temperature, cfg=cfg,
-                                seed=seed, rerank=rerank, likelihood_weight=likelihood_weight)
+                                seed=seed, rerank=rerank, likelihood_weight=likelihood_weight, speculative=speculative)
     pipeline = pipeline or Pipeline(checkpoint, device=device, rerank=rerank, reranker=reranker, dtype=dtype)
     edit = make_edit(pipeline, init, keep_rows=keep_rows, mask=mask, box=box)
     size = None

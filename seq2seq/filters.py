@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["filter_logits", "sample_from_probs", "counter_uniform", "CounterNoise"]
+__all__ = ["filter_logits", "sample_from_probs", "sample_inverse_cdf", "counter_uniform", "CounterNoise"]
 
 _MASK32 = 0xFFFFFFFF
 
@@ -65,6 +65,19 @@ def sample_from_probs(probs: Tensor, uniform: Tensor) -> Tensor:
     return (probs / -torch.log(uniform)).argmax(-1)
 
 
+def sample_inverse_cdf(probs: Tensor, uniform: Tensor) -> Tensor:
+    """Token ids (...,) drawn from ``probs`` (..., V), unnormalized allowed, with one ``uniform`` (...) in (0, 1)
+    each: the first token whose cumulative mass exceeds ``uniform`` times the total. No host sync.
+
+    One uniform a draw instead of one a token: the draw for many positions at once (speculative decoding).
+    The sum runs in fp64, so ``uniform * total`` stays below the total and a token of probability 0 is never
+    drawn.
+    """
+    cdf = probs.double().cumsum(-1)  # (..., V)
+    target = uniform.double() * cdf[..., -1]  # (...)
+    return (cdf <= target[..., None]).sum(-1).clamp(max=probs.shape[-1] - 1)
+
+
 def counter_uniform(seeds: Tensor, step: Tensor | int, vocab_size: int) -> Tensor:
     """Uniforms (R, vocab_size) in (0, 1), a fixed function of each row's seed, the step and the column.
 
@@ -102,6 +115,12 @@ class CounterNoise:
         step = torch.arange(start, start + count, device=self.seed_keys.device)  # (N,)
         keys = _mix32(self.seed_keys[:, None] ^ _step_hash(step)[None, :])  # (R, N)
         return _to_uniform(_mix32(keys[:, :, None] ^ self.columns[None, None, :]))  # (R, N, V)
+
+    def single(self, steps: Tensor) -> Tensor:
+        """One uniform per row and step, ``steps`` (R, N) each row's own: (R, N), the first column of each
+        step's uniforms (what a draw by :func:`sample_inverse_cdf` or an accept-reject test needs)."""
+        keys = _mix32(self.seed_keys[:, None] ^ _step_hash(steps.long()))  # (R, N)
+        return _to_uniform(_mix32(keys ^ self.columns[0]))  # (R, N)
 
 
 def _step_hash(step: Tensor) -> Tensor:

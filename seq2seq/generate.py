@@ -16,6 +16,9 @@ the other positions stay a function of the seed). A causal model never sees what
 fills it, so :class:`Forcing` also sums each candidate's log-likelihood of the forced ids after the hole:
 a seam that breaks the rest of the picture scores low. ``on_step`` hands out the partial grid every few
 positions (previews); without it the loop is the plain one.
+
+``speculative=W`` hands the decoding to :func:`seq2seq.speculative.decode_speculative`: a window of W drafted
+tokens verified per cached pass, the same distribution in fewer passes, from another random stream.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from tqdm import tqdm
 
 from seq2seq.filters import CounterNoise, filter_logits, sample_from_probs
 from seq2seq.model import Seq2Seq
+from seq2seq.speculative import check_window, decode_speculative
 from tokenizer.text import EOS_ID
 
 __all__ = ["generate", "EMPTY_TEXT_IDS", "Forcing", "UNDRAWN"]
@@ -104,15 +108,20 @@ class Sampler:
 
         ``uniform`` (C, V), the step's noise made ahead (:meth:`CounterNoise.steps`), saves hashing it here.
         """
-        logits = cond_logits = logits.float()
-        if self.guided:
-            cond_logits, uncond = logits.chunk(2)
-            logits = uncond + self.cfg_scale * (cond_logits - uncond)  # (C, V)
-        probs = filter_logits(logits, self.temperature, self.top_k, self.top_p)
+        probs, cond_logits = self.probs(logits)
         if uniform is None:
             uniform = self.noise_for(logits.shape[-1])(step)
         ids = sample_from_probs(probs, uniform)
         return ids if self.forcing is None else self.forcing(ids, cond_logits, step)
+
+    def probs(self, logits: Tensor) -> tuple[Tensor, Tensor]:
+        """What plain sampling draws from: ``logits`` (R, ..., V), conditional rows then unconditional when
+        guided, to probabilities (C, ..., V) after guidance and the filters; and the conditional rows' logits."""
+        logits = cond_logits = logits.float()
+        if self.guided:
+            cond_logits, uncond = logits.chunk(2)
+            logits = uncond + self.cfg_scale * (cond_logits - uncond)  # (C, ..., V)
+        return filter_logits(logits, self.temperature, self.top_k, self.top_p), cond_logits
 
     def rows(self, ids: Tensor) -> Tensor:
         """The decoder input (R, 1) for every row: each candidate's id, twice when guided."""
@@ -141,6 +150,7 @@ def generate(
     return_likelihood: bool = False,
     use_cache: bool = True,
     compile: bool = False,
+    speculative: int = 0,
     progress: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Image ids (B * num_candidates, h, w) for the prompts ``text_ids`` (B, L) with ``text_mask`` (B, L).
@@ -168,6 +178,9 @@ def generate(
         compile: torch.compile the decode step (CUDA graphs on a GPU), see :func:`compiled`: the first run
             pays a compile per batch size, later runs load it. Off by default: on a 2-core CPU the `small`
             step compiled runs 1.4x eager at batch 1 but loading it costs 8 s a process (BENCHMARKS.md).
+        speculative: a window of W >= 2 tokens verified per decoder pass (speculative Jacobi decoding,
+            :mod:`seq2seq.speculative`): the same distribution in fewer passes, another picture for the same
+            seed than plain sampling; 0 (default) decodes one token a pass. Needs the cache, not ``compile``.
         progress: show a tqdm bar over the decoding steps.
     """
     config = model.config
@@ -182,6 +195,9 @@ def generate(
     prefix = forcing.ids[:, : forcing.prefix_len] if forcing is not None else text_ids.new_zeros(n_rows, 0)
     if preview_every < 1:
         raise ValueError(f"preview_every must be >= 1, got {preview_every}")
+    check_window(speculative, config.image_len)
+    if speculative and (compile or not use_cache):
+        raise ValueError("speculative decoding runs over the cache, eagerly: not with compile or use_cache=False")
     previews = None if on_step is None else _Previews(on_step, preview_every, prefix.shape[1], forcing, n_rows,
                                                       config.grid_size)
     sampler = Sampler(candidate_seeds(seeds, n_rows, device), temperature, top_k, top_p, float(cfg_scale), forcing)
@@ -190,8 +206,11 @@ def generate(
     was_training = model.training
     model.eval()
     try:
-        decode = _decode_cached if use_cache else _decode_recompute
-        image_ids = decode(model, text_ids, text_mask, prefix, sampler, compile, progress, previews)
+        if speculative:
+            image_ids = decode_speculative(model, text_ids, text_mask, prefix, sampler, speculative, progress, previews)
+        else:
+            decode = _decode_cached if use_cache else _decode_recompute
+            image_ids = decode(model, text_ids, text_mask, prefix, sampler, compile, progress, previews)
     finally:
         model.train(was_training)
     image_ids = image_ids.view(n_rows, config.grid_size, config.grid_size)
