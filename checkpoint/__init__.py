@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 import types
 import typing
 from pathlib import Path
@@ -60,6 +61,7 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 # Elements of the buffers a config may ask for beyond its weights (masks, rotary tables): 256 MiB of fp32.
 MAX_BUFFER_ELEMENTS = 1 << 26
+MODULES_PER_TENSOR = 16  # a model has at most this many modules (layers, activations, ...) per stored tensor
 
 T = TypeVar("T")
 
@@ -389,7 +391,7 @@ def _check_size(model_cls: Callable[[Any], torch.nn.Module], config: Any, path: 
     largest_side = max((side for shape in found.values() for side in shape), default=0)
     if max(_integers(dataclasses.asdict(config)), default=0) <= largest_side:
         return
-    with torch.device("meta"):
+    with torch.device("meta"), _module_budget(MODULES_PER_TENSOR * len(found) + 64, part, len(found)):
         shell = _build(model_cls, config, part)
     expected = shell.state_dict()
     _check_shapes({k: tuple(v.shape) for k, v in expected.items()}, found, part)
@@ -397,6 +399,33 @@ def _check_size(model_cls: Callable[[Any], torch.nn.Module], config: Any, path: 
     if others > MAX_BUFFER_ELEMENTS:
         raise CheckpointError(f"{part}: config.json asks for {others:.3g} elements of buffers beside its weights (at "
                               f"most {MAX_BUFFER_ELEMENTS:.3g}); restore it from the run or retrain")
+
+
+class _module_budget:
+    """While active, this thread may register at most ``limit`` submodules: a config asking for 2**31 layers is
+    refused in a moment instead of building them (even on the meta device every module costs time and memory)."""
+
+    _local = threading.local()
+
+    def __init__(self, limit: int, part: str, tensors: int):
+        self.limit, self.part, self.tensors, self.count = limit, part, tensors, 0
+
+    def __enter__(self) -> None:
+        self._local.budget = self
+        self.handle = torch.nn.modules.module.register_module_module_registration_hook(self._count)
+
+    def __exit__(self, *exc) -> None:
+        self.handle.remove()
+        self._local.budget = None
+
+    def _count(self, module, name, submodule) -> None:
+        if getattr(self._local, "budget", None) is not self:  # another thread's model
+            return None
+        self.count += 1
+        if self.count > self.limit:
+            raise CheckpointError(f"{self.part}: config.json builds more than {self.limit} modules, for a weights file "
+                                  f"of {self.tensors} tensors; restore it from the run or retrain")
+        return None
 
 
 def _integers(value: Any) -> list[int]:
@@ -413,6 +442,8 @@ def _build(model_cls: Callable[[Any], torch.nn.Module], config: Any, part: str) 
     channels that groups do not divide) is a CheckpointError."""
     try:
         return model_cls(config)
+    except CheckpointError:
+        raise
     except Exception as e:  # noqa: BLE001 - torch's layers refuse bad sizes with several exception types
         text = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise CheckpointError(f"{part}: config.json does not build a model ({type(e).__name__}: {text[:150]}); "

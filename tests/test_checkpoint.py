@@ -43,6 +43,28 @@ def test_mismatched_config_names_the_part_and_tensor(tmp_path):
         load_pretrained(Tiny, TinyConfig, tmp_path / "tiny", "tiny")
 
 
+@dataclass
+class DeepConfig:
+    width: int = 4
+    layers: int = 2
+
+
+class Deep(torch.nn.Module):
+    def __init__(self, config: DeepConfig):
+        super().__init__()
+        self.config = config
+        self.layers = torch.nn.ModuleList(torch.nn.Linear(config.width, config.width) for _ in range(config.layers))
+
+
+def test_a_config_asking_for_billions_of_layers_is_refused_before_building_them(tmp_path):
+    save_pretrained(Deep(DeepConfig()), DeepConfig(), tmp_path / "deep")
+    (tmp_path / "deep" / "config.json").write_text(json.dumps({"width": 4, "layers": 2**31}))
+    with pytest.raises(CheckpointError, match=r"deep: config.json builds more than \d+ modules, for a weights file of 4"):
+        load_pretrained(Deep, DeepConfig, tmp_path / "deep", "deep")
+    (tmp_path / "deep" / "config.json").write_text(json.dumps({"width": 4, "layers": 2}))
+    assert len(load_pretrained(Deep, DeepConfig, tmp_path / "deep", "deep").layers) == 2
+
+
 def test_unknown_config_field_is_named(tmp_path):
     save_pretrained(Tiny(TinyConfig()), TinyConfig(), tmp_path / "tiny")
     (tmp_path / "tiny" / "config.json").write_text(json.dumps({"width": 4, "depht": 2}))

@@ -77,7 +77,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="the run directory")
     parser.add_argument("--preset", default="auto", type=_plan, metavar="{auto,tiny,cpu,gpu}",
                         help="the training plan, every stage's model size and steps: cpu (a 2-core machine: about 40 "
-                             "minutes on shapes, about 60 on openmoji), gpu (one CUDA device), tiny (a smoke test: 6 steps "
+                             "minutes on shapes, 76 measured on openmoji), gpu (one CUDA device), tiny (a smoke test: 6 steps "
                              "a stage, its pictures are noise); auto (default): gpu when CUDA is visible, else cpu. "
                              "A stage's own model size is its --model-size")
     parser.add_argument("--size", type=int, default=64)
