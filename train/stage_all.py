@@ -58,13 +58,22 @@ PRESETS: dict[str, dict[str, list[str]]] = {
 # - seq2seq: 2 000 steps, since held-out loss stops falling after about 1 750 of 3 500 (the run keeps its
 #   best held-out weights either way).
 # - scorer: word-swap hard negatives (R@5 +5 points and pairwise +9 points on openmoji).
+def _changed(flags: list[str], *pairs: str) -> list[str]:
+    """``flags`` with each ``--name value`` of ``pairs`` in place of that flag's value, or after them if absent."""
+    flags = list(flags)
+    for name, value in zip(pairs[::2], pairs[1::2]):
+        if name in flags:
+            flags[flags.index(name) + 1] = value
+        else:
+            flags += [name, value]
+    return flags
+
+
 REAL_PICTURES: dict[str, dict[str, list[str]]] = {
     "cpu": {
-        "vqgan": ["--model-size", "small", "--steps", "1700", "--batch-size", "32", "--disc-start", "1400",
-                  "--mse-weight", "5"],
-        "seq2seq": ["--model-size", "small", "--steps", "2000", "--batch-size", "64", "--cache-examples", "40000",
-                    "--compile", "--ema", "0.999"],
-        "scorer": [*PRESETS["cpu"]["scorer"], "--hard-negatives", "words"],
+        "vqgan": _changed(PRESETS["cpu"]["vqgan"], "--steps", "1700", "--disc-start", "1400", "--mse-weight", "5"),
+        "seq2seq": _changed(PRESETS["cpu"]["seq2seq"], "--steps", "2000"),
+        "scorer": _changed(PRESETS["cpu"]["scorer"], "--hard-negatives", "words"),
     },
 }
 STAGE_ORDER = ("tokenizer", "vqgan", "seq2seq", "scorer")
