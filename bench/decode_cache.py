@@ -12,12 +12,13 @@ step's time goes.
 
 from __future__ import annotations
 
+import sys
 import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from cli import ArgumentParser
+from cli import ArgumentParser, UserError, run_command
 from devices.flops import synchronize
 from seq2seq import Seq2Seq, Seq2SeqConfig, generate
 
@@ -53,7 +54,7 @@ def profile_generate(model: Seq2Seq, text_ids: torch.Tensor, text_mask: torch.Te
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(prog="python -m bench.decode_cache", description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="small", help="seq2seq preset (default small)")
     parser.add_argument("--grid", type=int, default=16, help="grid side: grid**2 image tokens (default 16)")
@@ -67,10 +68,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=2, help="timed runs of each way, alternating (default 2)")
     parser.add_argument("--profile", action="store_true", help="profile the cached generation instead")
     args = parser.parse_args(argv)
+    return run_command(lambda: _run(args))
 
+
+def _run(args) -> None:
+    for flag in ("grid", "batch", "text_len", "top_k", "repeats"):
+        if getattr(args, flag) < 1:
+            raise UserError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device here; use --device cpu")
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
-    config = Seq2SeqConfig.from_preset(args.preset, grid_size=args.grid)
+    config = _config(args.preset, args.grid)
+    if args.text_len > config.max_text_len or args.top_k > config.codebook_size:
+        raise UserError(f"--text-len goes up to {config.max_text_len} and --top-k up to {config.codebook_size} "
+                        f"for the {args.preset} preset")
     model = Seq2Seq(config).to(device).eval()
     text_ids = torch.randint(4, config.text_vocab_size, (args.batch, args.text_len), device=device)
     text_mask = torch.ones_like(text_ids, dtype=torch.bool)
@@ -95,5 +107,13 @@ def main(argv: list[str] | None = None) -> None:
     print(f"speed-up: {recompute_s / cached_s:.1f}x; ids differing between the two: {differing} of {cached_ids.numel()}")
 
 
+def _config(preset: str, grid: int) -> Seq2SeqConfig:
+    """The preset's config at ``grid``; an unknown preset is a UserError."""
+    try:
+        return Seq2SeqConfig.from_preset(preset, grid_size=grid)
+    except (KeyError, ValueError) as e:
+        raise UserError(f"--preset {preset}: {e}") from None
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

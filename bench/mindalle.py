@@ -26,13 +26,14 @@ from __future__ import annotations
 import itertools
 import math
 import os
+import sys
 import time
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cli import ArgumentParser
+from cli import ArgumentParser, UserError, counts, run_command
 from seq2seq import Seq2Seq, Seq2SeqConfig, generate
 from seq2seq.generate import EMPTY_TEXT_IDS, with_unconditional
 
@@ -148,21 +149,32 @@ def _seconds(fn) -> float:
     return time.perf_counter() - start
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(prog="python -m bench.mindalle", description=__doc__.split("\n\n")[0])
     parser.add_argument("--grid", type=int, default=16, help="grid side: grid**2 image tokens (default 16: 256)")
-    parser.add_argument("--batches", default="1,16", help="batch sizes, comma-separated (default 1,16)")
-    parser.add_argument("--threads", default="1,2", help="thread counts, comma-separated (default 1,2)")
+    parser.add_argument("--batches", type=counts, default=[1, 16], help="batch sizes, comma-separated (default 1,16)")
+    parser.add_argument("--threads", type=counts, default=[1, 2], help="thread counts, comma-separated (default 1,2)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of each, interleaved (default 3)")
     parser.add_argument("--cfg", type=float, default=1.5, help="guidance scale when on (default 1.5)")
     parser.add_argument("--top-k", type=int, default=64, help="top-k for both (default 64)")
     parser.add_argument("--text-len", type=int, default=16, help="prompt tokens (default 16)")
     args = parser.parse_args(argv)
-    batches = [int(b) for b in args.batches.split(",")]
-    threads = [int(t) for t in args.threads.split(",")]
+    return run_command(lambda: _run(args))
+
+
+def _run(args) -> None:
+    for flag in ("grid", "repeats", "top_k", "text_len"):
+        if getattr(args, flag) < 1:
+            raise UserError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.grid > 64 or args.text_len > 64:
+        raise UserError("--grid and --text-len go up to 64 (the small preset's text positions: 64)")
+    batches, threads = args.batches, args.threads
 
     torch.manual_seed(0)
     config = Seq2SeqConfig.from_preset("small", grid_size=args.grid)
+    if args.top_k > config.codebook_size:
+        raise UserError(f"--top-k {args.top_k} is more than the {config.codebook_size} codes; give at most "
+                        f"{config.codebook_size}")
     ours = Seq2Seq(config).eval()
     theirs = MinDalleDecoder(config.d_model, config.n_heads, config.n_decoder_layers, config.mlp_hidden,
                              config.codebook_size, config.image_len).eval()
@@ -205,4 +217,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

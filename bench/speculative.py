@@ -19,12 +19,13 @@ from __future__ import annotations
 import itertools
 import math
 import os
+import sys
 import time
 
 import torch
 
 from bench.quality import composition_scores
-from cli import ArgumentParser
+from cli import ArgumentParser, UserError, counts, run_command
 from data.shapes import evaluation_prompts
 from sample.pipeline import Pipeline, SamplingSettings, resolve_run
 from seq2seq import generate
@@ -107,30 +108,43 @@ def quality(pipeline: Pipeline, window: int, prompts: int, candidates: int, kind
               f"{scores['clip1']:.3f} ({round(scores['clip1'] * prompts)} of {prompts})", flush=True)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(prog="python -m bench.speculative", description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", help="a run directory or shipped run (default: the shapes demo)")
-    parser.add_argument("--windows", default="8,12,16", help="speculative windows, comma-separated (default 8,12,16)")
-    parser.add_argument("--batches", default="1,16", help="batch sizes, comma-separated (default 1,16)")
-    parser.add_argument("--threads", default="1,2", help="thread counts, comma-separated (default 1,2)")
+    parser.add_argument("--windows", type=counts, default=[8, 12, 16],
+                        help="speculative windows, comma-separated (default 8,12,16)")
+    parser.add_argument("--batches", type=counts, default=[1, 16], help="batch sizes, comma-separated (default 1,16)")
+    parser.add_argument("--threads", type=counts, default=[1, 2], help="thread counts, comma-separated (default 1,2)")
     parser.add_argument("--prompts", type=int, default=16, help="held-out prompts (default 16)")
     parser.add_argument("--repeats", type=int, default=2, help="timed runs of each, interleaved (default 2)")
     parser.add_argument("--quality", type=int, metavar="N", help="oracle scores of N prompts instead of speed")
     parser.add_argument("--window", type=int, default=16, help="the window --quality uses (default 16)")
     parser.add_argument("--n", type=int, default=4, help="candidates per prompt for --quality (default 4)")
-    parser.add_argument("--kind", default="single", help="prompt kind for --quality (default single)")
+    parser.add_argument("--kind", default="single", choices=["single", "position", "relation", "count"],
+                        help="prompt kind for --quality (default single)")
     parser.add_argument("--quality-threads", type=int, default=1, help="CPU threads for --quality (default 1)")
     args = parser.parse_args(argv)
+    return run_command(lambda: _run(args))
 
+
+def _run(args) -> None:
+    for flag in ("prompts", "repeats", "n", "quality_threads") + (("quality",) if args.quality is not None else ()):
+        if getattr(args, flag) < 1:
+            raise UserError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if any(w < 2 for w in args.windows) or args.window < 2:
+        raise UserError("a speculative window drafts at least 2 tokens: give --windows/--window of 2 or more")
     pipeline = Pipeline(args.checkpoint, device="cpu", rerank=args.quality is not None)
+    longest = max(args.windows + [args.window])
+    if longest > pipeline.model.config.image_len:
+        raise UserError(f"a window of {longest} is longer than this run's pictures of "
+                        f"{pipeline.model.config.image_len} tokens")
     settings = SamplingSettings()
     if args.quality is not None:
         torch.set_num_threads(args.quality_threads)  # two threads on a loaded 2-core machine crawl
         quality(pipeline, args.window, args.quality, args.n, args.kind, settings)
         return
-    speed(pipeline, [int(w) for w in args.windows.split(",")], [int(b) for b in args.batches.split(",")],
-          [int(t) for t in args.threads.split(",")], args.prompts, args.repeats, settings)
+    speed(pipeline, args.windows, args.batches, args.threads, args.prompts, args.repeats, settings)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

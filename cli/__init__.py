@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 
 __all__ = ["UserError", "ENVIRONMENT_ERRNOS", "WRITE_HINT", "run_command", "ArgumentParser", "MAX_THREADS",
-           "add_threads_argument", "set_threads"]
+           "add_threads_argument", "set_threads", "counts"]
 
 
 class UserError(Exception):
@@ -61,6 +61,18 @@ def add_threads_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None, metavar="N",
                         help="CPU threads for PyTorch (default: one per physical core); on a machine busy with other "
                              "work, --threads 1 can be several times faster than threads that wait for each other")
+
+
+def counts(text: str) -> list[int]:
+    """An argparse type: comma-separated whole numbers >= 1 ("1,16"), for benches that sweep a setting."""
+    try:
+        values = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of whole numbers, e.g. 1,16") \
+            from None
+    if not all(1 <= value <= MAX_THREADS for value in values):
+        raise argparse.ArgumentTypeError(f"{text!r}: every value must be >= 1 and at most {MAX_THREADS}")
+    return values
 
 
 def set_threads(threads: int | None) -> None:

@@ -16,6 +16,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import bench.__main__ as bench_cli
+import bench.decode_cache as bench_decode_cache
+import bench.mindalle as bench_mindalle
+import bench.speculative as bench_speculative
 import sample.__main__ as sample_cli
 import train.__main__ as train_cli
 from cli import UserError
@@ -267,8 +270,22 @@ CASES = [
     ("bench", "--checkpoint {run} --out {tmp}/b", lambda t: (t / "b" / "bench.json").mkdir(parents=True),
      "bench.json there is not a regular file"),
     ("bench", "--checkpoint {run} --out {tmp}/b", lambda t: _write(t / "b", "a file"), "cannot write --out"),
+    # the decoding benches
+    ("bench.speculative", "--checkpoint {run} --windows 8,x", None, "not a comma-separated list"),
+    ("bench.speculative", "--checkpoint {run} --batches 0", None, "every value must be >= 1"),
+    ("bench.speculative", "--checkpoint {run} --windows 1", None, "at least 2 tokens"),
+    ("bench.speculative", "--checkpoint {run} --windows 999", None, "is longer than this run's pictures"),
+    ("bench.speculative", "--checkpoint {tmp}/missing", None, "is not a directory"),
+    ("bench.speculative", "--checkpoint {run} --repeats 0", None, "--repeats must be >= 1"),
+    ("bench.mindalle", "--threads 1,,2", None, "not a comma-separated list"),
+    ("bench.mindalle", "--grid 0", None, "--grid must be >= 1"),
+    ("bench.mindalle", "--top-k 5000", None, "more than the 1024 codes"),
+    ("bench.decode_cache", "--preset huge", None, "unknown seq2seq preset"),
+    ("bench.decode_cache", "--batch 0", None, "--batch must be >= 1"),
 ]
-TOOLS = {"train": train_cli.main, "sample": sample_cli.main, "bench": bench_cli.main}
+TOOLS = {"train": train_cli.main, "sample": sample_cli.main, "bench": bench_cli.main,
+         "bench.speculative": bench_speculative.main, "bench.mindalle": bench_mindalle.main,
+         "bench.decode_cache": bench_decode_cache.main}
 
 
 def _argv(template: str, tmp: Path, run: Path) -> list[str]:
