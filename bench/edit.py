@@ -32,7 +32,7 @@ import torch
 
 from cli import ArgumentParser, add_threads_argument, run_command, set_threads
 from data.images import from_pil
-from data.oracle import UNKNOWN, check, read_scene
+from data.oracle import UNKNOWN, check, read_objects
 from data.shapes import SIZES, evaluation_prompts, render, shape_vertices
 from sample.output import picture_pixels
 from sample.pipeline import Pipeline, SamplingSettings, resolve_run
@@ -176,27 +176,55 @@ def completion_scores(pipeline: Pipeline, cases: list, candidates: int, seed: in
 
 
 def canvas_scores(pipeline: Pipeline, prompts: int, candidates: int, width: int, seed: int = 0) -> dict:
-    """Objects whole, oracle acceptance and window seams of canvases ``width`` pixels wide (every candidate)."""
+    """Objects whole, oracle acceptance and window seams of canvases ``width`` pixels wide (every candidate).
+
+    Objects are counted one by one too: whole or not, and whether they lie past the run's own canvas (an
+    object reaching right of the first ``canvas`` pixels is drawn by windows that slid). A window's seam PSNR
+    is split by whether an object crosses the window's left or right edge: decoded alone, such a window
+    holds part of an object without the rest, which the VQGAN decoder sees on the whole canvas.
+    """
 
     settings = SamplingSettings(n=candidates, keep=1, seed=seed)
     grid, token = pipeline.model.config.grid_size, pipeline.token_size
     whole = accepted = pictures_seen = 0
-    seams: list[float] = []
+    objects = {"inside": [0, 0], "past": [0, 0]}  # [whole, all] for objects within the first canvas / past it
+    seams: dict[str, list[float]] = {"crossed": [], "clear": []}
     for done, (text, scene) in enumerate(evaluation_prompts("count", prompts, seed=seed)):
         _progress("canvas", done, prompts)
         for picture in pipeline([text], settings, size=(width, pipeline.canvas_size))[0]:
             pictures_seen += 1
-            found = read_scene(picture.image)
-            whole += bool(found) and all(obj.shape != UNKNOWN for obj in found)
+            readings = read_objects(picture.image)
+            whole += bool(readings) and all(r.obj.shape != UNKNOWN for r in readings)
+            for reading in readings:
+                tally = objects["past" if reading.box[2] > pipeline.canvas_size else "inside"]
+                tally[0] += reading.obj.shape != UNKNOWN
+                tally[1] += 1
             accepted += check(scene, picture.image)
             pixels = picture_pixels(picture.image)  # (3, H, W)
             for left in range(picture.tokens.shape[1] - grid + 1):
                 window = picture.tokens[None, :, left:left + grid].to(pipeline.device)  # (1, g, g)
                 fresh = pipeline.vqgan.decode(window).float().cpu()[0]
-                seams.append(psnr(pixels[None, :, :, left * token:(left + grid) * token], fresh[None]).item())
+                edges = (left * token, (left + grid) * token)
+                crossed = any(r.box[0] < edge < r.box[2] for r in readings for edge in edges)
+                seams["crossed" if crossed else "clear"].append(
+                    psnr(pixels[None, :, :, edges[0]:edges[1]], fresh[None]).item())
+    every = seams["crossed"] + seams["clear"]
     return {"prompts": prompts, "pictures": pictures_seen, "width": width, "objects_whole": whole / pictures_seen,
-            "oracle_accepts": accepted / pictures_seen, "seam_psnr_mean": statistics.fmean(seams),
-            "seam_psnr_min": min(seams), "windows": len(seams)}
+            "oracle_accepts": accepted / pictures_seen, "seam_psnr_mean": statistics.fmean(every),
+            "seam_psnr_min": min(every), "windows": len(every),
+            "objects": {where: {"whole": w / n if n else None, "objects": n} for where, (w, n) in objects.items()},
+            "seams": {kind: {"windows": len(v), "psnr_mean": statistics.fmean(v) if v else None,
+                             "psnr_min": min(v) if v else None,
+                             "under_20db": sum(x < 20 for x in v) / len(v) if v else None}
+                      for kind, v in seams.items()}}
+
+
+def _share(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.1%}"
+
+
+def _db(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.1f} dB"
 
 
 def plain_sampling_ratio(pipeline: Pipeline, baseline: Path, *, prompts: int = 8, candidates: int = 2,
@@ -295,6 +323,13 @@ def _run(args) -> int:
               f"count prompts): every object whole {result['objects_whole']:.1%}, oracle accepts "
               f"{result['oracle_accepts']:.1%}; window vs fresh decode PSNR mean {result['seam_psnr_mean']:.1f} dB, "
               f"min {result['seam_psnr_min']:.1f} dB over {result['windows']} windows")
+        for where, r in result["objects"].items():
+            print(f"  objects {where} the first {pipeline.canvas_size} px: {r['objects']}, whole "
+                  f"{_share(r['whole'])}")
+        for kind, r in result["seams"].items():
+            print(f"  windows an object {'crosses the edge of' if kind == 'crossed' else 'does not cross'}: "
+                  f"{r['windows']}, PSNR mean {_db(r['psnr_mean'])}, min {_db(r['psnr_min'])}, under 20 dB "
+                  f"{_share(r['under_20db'])}")
     if args.only in (None, "speed"):
         result = canvas_time_ratio(pipeline, args.width)
         print(f"wide canvas time, {result['rows']} candidates: {result['width']} px wide {result['wide_s']:.2f} s, "

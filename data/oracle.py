@@ -58,6 +58,7 @@ class Reading:
     obj: Obj
     area: float
     shape_errors: dict[str, float]
+    box: tuple[int, int, int, int] = (0, 0, 0, 0)  # the region's pixels (x0, y0, x1, y1), ends exclusive
 
 
 def _pixels(image: Image.Image | torch.Tensor | np.ndarray) -> np.ndarray:
@@ -179,7 +180,8 @@ def _read_component(pixels: np.ndarray, alpha: np.ndarray, region: np.ndarray) -
     error, d, cx, cy = fits[shape]
     size = "large" if d / canvas >= SIZE_THRESHOLD else "small"
     obj = Obj(shape if error <= SHAPE_ERROR_LIMIT else UNKNOWN, colour, size, float(cx / width), float(cy / height))
-    return Reading(obj, float(area / (height * width)), {s: f[0] for s, f in fits.items()})
+    box = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
+    return Reading(obj, float(area / (height * width)), {s: f[0] for s, f in fits.items()}, box)
 
 
 def read_objects(image: Image.Image | torch.Tensor | np.ndarray) -> list[Reading]:

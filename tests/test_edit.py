@@ -409,7 +409,12 @@ def test_bench_edit_measures_each_part(tiny_run, pipeline, tmp_path, capsys):
     assert "kept rows unchanged 100.0%" in capsys.readouterr().out
     assert bench_edit.main(["--checkpoint", str(tiny_run), "--device", "cpu", "--candidates", "1", "--only", "canvas",
                             "--canvas-prompts", "1", "--width", str(2 * pipeline.canvas_size)]) == 0
-    assert "every object whole" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "every object whole" in out and "windows an object crosses the edge of" in out
+    wide = bench_edit.canvas_scores(pipeline, prompts=1, candidates=2, width=2 * pipeline.canvas_size)
+    assert wide["seams"]["crossed"]["windows"] + wide["seams"]["clear"]["windows"] == wide["windows"] == 2 * (
+        pipeline.model.config.grid_size + 1)
+    assert all(0 <= (r["whole"] or 0) <= 1 for r in wide["objects"].values())
     baseline = Path(__file__).resolve().parents[1] / "seq2seq" / "generate.py"  # against itself: same ids
     speed = bench_edit.plain_sampling_ratio(pipeline, baseline, prompts=1, candidates=2, repeats=1)
     assert speed["same_ids"] and speed["ratio"] > 0

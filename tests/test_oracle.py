@@ -88,3 +88,14 @@ def test_a_blank_picture_holds_nothing():
     image = torch.ones(3, 64, 64)
     assert oracle.read_scene(image) == []
     assert not oracle.check(scene, image)
+
+
+def test_a_reading_holds_its_objects_pixel_box():
+    from data.oracle import read_objects
+    from data.shapes import Obj, Scene, render
+
+    scene = Scene("single", [Obj("square", "red", "large", 0.25, 0.5)], None, [False], False)
+    (reading,) = read_objects(render(scene, 64))
+    x0, y0, x1, y1 = reading.box
+    assert x0 < 16 < x1 and y0 < 32 < y1  # around the centre (16, 32)
+    assert x1 <= 33 and 0 < x0  # within the left half, clear of the edge
