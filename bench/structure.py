@@ -34,8 +34,8 @@ from safetensors.torch import load_file, save_file
 from checkpoint import CheckpointError, atomic_write, part_dir, write_json
 from cli import ArgumentParser, UserError, add_threads_argument, run_command, set_threads
 from data.images import from_pil
-from data.negatives import KINDS_OF_SCENE, SCENE_KINDS, WORD_KINDS, scene_negative, word_negative
-from data.oracle import check
+from data.negatives import KINDS_OF_SCENE, SCENE_KINDS, WORD_KINDS, scene_negative, word_alternatives, word_negative
+from data.oracle import check_details
 from data.shapes import evaluation_prompts, render
 from devices import resolve_device
 from sample.pipeline import Pipeline, SamplingSettings, picture_side, resolve_run
@@ -46,10 +46,13 @@ __all__ = ["pairwise_shapes", "pairwise_captions", "draw_candidates", "rerank_cu
 
 SCENE_KINDS_ORDER = ("single", "position", "relation", "count")
 CHUNK = 64  # pictures per scorer pass
+TENSORS = ("images", "tokens")  # what candidates.safetensors holds
 
 
 def _prefers(scorer, images: torch.Tensor, own: Sequence[str], negatives: Sequence[str]) -> list[bool]:
     """Whether each picture scores its own caption strictly above the negative, in chunks."""
+    if isinstance(scorer, DecoderJudge):
+        return scorer.prefers(images, own, negatives)
     wins = []
     for start in range(0, len(own), CHUNK):
         chunk = images[start:start + CHUNK]
@@ -119,26 +122,31 @@ def draw_candidates(run: Path, *, prompts_per_kind: int, candidates: int, seed: 
     pipeline = Pipeline(run, device=device, rerank=False)
     settings = SamplingSettings(n=candidates, keep=candidates, seed=seed, rerank=False, cfg=cfg)
     record = {"settings": _settings(run, prompts_per_kind, candidates, seed, kinds, cfg), "kinds": {}}
-    images = []
+    images, tokens = [], []
     for kind in kinds:
         prompts = evaluation_prompts(kind, prompts_per_kind, seed=seed)[first:]
-        right = []
+        right, failed = [], []
         for start in range(0, len(prompts), batch_prompts):
             chunk = prompts[start:start + batch_prompts]
             for (text, scene), pictures in zip(chunk, pipeline([t for t, _ in chunk], settings)):
                 by_candidate = sorted(pictures, key=lambda p: p.candidate)
-                right.append([check(scene, p.image) for p in by_candidate])
+                details = [check_details(scene, p.image) for p in by_candidate]
+                right.append([all(d.values()) for d in details])
+                failed.append([[aspect for aspect, holds in d.items() if not holds] for d in details])
                 images.append(torch.stack([_to_uint8(p.image) for p in by_candidate]))
+                tokens.append(torch.stack([p.tokens for p in by_candidate]).to(torch.int32))
             print(f"bench.structure: {kind} {min(start + batch_prompts, len(prompts))}/{len(prompts)} prompts",
                   file=sys.stderr)
-        record["kinds"][kind] = {"prompts": [t for t, _ in prompts], "right": right}
+        record["kinds"][kind] = {"prompts": [t for t, _ in prompts], "right": right, "failed": failed}
     record["images"] = torch.stack(images)  # (P, N, 3, S, S)
+    record["tokens"] = torch.stack(tokens)  # (P, N, h, w) the decoder's ids of each candidate
     return record
 
 
 def _settings(run: Path, prompts_per_kind: int, candidates: int, seed: int, kinds: Sequence[str],
               cfg: float = SamplingSettings.cfg) -> dict:
-    return {"run": str(run.resolve()), "prompts_per_kind": prompts_per_kind, "candidates": candidates, "seed": seed,
+    return {"format": 3, "run": str(run.resolve()), "prompts_per_kind": prompts_per_kind, "candidates": candidates,
+            "seed": seed,
             "kinds": list(kinds),
             "cfg": cfg, "temperature": SamplingSettings.temperature,
             "top_k": SamplingSettings.top_k, "top_p": SamplingSettings.top_p}
@@ -154,8 +162,8 @@ def save_candidates(record: dict, directory: Path) -> None:
 
     directory.mkdir(parents=True, exist_ok=True)
     atomic_write(directory / "candidates.safetensors",
-                 lambda tmp: save_file({"images": record["images"].contiguous()}, tmp))
-    write_json(directory / "candidates.json", {k: v for k, v in record.items() if k != "images"})
+                 lambda tmp: save_file({k: record[k].contiguous() for k in TENSORS}, tmp))
+    write_json(directory / "candidates.json", {k: v for k, v in record.items() if k not in TENSORS})
 
 
 def load_candidates(directory: Path, settings: dict) -> dict | None:
@@ -169,7 +177,8 @@ def load_candidates(directory: Path, settings: dict) -> dict | None:
         if {**cached, "prompts_per_kind": 0} != {**settings, "prompts_per_kind": 0} \
                 or cached["prompts_per_kind"] > settings["prompts_per_kind"]:
             return None
-        record["images"] = load_file(str(directory / "candidates.safetensors"))["images"]
+        tensors = load_file(str(directory / "candidates.safetensors"))
+        record.update({k: tensors[k] for k in TENSORS})
     except (OSError, ValueError, KeyError, TypeError, SafetensorError):
         return None
     return record
@@ -178,18 +187,25 @@ def load_candidates(directory: Path, settings: dict) -> dict | None:
 def extend_candidates(record: dict, more: dict) -> dict:
     """``record`` with the later prompts of ``more`` (drawn with ``first`` = record's prompts per kind) appended."""
     kinds, old, new = record["settings"]["kinds"], record["settings"]["prompts_per_kind"], more["settings"]["prompts_per_kind"]
-    images = []
+    added = new - old
     for index, kind in enumerate(kinds):
-        added = new - old
-        images += [record["images"][index * old:(index + 1) * old], more["images"][index * added:(index + 1) * added]]
-        record["kinds"][kind] = {"prompts": record["kinds"][kind]["prompts"] + more["kinds"][kind]["prompts"],
-                                 "right": record["kinds"][kind]["right"] + more["kinds"][kind]["right"]}
-    return {"settings": more["settings"], "kinds": record["kinds"], "images": torch.cat(images)}
+        record["kinds"][kind] = {key: record["kinds"][kind][key] + more["kinds"][kind][key]
+                                 for key in ("prompts", "right", "failed")}
+    return {"settings": more["settings"], "kinds": record["kinds"],
+            **{k: torch.cat([part for index in range(len(kinds)) for part in (
+                record[k][index * old:(index + 1) * old], more[k][index * added:(index + 1) * added])])
+               for k in TENSORS}}
 
 
 def rerank_curves(record: dict, scorer) -> dict:
     """{kind: {"prompts", "any", "random1", "pick", "best_of_first": {k: share}}} for one scorer on the candidates."""
     images = record["images"].float() / 127.5 - 1  # (P, N, 3, S, S) in [-1, 1]
+    n = record["settings"]["candidates"]
+    return _curves(record, lambda row, prompt: scorer.score(images[row], [prompt] * n).tolist())
+
+
+def _curves(record: dict, score: Callable[[int, str], list[float]]) -> dict:
+    """Reranking curves for ``score(row, prompt)``, the scores of the candidates of stored row ``row``."""
     n = record["settings"]["candidates"]
     ks = sorted({k for k in (1, 2, 4, 8, 16, 32) if k < n} | {n})
     results, row = {}, 0
@@ -197,7 +213,7 @@ def rerank_curves(record: dict, scorer) -> dict:
         entry = record["kinds"][kind]
         passed = dict.fromkeys(ks, 0)
         for prompt, right in zip(entry["prompts"], entry["right"]):
-            scores = scorer.score(images[row], [prompt] * n).tolist()
+            scores = score(row, prompt)
             row += 1
             for k in ks:
                 passed[k] += right[max(range(k), key=scores.__getitem__)]
@@ -206,6 +222,76 @@ def rerank_curves(record: dict, scorer) -> dict:
                          "random1": sum(r[0] for r in entry["right"]) / prompts, "pick": passed[n] / prompts,
                          "best_of_first": {k: v / prompts for k, v in passed.items()}}
     return results
+
+
+def failures(record: dict) -> dict:
+    """Why candidates fail, per kind of scene: {kind: {"candidates", "right", "failing": {aspect: share of
+    candidates where it fails}, "alone": {aspect: share where it is the only aspect that fails}}}, the
+    aspects those the oracle checks (data.oracle.check_details: count, colour, shape, size, position, relation)."""
+    results = {}
+    for kind in record["settings"]["kinds"]:
+        verdicts = [aspects for prompt in record["kinds"][kind]["failed"] for aspects in prompt]
+        total = len(verdicts)
+        names = sorted({a for aspects in verdicts for a in aspects})
+        results[kind] = {"candidates": total, "right": sum(not a for a in verdicts) / total,
+                         "failing": {a: sum(a in v for v in verdicts) / total for a in names},
+                         "alone": {a: sum(v == [a] for v in verdicts) / total for a in names}}
+    return results
+
+
+# ---------------------------------------------------------------- the decoder as a judge
+
+
+class DecoderJudge:
+    """The run's own decoder as a judge of pictures: the log-likelihood, in nats, of a picture's image tokens
+    given a caption, log p(x | c), teacher-forced in one pass. Pairwise, a picture's own caption against a hard
+    negative; reranking, three rules over one prompt's candidates: the likelihood itself, the pointwise mutual
+    information log p(x | c) - log p(x | empty caption), and the posterior of the prompt among itself and its
+    word alternatives (data.negatives.word_alternatives), uniform prior: log p(x | c) - logsumexp over them."""
+
+    RULES = ("likelihood", "pmi", "posterior")
+
+    def __init__(self, run: Path, device: str):
+        pipeline = Pipeline(run, device=device, rerank=False)
+        self.model, self.vqgan, self.tokenizer = pipeline.model.eval(), pipeline.vqgan, pipeline.tokenizer
+        self.device = pipeline.device
+
+    @torch.inference_mode()
+    def log_likelihood(self, texts: Sequence[str], ids: torch.Tensor) -> torch.Tensor:
+        """(B,) log p(ids[i] | texts[i]) in nats; ``ids`` (B, h, w) or (B, T)."""
+        text_ids, text_mask = self.tokenizer.batch(list(texts), max_length=self.model.config.max_text_len)
+        targets = ids.flatten(1).long().to(self.device)
+        logits = self.model(text_ids.to(self.device), text_mask.to(self.device), targets).float()
+        return -torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none").sum(1).cpu()
+
+    @torch.inference_mode()
+    def tokens(self, images: torch.Tensor) -> torch.Tensor:
+        return self.vqgan.encode(images.to(self.device)).cpu()
+
+    def prefers(self, images: torch.Tensor, own: Sequence[str], negatives: Sequence[str]) -> list[bool]:
+        wins = []
+        for start in range(0, len(own), CHUNK):
+            ids = self.tokens(images[start:start + CHUNK])
+            wins += (self.log_likelihood(own[start:start + CHUNK], ids)
+                     > self.log_likelihood(negatives[start:start + CHUNK], ids)).tolist()
+        return wins
+
+    def score(self, rule: str, prompt: str, ids: torch.Tensor) -> list[float]:
+        """One prompt's candidates (N, h, w) scored by ``rule``."""
+        n = len(ids)
+        own = self.log_likelihood([prompt] * n, ids)
+        if rule == "likelihood":
+            return own.tolist()
+        if rule == "pmi":
+            return (own - self.log_likelihood([""] * n, ids)).tolist()
+        others = [self.log_likelihood([alternative] * n, ids) for alternative in word_alternatives(prompt)]
+        return (own - torch.logsumexp(torch.stack([own, *others]), 0)).tolist()
+
+
+def decoder_rerank_curves(record: dict, judge: DecoderJudge) -> dict:
+    """{rule: rerank curves} for each of DecoderJudge.RULES on the candidates' own tokens."""
+    return {rule: _curves(record, lambda row, prompt, rule=rule: judge.score(rule, prompt, record["tokens"][row]))
+            for rule in judge.RULES}
 
 
 # ---------------------------------------------------------------- the command
@@ -217,12 +303,22 @@ def _pct(x: float | None) -> str:
 
 def pairwise_markdown(figures: dict, what: str, judge: Callable[[str, dict], str] = lambda kind, r: "–") -> list[str]:
     """The pairwise figures as a table, one row per kind of negative; ``judge`` fills the goal column."""
-    lines = ["", f"Pairwise test ({what}): how often the scorer scores a held-out picture's own caption above a hard "
+    lines = ["", f"Pairwise test ({what}): how often a held-out picture's own caption scores above a hard "
                  "negative of it (data/negatives.py; chance 50%, ties count as wrong):", "",
              "| negative | pairs | own caption preferred | goal | example (own -> negative) |", "|---|---|---|---|---|"]
     for kind, r in figures.items():
         example = f"{r['examples'][0][0]} -> {r['examples'][0][1]}" if r["examples"] else ""
         lines.append(f"| {kind} | {r['pairs']} | {_pct(r['accuracy'])} | {judge(kind, r)} | {example} |")
+    return lines
+
+
+def _rerank_markdown(curves: dict, title: str) -> list[str]:
+    ks = list(next(iter(curves.values()))["best_of_first"])
+    lines = ["", title, "", "| kind | prompts | candidates right | " + " | ".join(f"best of {k}" for k in ks) + " |",
+             "|---|---|---|" + "---|" * len(ks)]
+    for kind, r in curves.items():
+        lines.append(f"| {kind} | {r['prompts']} | {_pct(r['any'])} | "
+                     + " | ".join(_pct(r["best_of_first"][k]) for k in ks) + " |")
     return lines
 
 
@@ -232,12 +328,21 @@ def markdown(report: dict) -> str:
         lines += ["", f"Scorer `{name}` (hard negatives: {figures['hard_negatives']}):"]
         lines += pairwise_markdown(figures["pairwise"], "scene negatives, renders of held-out `shapes` scenes")
         if "rerank" in figures:
-            ks = list(next(iter(figures["rerank"].values()))["best_of_first"])
-            lines += ["", "Reranking the same candidates (the oracle judges the pick):", "", "| kind | prompts | candidates right | " + " | ".join(f"best of {k}" for k in ks) + " |",
-                      "|---|---|---|" + "---|" * len(ks)]
-            for kind, r in figures["rerank"].items():
-                lines.append(f"| {kind} | {r['prompts']} | {_pct(r['any'])} | "
-                             + " | ".join(_pct(r["best_of_first"][k]) for k in ks) + " |")
+            lines += _rerank_markdown(figures["rerank"], "Reranking the same candidates (the oracle judges the pick):")
+    if "failures" in report:
+        aspects = sorted({a for r in report["failures"].values() for a in r["failing"]})
+        lines += ["", "Why candidates fail (the oracle's aspects; 'alone': the only aspect that fails):", "",
+                  "| kind | candidates | right | " + " | ".join(f"{a} (alone)" for a in aspects) + " |",
+                  "|---|---|---|" + "---|" * len(aspects)]
+        for kind, r in report["failures"].items():
+            lines.append(f"| {kind} | {r['candidates']} | {_pct(r['right'])} | " + " | ".join(
+                f"{_pct(r['failing'][a])} ({_pct(r['alone'][a])})" if a in r["failing"] else "–" for a in aspects)
+                + " |")
+    if "decoder" in report:
+        lines += pairwise_markdown(report["decoder"]["pairwise"], "the run's decoder: log p(picture | caption), "
+                                   "renders of held-out `shapes` scenes")
+        for rule, curves in report["decoder"].get("rerank", {}).items():
+            lines += _rerank_markdown(curves, f"Reranking by the decoder's {rule}:")
     return "\n".join(lines) + "\n"
 
 
@@ -255,6 +360,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kinds", nargs="+", choices=SCENE_KINDS_ORDER, default=list(SCENE_KINDS_ORDER),
                         help="kinds of scene whose prompts get candidates (default all four)")
     parser.add_argument("--no-rerank", action="store_true", help="the pairwise test only, no candidates drawn")
+    parser.add_argument("--decoder", action="store_true",
+                        help="also judge by the run's decoder: its pairwise test, and reranking by its likelihood, "
+                             "its pointwise mutual information and its posterior over the prompt's word alternatives")
     parser.add_argument("--cache", default=None, help="a folder the candidates are kept in and read back from")
     parser.add_argument("--out", default="bench_results", help="where structure.json goes")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -302,6 +410,14 @@ def _run(args) -> None:
         if record is not None:
             figures["rerank"] = rerank_curves(record, scorer)
         report["scorers"][name] = figures
+    if record is not None:
+        report["failures"] = failures(record)
+    if args.decoder:
+        judge = DecoderJudge(run, str(device))
+        report["decoder"] = {"pairwise": pairwise_shapes(judge, prompts_per_kind=args.pairwise_prompts, size=side,
+                                                         seed=args.seed)}
+        if record is not None:
+            report["decoder"]["rerank"] = decoder_rerank_curves(record, judge)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "structure.json", report)

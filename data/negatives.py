@@ -29,7 +29,7 @@ import re
 from data.shapes import _CELL_PHRASES, _NUMBER_WORDS, _RELATION_PHRASES, COLOURS, COUNTS, SHAPES, Scene, converse
 
 __all__ = ["MODES", "SCENE_KINDS", "WORD_KINDS", "KINDS_OF_SCENE", "scene_negative", "word_negative",
-           "hard_negative", "resolve_mode"]
+           "word_alternatives", "hard_negative", "resolve_mode"]
 
 MODES = ("auto", "scene", "words", "none")
 SCENE_KINDS = ("relation", "swap", "count", "position", "attribute")
@@ -198,6 +198,29 @@ def _word_negative(text: str, rng: random.Random, kind: str) -> str | None:
         if pairs:
             return _swap_words(text, *rng.choice(pairs))
     return None
+
+
+def word_alternatives(text: str) -> list[str]:
+    """Every ``opposite`` and ``number`` negative of ``text`` and every swap of two of its colour words, each
+    once, in the order of the words they change: the captions a picture of ``text`` is told apart from when
+    a model's likelihood judges it (bench.structure). Content-word swaps are left out: "a diamond yellow" is no
+    caption a model was trained on."""
+    found = []
+    for match in _OPPOSITE_RE.finditer(text):
+        found += [_replace(text, match, _match_case(other, match.group(0)))
+                  for other in _OPPOSITE[match.group(0).lower()]]
+    for match in _NUMBER_RE.finditer(text):
+        word = match.group(0)
+        if word.isdigit():
+            found += [_replace(text, match, str(m)) for m in (int(word) - 1, int(word) + 1) if m >= 0]
+        else:
+            n = _NUMBERS.index(word.lower())
+            found += [_replace(text, match, _match_case(_NUMBERS[m], word)) for m in (n - 1, n + 1)
+                      if 0 <= m < len(_NUMBERS)]
+    colours = list(_COLOUR_RE.finditer(text))
+    found += [_swap_words(text, a, b) for i, a in enumerate(colours) for b in colours[i + 1:]
+              if a.group(0).lower() != b.group(0).lower()]
+    return [t for t in dict.fromkeys(found) if t.lower() != text.lower()]
 
 
 # ------------------------------------------------------------------------------------------ the stage

@@ -276,4 +276,41 @@ def test_structure_compares_scorers_on_the_same_cached_candidates(tiny_run, tmp_
                            str(tmp_path / "d")]) == 0
     extended = structure.load_candidates(tmp_path / "short", record["settings"])
     assert torch.equal(extended["images"], record["images"]) and extended["kinds"] == record["kinds"]
+    assert torch.equal(extended["tokens"], record["tokens"]) and tuple(record["tokens"].shape) == (4, 3, 4, 4)
     assert "own caption preferred" in capsys.readouterr().out
+
+    # Why candidates fail: a candidate is right exactly when no aspect fails, and the shares add up.
+    report = json.loads((tmp_path / "a" / "structure.json").read_text())
+    for kind, r in report["failures"].items():
+        verdicts = [v for prompt in record["kinds"][kind]["failed"] for v in prompt]
+        assert [not v for v in verdicts] == [ok for prompt in record["kinds"][kind]["right"] for ok in prompt]
+        assert r["candidates"] == 6 and r["right"] == sum(not v for v in verdicts) / 6
+        assert all(r["alone"][a] <= r["failing"][a] for a in r["failing"])
+
+
+def test_the_decoder_judges_pictures_by_its_own_likelihood(tiny_run, tmp_path, capsys):
+    """bench.structure --decoder: log p(tokens | caption) equals the held-out loss's figure for the same
+    pictures, the posterior rule is a log-probability, and the command reports every rule."""
+    import math
+
+    import bench.structure as structure
+    from seq2seq.evaluate import bits_per_token
+
+    judge = structure.DecoderJudge(tiny_run, "cpu")
+    grid = judge.model.config.grid_size
+    ids = torch.randint(0, judge.model.config.codebook_size, (3, grid, grid), generator=torch.Generator().manual_seed(0))
+    texts = ["two red circles", "a blue square above a green circle", "there is a yellow diamond"]
+    nats = judge.log_likelihood(texts, ids)
+    bits = bits_per_token(judge.model, judge.tokenizer, texts, ids, "cpu")
+    assert -nats.sum().item() / ids.numel() / math.log(2) == pytest.approx(bits, rel=1e-4)
+    posterior = torch.tensor(judge.score("posterior", texts[0], ids))
+    assert bool((posterior <= 1e-5).all())  # a log-probability among "two" and its alternatives
+    assert judge.score("posterior", texts[2], ids) == [0.0, 0.0, 0.0]  # no alternatives: no evidence
+
+    args = ["--checkpoint", str(tiny_run), "--device", "cpu", "--pairwise-prompts", "2", "--prompts-per-kind", "1",
+            "--candidates", "2", "--kinds", "count", "--decoder", "--out", str(tmp_path)]
+    assert structure.main(args) == 0
+    decoder = json.loads((tmp_path / "structure.json").read_text())["decoder"]
+    assert set(decoder["rerank"]) == set(structure.DecoderJudge.RULES)
+    assert all(r["pairs"] == 2 for r in decoder["pairwise"].values())
+    assert "Reranking by the decoder's posterior" in capsys.readouterr().out

@@ -95,3 +95,18 @@ def test_modes():
     assert hard_negative(text, scene.to_dict(), random.Random(0), "none") is None
     assert hard_negative("a red circle on the left", None, random.Random(0), "scene") is not None  # words fallback
     assert set(SCENE_KINDS) == {kind for kinds in KINDS_OF_SCENE.values() for kind in kinds}
+
+
+def test_word_alternatives_are_every_single_edit_once():
+    from data.negatives import word_alternatives
+
+    relation = "a red triangle above a yellow diamond, on a white background"
+    assert word_alternatives(relation) == [
+        "a red triangle below a yellow diamond, on a white background",
+        "a red triangle above a yellow diamond, on a black background",
+        "a yellow triangle above a red diamond, on a white background",
+        "a white triangle above a yellow diamond, on a red background",
+        "a red triangle above a white diamond, on a yellow background"]
+    assert word_alternatives("Three red triangles") == ["Two red triangles", "Four red triangles"]
+    assert word_alternatives("0 cats") == ["1 cats"]
+    assert word_alternatives("a yellow diamond") == []  # nothing to edit: no content-word swaps
