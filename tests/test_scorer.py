@@ -379,7 +379,7 @@ def test_every_pooling_gives_unit_embeddings_that_ignore_padding_and_round_trip(
 
 
 def test_a_config_without_pooling_fields_is_the_old_mean_pooled_model(tmp_path):
-    """Runs saved before the pooling fields (the shipped demos) load as mean/mean and score as before."""
+    """Runs saved before the pooling fields (the shipped openmoji demo) load as mean/mean and score as before."""
     torch.manual_seed(0)
     model = Scorer(TINY).eval()
     model.save_pretrained(tmp_path / "scorer")
@@ -395,8 +395,11 @@ def test_a_config_without_pooling_fields_is_the_old_mean_pooled_model(tmp_path):
         mean = (pooled * text_mask[..., None]).sum(1) / text_mask.sum(1, keepdim=True)
         torch.testing.assert_close(loaded.text(text_ids, text_mask), mean)
         torch.testing.assert_close(loaded.score(images, text_ids, text_mask), model.score(images, text_ids, text_mask))
-    shipped = Scorer.from_pretrained(Path(__file__).resolve().parents[1] / "sample" / "demo_run" / "scorer")
-    assert (shipped.config.image_pool, shipped.config.text_pool) == ("mean", "mean")
+    shipped = Path(__file__).resolve().parents[1] / "sample"
+    old = Scorer.from_pretrained(shipped / "demo_openmoji" / "scorer")
+    assert (old.config.image_pool, old.config.text_pool, old.config.text_causal) == ("mean", "mean", False)
+    causal = Scorer.from_pretrained(shipped / "demo_run" / "scorer")  # the shapes demo's: the cpu plan's recipe
+    assert (causal.config.text_pool, causal.config.text_causal, causal.config.hard_negatives) == ("last", True, "scene")
 
 
 def _text_states(model: Scorer, text_ids: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
