@@ -18,7 +18,7 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from cli import ArgumentParser, UserError, run_command
+from cli import ArgumentParser, UserError, positive_int, run_command
 from devices.flops import synchronize
 from seq2seq import Seq2Seq, Seq2SeqConfig, generate
 
@@ -57,24 +57,22 @@ def profile_generate(model: Seq2Seq, text_ids: torch.Tensor, text_mask: torch.Te
 def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(prog="python -m bench.decode_cache", description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="small", help="seq2seq preset (default small)")
-    parser.add_argument("--grid", type=int, default=16, help="grid side: grid**2 image tokens (default 16)")
-    parser.add_argument("--batch", type=int, default=8, help="prompts generated together (default 8)")
-    parser.add_argument("--text-len", type=int, default=16, help="prompt length in tokens (default 16)")
+    parser.add_argument("--grid", type=positive_int, default=16, help="grid side: grid**2 image tokens (default 16)")
+    parser.add_argument("--batch", type=positive_int, default=8, help="prompts generated together (default 8)")
+    parser.add_argument("--text-len", type=positive_int, default=16, help="prompt length in tokens (default 16)")
     parser.add_argument("--cfg", type=float, default=1.0, help="guidance scale; != 1 doubles the rows")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--compile", action="store_true", help="torch.compile the cached decode step")
-    parser.add_argument("--top-k", type=int, default=100, help="top-k of the draws (default 100)")
+    parser.add_argument("--top-k", type=positive_int, default=100, help="top-k of the draws (default 100)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--repeats", type=int, default=2, help="timed runs of each way, alternating (default 2)")
+    parser.add_argument("--repeats", type=positive_int, default=2,
+                        help="timed runs of each way, alternating (default 2)")
     parser.add_argument("--profile", action="store_true", help="profile the cached generation instead")
     args = parser.parse_args(argv)
     return run_command(lambda: _run(args))
 
 
 def _run(args) -> None:
-    for flag in ("grid", "batch", "text_len", "top_k", "repeats"):
-        if getattr(args, flag) < 1:
-            raise UserError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device here; use --device cpu")
     torch.manual_seed(args.seed)

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cli import ArgumentParser, UserError, counts, run_command
+from cli import ArgumentParser, UserError, counts, positive_int, run_command
 from seq2seq import Seq2Seq, Seq2SeqConfig, generate
 from seq2seq.generate import EMPTY_TEXT_IDS, with_unconditional
 
@@ -151,21 +151,19 @@ def _seconds(fn) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(prog="python -m bench.mindalle", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--grid", type=int, default=16, help="grid side: grid**2 image tokens (default 16: 256)")
+    parser.add_argument("--grid", type=positive_int, default=16,
+                        help="grid side: grid**2 image tokens (default 16: 256)")
     parser.add_argument("--batches", type=counts, default=[1, 16], help="batch sizes, comma-separated (default 1,16)")
     parser.add_argument("--threads", type=counts, default=[1, 2], help="thread counts, comma-separated (default 1,2)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs of each, interleaved (default 3)")
+    parser.add_argument("--repeats", type=positive_int, default=3, help="timed runs of each, interleaved (default 3)")
     parser.add_argument("--cfg", type=float, default=1.5, help="guidance scale when on (default 1.5)")
-    parser.add_argument("--top-k", type=int, default=64, help="top-k for both (default 64)")
-    parser.add_argument("--text-len", type=int, default=16, help="prompt tokens (default 16)")
+    parser.add_argument("--top-k", type=positive_int, default=64, help="top-k for both (default 64)")
+    parser.add_argument("--text-len", type=positive_int, default=16, help="prompt tokens (default 16)")
     args = parser.parse_args(argv)
     return run_command(lambda: _run(args))
 
 
 def _run(args) -> None:
-    for flag in ("grid", "repeats", "top_k", "text_len"):
-        if getattr(args, flag) < 1:
-            raise UserError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     if args.grid > 64 or args.text_len > 64:
         raise UserError("--grid and --text-len go up to 64 (the small preset's text positions: 64)")
     batches, threads = args.batches, args.threads

@@ -25,7 +25,7 @@ import time
 import torch
 
 from bench.quality import composition_scores
-from cli import ArgumentParser, UserError, counts, run_command
+from cli import ArgumentParser, UserError, counts, positive_int, run_command
 from data.shapes import evaluation_prompts
 from sample.pipeline import Pipeline, SamplingSettings, resolve_run
 from seq2seq import generate
@@ -115,22 +115,19 @@ def main(argv: list[str] | None = None) -> int:
                         help="speculative windows, comma-separated (default 8,12,16)")
     parser.add_argument("--batches", type=counts, default=[1, 16], help="batch sizes, comma-separated (default 1,16)")
     parser.add_argument("--threads", type=counts, default=[1, 2], help="thread counts, comma-separated (default 1,2)")
-    parser.add_argument("--prompts", type=int, default=16, help="held-out prompts (default 16)")
-    parser.add_argument("--repeats", type=int, default=2, help="timed runs of each, interleaved (default 2)")
-    parser.add_argument("--quality", type=int, metavar="N", help="oracle scores of N prompts instead of speed")
+    parser.add_argument("--prompts", type=positive_int, default=16, help="held-out prompts (default 16)")
+    parser.add_argument("--repeats", type=positive_int, default=2, help="timed runs of each, interleaved (default 2)")
+    parser.add_argument("--quality", type=positive_int, metavar="N", help="oracle scores of N prompts instead of speed")
     parser.add_argument("--window", type=int, default=16, help="the window --quality uses (default 16)")
-    parser.add_argument("--n", type=int, default=4, help="candidates per prompt for --quality (default 4)")
+    parser.add_argument("--n", type=positive_int, default=4, help="candidates per prompt for --quality (default 4)")
     parser.add_argument("--kind", default="single", choices=["single", "position", "relation", "count"],
                         help="prompt kind for --quality (default single)")
-    parser.add_argument("--quality-threads", type=int, default=1, help="CPU threads for --quality (default 1)")
+    parser.add_argument("--quality-threads", type=positive_int, default=1, help="CPU threads for --quality (default 1)")
     args = parser.parse_args(argv)
     return run_command(lambda: _run(args))
 
 
 def _run(args) -> None:
-    for flag in ("prompts", "repeats", "n", "quality_threads") + (("quality",) if args.quality is not None else ()):
-        if getattr(args, flag) < 1:
-            raise UserError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     if any(w < 2 for w in args.windows) or args.window < 2:
         raise UserError("a speculative window drafts at least 2 tokens: give --windows/--window of 2 or more")
     pipeline = Pipeline(args.checkpoint, device="cpu", rerank=args.quality is not None)

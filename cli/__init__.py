@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 
 __all__ = ["UserError", "ENVIRONMENT_ERRNOS", "WRITE_HINT", "run_command", "ArgumentParser", "MAX_THREADS",
-           "add_threads_argument", "set_threads", "counts"]
+           "add_threads_argument", "set_threads", "positive_int", "counts"]
 
 
 class UserError(Exception):
@@ -61,6 +61,14 @@ def add_threads_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None, metavar="N",
                         help="CPU threads for PyTorch (default: one per physical core); on a machine busy with other "
                              "work, --threads 1 can be several times faster than threads that wait for each other")
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
 
 
 def counts(text: str) -> list[int]:

@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from checkpoint import (CheckpointError, atomic_write, json_kind, load_torch, read_json, remove_temporaries, save_torch,
                         write_json)
-from cli import UserError
+from cli import UserError, positive_int
 from data.images import image_grid
 from data.sources import DEFAULT_HELDOUT_FRACTION, DEFAULT_MAX_PIXELS, open_dataset
 from devices import autocast_dtype, native_bf16
@@ -151,9 +151,9 @@ def add_common_arguments(parser: argparse.ArgumentParser, defaults: type[StageOp
                         help="shapes (the built-in world, default) | openmoji | a folder | *.jsonl/*.parquet/*.csv | "
                              "*.tar | a hub name")
     parser.add_argument("--out", required=True, help="the run directory")
-    parser.add_argument("--steps", type=_positive_int, default=steps, help=f"optimizer steps (default {steps})")
-    parser.add_argument("--batch-size", type=_positive_int, default=batch_size, help=f"global batch (default {batch_size})")
-    parser.add_argument("--size", type=_positive_int, default=size, help=f"image side in pixels (default {size})")
+    parser.add_argument("--steps", type=positive_int, default=steps, help=f"optimizer steps (default {steps})")
+    parser.add_argument("--batch-size", type=positive_int, default=batch_size, help=f"global batch (default {batch_size})")
+    parser.add_argument("--size", type=positive_int, default=size, help=f"image side in pixels (default {size})")
     parser.add_argument("--lr", type=_positive_float, default=lr, help=f"peak learning rate (default {lr})")
     parser.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
@@ -168,11 +168,11 @@ def add_common_arguments(parser: argparse.ArgumentParser, defaults: type[StageOp
     parser.add_argument("--image-column", default=None, help="image column of a file or hub dataset")
     parser.add_argument("--text-column", default=None, help="caption column of a file or hub dataset")
     add_data_arguments(parser)
-    parser.add_argument("--log-every", type=_positive_int, default=log_every,
+    parser.add_argument("--log-every", type=positive_int, default=log_every,
                         help=f"steps between metrics lines (default {log_every})")
-    parser.add_argument("--save-every", type=_positive_int, default=save_every,
+    parser.add_argument("--save-every", type=positive_int, default=save_every,
                         help=f"steps between checkpoints that --resume continues from (default {save_every})")
-    parser.add_argument("--sample-every", type=_positive_int, default=sample_every,
+    parser.add_argument("--sample-every", type=positive_int, default=sample_every,
                         help=f"steps between sample grids in RUN/samples/ (default {sample_every})")
     parser.add_argument("--eval-every", type=int, default=eval_every,
                         help=f"steps between held-out evaluations (default {eval_every})")
@@ -195,7 +195,7 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
                         help="training pictures of a file or folder source: random crops of 80-100%% of the side "
                              "(default), or none; never flips or colour changes, since captions name sides and "
                              "colours; shapes is never augmented")
-    parser.add_argument("--max-pixels", type=_positive_int, default=DEFAULT_MAX_PIXELS,
+    parser.add_argument("--max-pixels", type=positive_int, default=DEFAULT_MAX_PIXELS,
                         help="pictures with more pixels are skipped and counted, not decoded (default "
                              f"{DEFAULT_MAX_PIXELS}, 8192 x 8192)")
     parser.add_argument("--follow-symlinks", action="store_true",
@@ -219,13 +219,6 @@ def _fraction(text: str) -> float:
     value = float(text)
     if not 0 < value < 1:
         raise argparse.ArgumentTypeError(f"must lie between 0 and 1, got {text}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
     return value
 
 
