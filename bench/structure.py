@@ -40,6 +40,7 @@ from data.shapes import evaluation_prompts, render
 from devices import resolve_device
 from sample.pipeline import Pipeline, SamplingSettings, picture_side, resolve_run
 from sample.rerank import load_reranker
+from seq2seq.evaluate import log_likelihoods
 from tokenizer import TextTokenizer
 
 __all__ = ["pairwise_shapes", "pairwise_captions", "draw_candidates", "rerank_curves", "main"]
@@ -51,8 +52,6 @@ TENSORS = ("images", "tokens")  # what candidates.safetensors holds
 
 def _prefers(scorer, images: torch.Tensor, own: Sequence[str], negatives: Sequence[str]) -> list[bool]:
     """Whether each picture scores its own caption strictly above the negative, in chunks."""
-    if isinstance(scorer, DecoderJudge):
-        return scorer.prefers(images, own, negatives)
     wins = []
     for start in range(0, len(own), CHUNK):
         chunk = images[start:start + CHUNK]
@@ -256,28 +255,18 @@ class DecoderJudge:
         self.model, self.vqgan, self.tokenizer = pipeline.model.eval(), pipeline.vqgan, pipeline.tokenizer
         self.device = pipeline.device
 
-    @torch.inference_mode()
     def log_likelihood(self, texts: Sequence[str], ids: torch.Tensor) -> torch.Tensor:
         """(B,) log p(ids[i] | texts[i]) in nats; ``ids`` (B, h, w) or (B, T)."""
-        text_ids, text_mask = self.tokenizer.batch(list(texts), max_length=self.model.config.max_text_len)
-        targets = ids.flatten(1).long().to(self.device)
-        logits = self.model(text_ids.to(self.device), text_mask.to(self.device), targets).float()
-        return -torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none").sum(1).cpu()
+        return log_likelihoods(self.model, self.tokenizer, texts, ids, self.device)
 
     @torch.inference_mode()
-    def tokens(self, images: torch.Tensor) -> torch.Tensor:
-        return self.vqgan.encode(images.to(self.device)).cpu()
+    def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        """A reranker's interface (sample.rerank.Reranker): pictures (B,3,H,W) in [-1,1], encoded to the run's
+        tokens, scored by their log-likelihood under their prompts, (B,)."""
+        return self.log_likelihood(prompts, self.vqgan.encode(images.to(self.device)))
 
-    def prefers(self, images: torch.Tensor, own: Sequence[str], negatives: Sequence[str]) -> list[bool]:
-        wins = []
-        for start in range(0, len(own), CHUNK):
-            ids = self.tokens(images[start:start + CHUNK])
-            wins += (self.log_likelihood(own[start:start + CHUNK], ids)
-                     > self.log_likelihood(negatives[start:start + CHUNK], ids)).tolist()
-        return wins
-
-    def score(self, rule: str, prompt: str, ids: torch.Tensor) -> list[float]:
-        """One prompt's candidates (N, h, w) scored by ``rule``."""
+    def rank(self, rule: str, prompt: str, ids: torch.Tensor) -> list[float]:
+        """One prompt's candidates, their own tokens (N, h, w), scored by ``rule``."""
         n = len(ids)
         own = self.log_likelihood([prompt] * n, ids)
         if rule == "likelihood":
@@ -290,7 +279,7 @@ class DecoderJudge:
 
 def decoder_rerank_curves(record: dict, judge: DecoderJudge) -> dict:
     """{rule: rerank curves} for each of DecoderJudge.RULES on the candidates' own tokens."""
-    return {rule: _curves(record, lambda row, prompt, rule=rule: judge.score(rule, prompt, record["tokens"][row]))
+    return {rule: _curves(record, lambda row, prompt, rule=rule: judge.rank(rule, prompt, record["tokens"][row]))
             for rule in judge.RULES}
 
 

@@ -14,22 +14,30 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["bits_per_token", "derangement", "caption_gap"]
+__all__ = ["log_likelihoods", "bits_per_token", "derangement", "caption_gap"]
 
 
 @torch.no_grad()
-def bits_per_token(model, tokenizer, texts: Sequence[str], image_ids: torch.Tensor, device: torch.device | str,
-                   batch_size: int = 128) -> float:
-    """Bits per image token of ``image_ids`` (N, h, w) or (N, T) given ``texts``, over all N pictures' tokens."""
-    nats, tokens = 0.0, 0
+def log_likelihoods(model, tokenizer, texts: Sequence[str], image_ids: torch.Tensor, device: torch.device | str,
+                    batch_size: int = 128) -> torch.Tensor:
+    """(N,) log p(image_ids[i] | texts[i]) in nats, teacher-forced and summed over each picture's tokens, on the
+    CPU; ``image_ids`` (N, h, w) or (N, T)."""
+    sums = []
     for start in range(0, len(texts), batch_size):
         text_ids, text_mask = tokenizer.batch(list(texts[start:start + batch_size]),
                                               max_length=model.config.max_text_len)
-        targets = image_ids[start:start + batch_size].flatten(1).to(device)  # (B, T)
+        targets = image_ids[start:start + batch_size].flatten(1).long().to(device)  # (B, T)
         logits = model(text_ids.to(device), text_mask.to(device), targets)  # (B, T, V)
-        nats += F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="sum").item()
-        tokens += targets.numel()
-    return nats / tokens / math.log(2)
+        nats = F.cross_entropy(logits.transpose(1, 2).float(), targets, reduction="none")  # (B, T)
+        sums.append(-nats.sum(1).cpu())
+    return torch.cat(sums)
+
+
+def bits_per_token(model, tokenizer, texts: Sequence[str], image_ids: torch.Tensor, device: torch.device | str,
+                   batch_size: int = 128) -> float:
+    """Bits per image token of ``image_ids`` (N, h, w) or (N, T) given ``texts``, over all N pictures' tokens."""
+    nats = -log_likelihoods(model, tokenizer, texts, image_ids, device, batch_size).double().sum().item()
+    return nats / image_ids[:len(texts)].numel() / math.log(2)
 
 
 def derangement(captions: Sequence[str], seed: int = 0) -> dict[str, str]:
