@@ -298,7 +298,8 @@ def test_the_decoder_judges_pictures_by_its_own_likelihood(tiny_run, tmp_path, c
 
     judge = structure.DecoderJudge(tiny_run, "cpu")
     grid = judge.model.config.grid_size
-    ids = torch.randint(0, judge.model.config.codebook_size, (3, grid, grid), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, judge.model.config.codebook_size, (3, grid, grid),
+                        generator=torch.Generator().manual_seed(0))
     texts = ["two red circles", "a blue square above a green circle", "there is a yellow diamond"]
     nats = judge.log_likelihood(texts, ids)
     bits = bits_per_token(judge.model, judge.tokenizer, texts, ids, "cpu")
