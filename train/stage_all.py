@@ -2,8 +2,9 @@
 
 The preset is the training plan: every stage's model size (its --model-size) and steps for the machine.
 ``cpu`` trains the shipped demo runs on a 2-core laptop (about 47 minutes on ``shapes``: 40 measured with
-the scorer's earlier 600 steps, which took 4.8; 76 measured on ``openmoji``; real pictures start the VQGAN's GAN later, see ``REAL_PICTURES``), ``gpu`` is for one CUDA device, ``tiny`` is a smoke test that checks every stage runs
-(a few steps each: its pictures are noise). ``auto`` picks
+the scorer's earlier 600 steps, which took 4.8; 76 measured on ``openmoji``; real pictures start the VQGAN's
+GAN later, see ``REAL_PICTURES``), ``gpu`` is for one CUDA device, ``tiny`` is a smoke test that checks every
+stage runs (a few steps each: its pictures are noise). ``auto`` picks
 ``gpu`` when CUDA is visible and ``cpu`` otherwise. Each stage gets its own command line built from the
 preset, so ``python -m train <stage> --help`` documents every value used here, and any stage can be rerun
 alone with the same options. With --resume, finished stages are skipped and a killed one continues. A run

@@ -107,8 +107,9 @@ def generator_loss(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The autoencoder's loss at optimizer step ``step``: (loss, detached metrics for the log).
 
-    L1 (+ squared error with ``weights.mse``) + perceptual + quantizer loss, plus ``disc * adaptive_weight * hinge_g_loss`` once the GAN has
-    started. Gradients reach the discriminator's parameters too unless the caller freezes them.
+    L1 (+ squared error with ``weights.mse``) + perceptual + quantizer loss, plus ``disc * adaptive_weight *
+    hinge_g_loss`` once the GAN has started. Gradients reach the discriminator's parameters too unless the caller
+    freezes them.
     """
     l1 = F.l1_loss(reconstructions, images)
     nll = weights.reconstruction * l1
