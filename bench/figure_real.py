@@ -18,7 +18,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 from checkpoint import read_run_record
-from cli import ArgumentParser, UserError, add_threads_argument, run_command, set_threads
+from cli import ArgumentParser, UserError, add_threads_argument, positive_int, run_command, set_threads
 from data.images import to_pil
 from data.sources import DEFAULT_HELDOUT_FRACTION, open_dataset
 from sample import generate_images
@@ -34,9 +34,9 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--out", default="docs/openmoji.png")
     parser.add_argument("--train", nargs="*", default=[], help="training captions to draw, each a row")
     parser.add_argument("--heldout", type=int, default=4, help="held-out captions to draw")
-    parser.add_argument("--n", type=int, default=16)
-    parser.add_argument("--keep", type=int, default=4)
-    parser.add_argument("--scale", type=int, default=2, help="pixel repeat of each picture")
+    parser.add_argument("--n", type=positive_int, default=16)
+    parser.add_argument("--keep", type=positive_int, default=4)
+    parser.add_argument("--scale", type=positive_int, default=2, help="pixel repeat of each picture")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     add_threads_argument(parser)
@@ -61,12 +61,12 @@ def _heldout_rows(dataset, count: int) -> list[int]:
     """The first ``count`` held-out rows, one per group where the table has a ``group`` column."""
     seen, rows = set(), []
     for i in range(len(dataset)):
+        if len(rows) >= count:
+            break
         key = dataset.groups[i] if dataset.groups is not None else i
         if key not in seen:
             seen.add(key)
             rows.append(i)
-        if len(rows) == count:
-            break
     return rows
 
 

@@ -76,17 +76,21 @@ def card_bandwidth(device: torch.device, override: float | None) -> float | None
     return None
 
 
-def _step_bytes(model, rows: int) -> float:
+def _step_bytes(model, rows: int, text_len: int | None = None) -> float:
     """Bytes one cached decode step reads: every decoder weight once (not the encoder's, not the embedding
-    tables, of which a step reads one row each), plus the KV cache filled so far (grid average)."""
+    tables, of which a step reads one row each, and not cross-attention's key and value projections, which
+    run once per prompt), plus the key/value caches: the image positions filled so far (grid average) and
+    ``text_len`` text positions (default: all the caches hold)."""
     config = model.config
     decoder = model.decoder
-    tables = {id(p) for m in (decoder.embed, decoder.row_embed, decoder.col_embed) for p in m.parameters()}
-    weights = sum(p.numel() * p.element_size() for p in decoder.parameters() if id(p) not in tables)
+    once = [decoder.embed, decoder.row_embed, decoder.col_embed]
+    once += [proj for block in decoder.blocks for proj in (block.cross_attn.wk, block.cross_attn.wv)]
+    skipped = {id(p) for m in once for p in m.parameters()}
+    weights = sum(p.numel() * p.element_size() for p in decoder.parameters() if id(p) not in skipped)
     element = next(model.parameters()).element_size()
     kv_per_position = 2 * config.n_decoder_layers * config.d_model * element * rows
-    cross = 2 * config.n_decoder_layers * config.d_model * element * rows * config.max_text_len
-    return weights + kv_per_position * (config.image_len + 1) / 2 + cross
+    text_len = config.max_text_len if text_len is None else text_len
+    return weights + kv_per_position * ((config.image_len + 1) / 2 + text_len)
 
 
 @torch.inference_mode()

@@ -17,6 +17,8 @@ from hypothesis import strategies as st
 
 import bench.__main__ as bench_cli
 import bench.decode_cache as bench_decode_cache
+import bench.decode_roofline as bench_decode_roofline
+import bench.figure_real as bench_figure_real
 import bench.mindalle as bench_mindalle
 import bench.speculative as bench_speculative
 import sample.__main__ as sample_cli
@@ -279,13 +281,17 @@ CASES = [
     ("bench.speculative", "--checkpoint {run} --repeats 0", None, "argument --repeats: must be >= 1"),
     ("bench.mindalle", "--threads 1,,2", None, "not a comma-separated list"),
     ("bench.mindalle", "--grid 0", None, "argument --grid: must be >= 1"),
+    ("bench.decode_roofline", "--dtypes float32,int8 --device cpu", None, "--dtypes takes float32, bfloat16"),
+    ("bench.decode_roofline", "--grid 0", None, "argument --grid: must be >= 1"),
+    ("bench.figure_real", "--n 0", None, "argument --n: must be >= 1"),
     ("bench.mindalle", "--top-k 5000", None, "more than the 1024 codes"),
     ("bench.decode_cache", "--preset huge", None, "unknown seq2seq preset"),
     ("bench.decode_cache", "--batch 0", None, "argument --batch: must be >= 1"),
 ]
 TOOLS = {"train": train_cli.main, "sample": sample_cli.main, "bench": bench_cli.main,
          "bench.speculative": bench_speculative.main, "bench.mindalle": bench_mindalle.main,
-         "bench.decode_cache": bench_decode_cache.main}
+         "bench.decode_cache": bench_decode_cache.main, "bench.decode_roofline": bench_decode_roofline.main,
+         "bench.figure_real": bench_figure_real.main}
 
 
 def _argv(template: str, tmp: Path, run: Path) -> list[str]:

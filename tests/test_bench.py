@@ -235,6 +235,67 @@ def test_min_dalle_style_decoder_draws_ids_and_the_comparison_prints_ratios(caps
     assert all(float(row[3]) > 0 and float(row[4]) > 0 and row[5].endswith("x") for row in rows)
 
 
+def test_figure_draws_as_many_heldout_captions_as_asked_none_for_zero(tmp_path):
+    from PIL import Image
+
+    from bench.figure_real import _heldout_rows
+    from data.sources import open_dataset
+
+    for i in range(4):
+        Image.new("RGB", (8, 8), (40 * i, 0, 0)).save(tmp_path / f"{i}.png")
+    (tmp_path / "metadata.jsonl").write_text("".join(json.dumps({"file_name": f"{i}.png", "text": f"c {i}"}) + "\n"
+                                                     for i in range(4)))
+    dataset = open_dataset(str(tmp_path), 8)
+    assert [len(_heldout_rows(dataset, count)) for count in (0, 1, 3, 9)] == [0, 1, 3, 4]
+
+
+def test_step_bytes_are_the_weights_a_decode_step_reads_plus_its_caches():
+    """Every tensor a cached decode step hands an operator, recorded: the weights among them (parameters and
+    the stacked decoding copies) are what bench.speed counts, with the caches' filled part on top."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from bench.speed import _step_bytes
+    from seq2seq import Seq2Seq, Seq2SeqConfig
+
+    model = Seq2Seq(Seq2SeqConfig.from_preset("tiny")).eval()
+    text_ids = torch.randint(4, model.config.text_vocab_size, (1, 5))
+    model.setup_caches(1)
+    model.prefill(text_ids, torch.ones_like(text_ids, dtype=torch.bool))
+
+    class Reads(TorchDispatchMode):
+        storages: set = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            for arg in torch.utils._pytree.tree_leaves((args, kwargs or {})):
+                if isinstance(arg, torch.Tensor):
+                    self.storages.add(arg.untyped_storage().data_ptr())
+            return func(*args, **(kwargs or {}))
+
+    with Reads() as reads:
+        model.decode_one_token(torch.tensor([[3]]), torch.tensor([1]))
+    decoder = model.decoder
+    stacked = [t for block in decoder.blocks for t in (block.self_attn.qkv_fused, block.mlp.w13_fused)]
+    tables = {id(p) for m in (decoder.embed, decoder.row_embed, decoder.col_embed) for p in m.parameters()}
+    weights = [t for t in [*decoder.parameters(), *stacked] if id(t) not in tables]
+    read = sum(t.numel() * t.element_size() for t in weights if t.untyped_storage().data_ptr() in reads.storages)
+    config, element = model.config, 4
+    caches = 2 * config.n_decoder_layers * config.d_model * element * ((config.image_len + 1) / 2 + 16)
+    assert read > 0 and _step_bytes(model, 1, text_len=16) == read + caches
+
+
+def test_roofline_on_the_cpu_prints_both_decoders_and_the_ceiling(tmp_path, capsys):
+    from bench.decode_roofline import main
+
+    out = tmp_path / "rows.json"
+    assert main(["--preset", "tiny", "--grid", "2", "--dtypes", "float32", "--threads", "1", "--device", "cpu",
+                 "--bandwidth", "10", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert [r["system"] for r in rows] == ["tilecraft", "min-dalle"]
+    assert all(r["ms_per_step"] > 0 and r["step_mb"] > 0 for r in rows)
+    assert rows[0]["ceiling_vs_mindalle"] == pytest.approx(rows[1]["ms_per_step"] / rows[0]["roofline_ms"])
+    assert "at the roofline tilecraft's step would be at most" in capsys.readouterr().out
+
+
 def test_structure_compares_scorers_on_the_same_cached_candidates(tiny_run, tmp_path, capsys):
     """bench.structure: pairwise figures per kind of negative, and reranking curves read from candidates
     drawn once, kept in --cache and read back for a second scorer."""
