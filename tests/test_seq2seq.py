@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import math
 
 import pytest
@@ -417,9 +418,9 @@ def _trainer(tiny_run, tmp_path, **options):
 
     shutil.copyfile(tiny_run / "tokenizer.model", tmp_path / "tokenizer.model")
     shutil.copytree(tiny_run / "vqgan", tmp_path / "vqgan")
-    return Seq2SeqTrainer(Seq2SeqOptions(
-        data="shapes", out=str(tmp_path), size=32, device="cpu", precision="fp32", preset="tiny",
-        batch_size=8, cache_examples=16, heldout_examples=8, warmup=1, **options))
+    defaults = dict(data="shapes", out=str(tmp_path), size=32, device="cpu", precision="fp32", preset="tiny",
+                    batch_size=8, cache_examples=16, heldout_examples=8, warmup=1)
+    return Seq2SeqTrainer(Seq2SeqOptions(**{**defaults, **options}))
 
 
 def test_keep_best_exports_the_weights_of_the_lowest_heldout_loss(tiny_run, tmp_path):
@@ -473,3 +474,39 @@ def test_caption_gap_is_shuffled_minus_right_and_never_gives_a_picture_its_own_c
     assert model.training  # left as it came
     assert gap["gap"] == pytest.approx(gap["shuffled"] - gap["right"]) and gap["distinct_captions"] == 5
     assert caption_gap(model, Tokenizer(), ["same"] * 3, ids[:3], "cpu")["gap"] is None
+
+
+def _captioned_folder(folder: Path, pictures: int = 20) -> Path:
+    """``pictures`` 32 px pictures, each with two phrasings of its caption."""
+    from PIL import Image
+
+    folder.mkdir()
+    rows = []
+    for i in range(pictures):
+        Image.new("RGB", (32, 32), (12 * i, 255 - 12 * i, 90)).save(folder / f"{i}.png")
+        rows.append({"file_name": f"{i}.png", "text": [f"picture {i}", f"a picture of {i}"]})
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder
+
+
+def test_augment_until_trains_on_crops_then_on_the_whole_pictures(tiny_run, tmp_path):
+    from cli import UserError
+
+    folder = _captioned_folder(tmp_path / "pics")
+    (tmp_path / "run").mkdir()
+    trainer = _trainer(tiny_run, tmp_path / "run", data=str(folder), steps=6, augment="crop", augment_until=3,
+                       cache_examples=64, heldout_fraction=0.25)
+    whole, crops = trainer.whole_codes, trainer.train_codes
+    assert len(crops) == 64 and len(whole) == crops.pictures < 20  # one version of each training picture
+    assert {t.split()[0] for t in crops.texts} == {"picture", "a"}  # crops draw either phrasing
+    for step in range(6):
+        texts, ids = trainer.global_batch(step)
+        source = crops if step < 3 else whole
+        rows = [next(i for i in range(len(source)) if source.texts[i] == t and torch.equal(source.image_ids[i], row))
+                for t, row in zip(texts, ids)]  # every example is a row of the cache of its phase
+        assert len(rows) == 8
+        if step >= 3:
+            assert all(t.startswith("picture ") for t in texts)  # the first phrasing, the picture as it is
+    (tmp_path / "other").mkdir()
+    with pytest.raises(UserError, match="--augment-until 6 is not a step of this run"):
+        _trainer(tiny_run, tmp_path / "other", data=str(folder), steps=6, augment_until=6)

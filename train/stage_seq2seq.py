@@ -53,6 +53,7 @@ class Seq2SeqOptions(StageOptions):
     fsdp: bool = False
     dropout: float | None = None  # None: the preset's
     keep: str = "best"
+    augment_until: int | None = None  # None: --augment's crops to the last step
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -73,6 +74,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--keep", default=Seq2SeqOptions.keep, choices=["best", "last"],
                         help="what RUN/seq2seq/ holds: the weights (the average with --ema) of the evaluation "
                              "with the lowest held-out loss (default), or of the last step")
+    parser.add_argument("--augment-until", type=int, default=None, metavar="STEP",
+                        help="with --augment crop on a folder or file source: crops until this step, then the pictures "
+                             "as they are (one version of each, the first caption) to the last step, so the model "
+                             "also learns to draw them whole (default: crops to the last step)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the training model")
     parser.add_argument("--fsdp", action="store_true",
                         help="under torchrun, shard weights, gradients and optimizer state over the processes "
@@ -129,8 +134,12 @@ class Seq2SeqTrainer(Stage):
                              image_column=o.image_column, text_column=o.text_column,
                              heldout_fraction=o.heldout_fraction, augment=o.augment != "none",
                              max_pixels=o.max_pixels, follow_symlinks=o.follow_symlinks)
+        self.whole_from = self._whole_from()
         with dist.main_first(self.ctx):
             self.train_codes = codes.load_or_build(out, self.vqgan, split="train", limit=o.cache_examples, **cache_options)
+            # The pictures as they are, read from --augment-until on: one version each, encoded once.
+            self.whole_codes = None if self.whole_from is None else codes.load_or_build(
+                out, self.vqgan, split="train", limit=o.cache_examples, **{**cache_options, "augment": False})
             self.heldout_codes = codes.load_or_build(out, self.vqgan, split="heldout", limit=o.heldout_examples,
                                                      **cache_options)
         grid = int(math.isqrt(self.train_codes.image_ids.shape[1]))
@@ -180,6 +189,20 @@ class Seq2SeqTrainer(Stage):
         loss.backward()
         self.model.zero_grad(set_to_none=True)
 
+    def _whole_from(self) -> int | None:
+        """The step from which training reads whole pictures (--augment-until), or None: crops throughout."""
+        o = self.options
+        if o.augment_until is None:
+            return None
+        if not 0 <= o.augment_until < o.steps:
+            raise UserError(f"--augment-until {o.augment_until} is not a step of this run: give 0 to {o.steps - 1}, "
+                            "or leave it out to train on crops to the last step")
+        if o.augment == "none" or o.data == "shapes":
+            why = "shapes is never augmented" if o.data == "shapes" else "--augment none"
+            print(f"seq2seq: note: --augment-until does nothing here ({why})")
+            return None
+        return o.augment_until
+
     def _warn_about_passes(self) -> None:
         """Say so when the run will see each picture many times: small data that a model this size memorises."""
         o, pictures = self.options, self.train_codes.pictures
@@ -203,10 +226,13 @@ class Seq2SeqTrainer(Stage):
         """This rank's share of the global batch for ``step``; the same on resume and at any world size."""
 
         o = self.options
-        indices = epoch_batch_indices(len(self.train_codes), o.batch_size, o.seed, step * o.batch_size)
+        cache, position = self.train_codes, step * o.batch_size
+        if self.whole_codes is not None and step >= self.whole_from:
+            cache, position = self.whole_codes, (step - self.whole_from) * o.batch_size
+        indices = epoch_batch_indices(len(cache), o.batch_size, o.seed, position)
         indices = indices[self.ctx.rank::self.ctx.world_size]
-        texts = [self.train_codes.texts[i] for i in indices.tolist()]
-        return texts, self.train_codes.image_ids[indices]
+        texts = [cache.texts[i] for i in indices.tolist()]
+        return texts, cache.image_ids[indices]
 
     def batch_at(self, step: int) -> tuple[list[str], torch.Tensor, torch.Tensor]:
         """This rank's captions, image ids and caption-dropout flags of the global batch for ``step``."""
