@@ -35,3 +35,20 @@ def test_a_damaged_code_cache_is_encoded_again(how, tiny_run, tmp_path, capsys):
     assert f"the code cache {path} is damaged" in capsys.readouterr().out
     assert torch.equal(again.image_ids, first.image_ids) and again.texts == first.texts
     assert torch.equal(codes.CodeCache.load(path).image_ids, first.image_ids)  # and stored whole again
+
+
+def test_a_cache_of_older_shapes_scenes_is_not_read_back(tiny_run, tmp_path, monkeypatch):
+    """The cache key holds the version of the shapes scenes: scenes drawn differently mean another cache; the
+    key of a folder's cache does not move with it."""
+    from data import shapes
+
+    options = dict(size=32, split="train", limit=8, seed=0)
+
+    def paths() -> dict:
+        vqgan = tiny_run / "vqgan"
+        return {data: codes.cache_path(tmp_path, vqgan, data=data, **options) for data in ("shapes", "a.jsonl")}
+
+    before = paths()
+    monkeypatch.setattr(shapes, "SCENES_VERSION", shapes.SCENES_VERSION - 1)
+    after = paths()
+    assert before["shapes"] != after["shapes"] and before["a.jsonl"] == after["a.jsonl"]

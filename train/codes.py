@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from checkpoint import atomic_write
 from cli import UserError
+from data import shapes
 from data.sources import DEFAULT_HELDOUT_FRACTION, DEFAULT_MAX_PIXELS, batches, open_dataset
 
 __all__ = ["CodeCache", "cache_path", "load_or_build", "epoch_batch_indices"]
@@ -72,7 +73,9 @@ def cache_path(run: Path, vqgan_dir: Path, *, data: str, size: int, split: str, 
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 digest.update(chunk)
     options = [data, size, split, limit, seed]
-    if data != "shapes":  # shapes has its own split and is never augmented
+    if data == "shapes":  # its own split, never augmented; the version of its scenes
+        options.append(shapes.SCENES_VERSION)
+    else:
         options += [heldout_fraction, augment and split == "train"]
         if (max_pixels, follow_symlinks) != (DEFAULT_MAX_PIXELS, False):  # which pictures are read; the
             options += [max_pixels, follow_symlinks]  # defaults keep the digests caches had before these options
