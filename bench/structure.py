@@ -265,22 +265,26 @@ class DecoderJudge:
         tokens, scored by their log-likelihood under their prompts, (B,)."""
         return self.log_likelihood(prompts, self.vqgan.encode(images.to(self.device)))
 
-    def rank(self, rule: str, prompt: str, ids: torch.Tensor) -> list[float]:
-        """One prompt's candidates, their own tokens (N, h, w), scored by ``rule``."""
+    def ranks(self, prompt: str, ids: torch.Tensor) -> dict[str, list[float]]:
+        """One prompt's candidates, their own tokens (N, h, w), scored by each of :attr:`RULES`; the
+        likelihood under the prompt is computed once for all three."""
         n = len(ids)
         own = self.log_likelihood([prompt] * n, ids)
-        if rule == "likelihood":
-            return own.tolist()
-        if rule == "pmi":
-            return (own - self.log_likelihood([""] * n, ids)).tolist()
         others = [self.log_likelihood([alternative] * n, ids) for alternative in word_alternatives(prompt)]
-        return (own - torch.logsumexp(torch.stack([own, *others]), 0)).tolist()
+        return {"likelihood": own.tolist(), "pmi": (own - self.log_likelihood([""] * n, ids)).tolist(),
+                "posterior": (own - torch.logsumexp(torch.stack([own, *others]), 0)).tolist()}
 
 
 def decoder_rerank_curves(record: dict, judge: DecoderJudge) -> dict:
-    """{rule: rerank curves} for each of DecoderJudge.RULES on the candidates' own tokens."""
-    return {rule: _curves(record, lambda row, prompt, rule=rule: judge.rank(rule, prompt, record["tokens"][row]))
-            for rule in judge.RULES}
+    """{rule: rerank curves} for each of DecoderJudge.RULES on the candidates' own tokens, each row scored once."""
+    by_row: dict[int, dict[str, list[float]]] = {}
+
+    def scores(row: int, prompt: str, rule: str) -> list[float]:
+        if row not in by_row:
+            by_row[row] = judge.ranks(prompt, record["tokens"][row])
+        return by_row[row][rule]
+
+    return {rule: _curves(record, lambda row, prompt, rule=rule: scores(row, prompt, rule)) for rule in judge.RULES}
 
 
 # ---------------------------------------------------------------- the command

@@ -365,9 +365,9 @@ def test_the_decoder_judges_pictures_by_its_own_likelihood(tiny_run, tmp_path, c
     nats = judge.log_likelihood(texts, ids)
     bits = bits_per_token(judge.model, judge.tokenizer, texts, ids, "cpu")
     assert -nats.sum().item() / ids.numel() / math.log(2) == pytest.approx(bits, rel=1e-4)
-    posterior = torch.tensor(judge.rank("posterior", texts[0], ids))
+    posterior = torch.tensor(judge.ranks(texts[0], ids)["posterior"])
     assert bool((posterior <= 1e-5).all())  # a log-probability among "two" and its alternatives
-    assert judge.rank("posterior", texts[2], ids) == [0.0, 0.0, 0.0]  # no alternatives: no evidence
+    assert judge.ranks(texts[2], ids)["posterior"] == [0.0, 0.0, 0.0]  # no alternatives: no evidence
 
     args = ["--checkpoint", str(tiny_run), "--device", "cpu", "--pairwise-prompts", "2", "--prompts-per-kind", "1",
             "--candidates", "2", "--kinds", "count", "--decoder", "--out", str(tmp_path)]
