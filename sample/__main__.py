@@ -63,6 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                         help="precision the models run in; auto (default): fp32 on a CPU, where half precision "
                              "measured 2.6x (bf16) and 4.3x (fp16) slower, bf16 (else fp16) on CUDA")
+    parser.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
+                        help="compile the decode step; auto (default): when the passes left would save more than "
+                             "compiling costs, by timings measured on this machine (a one-prompt job on a CPU "
+                             "stays eager); on: always (the first compile takes about a minute, later runs load it)")
     parser.add_argument("--no-rerank", action="store_true", help="keep the first candidates, no scorer")
     parser.add_argument("--reranker", help="a local directory holding a transformers CLIPModel to rerank with")
     edit = parser.add_argument_group("edit a picture")
@@ -135,7 +139,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     print(f"loading {resolve_run(args.checkpoint)} (tokenizer, VQGAN, seq2seq"
           + ("" if args.no_rerank else ", scorer") + ")", file=sys.stderr)
     pipeline = Pipeline(args.checkpoint, device=args.device, rerank=not args.no_rerank, reranker=args.reranker,
-                        dtype=args.dtype)
+                        dtype=args.dtype, compile=args.compile)
     edit = make_edit(pipeline, args.init, keep_rows=args.keep_rows, mask=args.mask, box=args.box)
     size = None if args.width is None and args.height is None else (args.width or pipeline.canvas_size,
                                                                     args.height or pipeline.canvas_size)
@@ -144,8 +148,9 @@ def run(args: argparse.Namespace) -> list[dict]:
     # One prompt: the pipeline's own bar (decoding steps, or candidates); several: a bar over the prompts.
     with tqdm(total=len(prompts), desc="prompts", unit="prompt", file=sys.stderr, disable=len(prompts) == 1) as bar:
         for start in range(0, len(prompts), batch):
+            after = max(0, len(prompts) - start - batch) * settings.n
             for candidates in pipeline(prompts[start:start + batch], settings, progress=len(prompts) == 1, edit=edit,
-                                       preview_every=args.preview, size=size):
+                                       preview_every=args.preview, size=size, candidates_after=after):
                 written = write_prompt_results(out, candidates)
                 records += written
                 for record in written:

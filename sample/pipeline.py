@@ -15,6 +15,7 @@ scored as the mean of the scorer over canvas-sized crops at half-canvas strides.
 
 from __future__ import annotations
 
+import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from functools import partial
@@ -34,6 +35,7 @@ from sample.edit import completion, inpainting, preview_images
 from sample.output import save_picture
 from sample.rerank import load_reranker
 from seq2seq import Seq2Seq, Seq2SeqConfig, generate
+from seq2seq.autocompile import COMPILE_MODES, CompileChoice
 from seq2seq.canvas import generate_canvas
 from seq2seq.generate import UNDRAWN
 from tokenizer import TextTokenizer, words
@@ -176,7 +178,7 @@ class Pipeline:
     """The parts of a run directory, loaded once and checked to fit each other."""
 
     def __init__(self, checkpoint: str | Path | None = None, device: str = "auto", rerank: bool = True,
-                 reranker: str | Path | None = None, dtype: str = "auto"):
+                 reranker: str | Path | None = None, dtype: str = "auto", compile: str = "auto"):
 
         run = resolve_run(checkpoint)
         if not run.is_dir():
@@ -191,6 +193,9 @@ class Pipeline:
         record = read_run_record(run)
         self.model.check_fits(self.tokenizer.vocab_size, self.vqgan.codebook_size, self._trained_grid(record))
         check_tokenizer_digest(run / "tokenizer.model", run / "seq2seq" / "model.safetensors", "seq2seq")
+        if compile not in COMPILE_MODES:
+            raise UserError(f"--compile must be one of {', '.join(COMPILE_MODES)}, got {compile!r}")
+        self.compile = CompileChoice(compile, self.device, self.model, self.dtype)
         self.scorer = None
         if rerank or reranker:  # the run's scorer must have been trained on pictures of the side drawn here
             self.scorer = load_reranker(run, self.tokenizer, self.device, self.canvas_size, reranker=reranker)
@@ -286,7 +291,7 @@ class Pipeline:
     def __call__(self, prompts: Sequence[str], settings: SamplingSettings, progress: bool = False,
                  per_pass: int = CANDIDATES_PER_PASS, edit=None, preview_every: int | None = None,
                  on_step: Callable[[Preview], None] | None = None,
-                 size: tuple[int, int] | None = None) -> list[list[Picture]]:
+                 size: tuple[int, int] | None = None, candidates_after: int = 0) -> list[list[Picture]]:
         """All candidates of every prompt, each list sorted best first, the first ``keep`` marked kept.
 
         Drawn in passes of at most ``per_pass`` candidates. ``progress`` shows a bar over the decoding
@@ -294,6 +299,8 @@ class Pipeline:
         starts every candidate from its picture. ``preview_every`` K decodes the partial grids every K
         tokens: into each picture's ``frames``, and to ``on_step`` as they come. ``size`` (width, height) in
         pixels, multiples of the token size and at least the run's, draws larger canvases.
+        ``candidates_after`` is how many candidates later calls will draw with these settings (the command
+        line's later batches of prompts): ``compile="auto"`` counts them among the passes a compile serves.
         """
 
         if per_pass < 1:
@@ -305,6 +312,9 @@ class Pipeline:
             raise UserError("--width/--height draw a new picture: they do not combine with --init or --preview")
         if canvas is not None and settings.speculative:
             raise UserError("--width/--height draw with a sliding window, one token a pass: drop --speculative")
+        if self.compile.mode == "on" and (settings.speculative or canvas is not None):
+            raise UserError("--compile on compiles the one-token step over the run's own grid: drop "
+                            + ("--speculative" if settings.speculative else "--width/--height"))
         if settings.speculative > self.model.config.image_len:
             raise UserError(f"--speculative {settings.speculative} is longer than this run's pictures of "
                             f"{self.model.config.image_len} tokens; give at most {self.model.config.image_len}")
@@ -315,6 +325,9 @@ class Pipeline:
         text_ids, text_mask = self.encode_prompts(prompts)
         total = len(prompts) * settings.n  # rows i * n + j: candidate j of prompt i, seed + j
         one_pass = total <= per_pass
+        pass_sizes = [min(per_pass, total - start) for start in range(0, total, per_pass)]
+        # Only plain passes are timed for --compile auto: previews and edits add work of their own.
+        timed = canvas is None and not settings.speculative and edit is None and not preview_every
         images: list[Image.Image] = []
         tokens: list[torch.Tensor] = []
         scores: list[torch.Tensor] = []
@@ -323,7 +336,7 @@ class Pipeline:
         frames: list[list[Image.Image]] = [[] for _ in range(total)] if preview_every else []
         with tqdm(total=total, desc="candidates", unit="candidate", leave=False,
                   disable=not progress or one_pass) as bar, half:
-            for start in range(0, total, per_pass):
+            for index, start in enumerate(range(0, total, per_pass)):
                 rows = torch.arange(start, min(start + per_pass, total))
                 which = rows.div(settings.n, rounding_mode="floor")  # the prompt of each row
                 forced = {} if edit is None else dict(init_ids=init_ids.expand(len(rows), -1, -1), keep_mask=edit.keep)
@@ -335,10 +348,16 @@ class Pipeline:
                                 cfg_scale=settings.cfg, progress=progress and one_pass)
                 pass_ids, pass_mask = text_ids[which.to(self.device)], text_mask[which.to(self.device)]
                 if canvas is None:
+                    decoder_rows = len(rows) * (2 if settings.cfg != 1.0 else 1)
+                    passes_left = pass_sizes[index:].count(len(rows)) + candidates_after // len(rows)
+                    compiling = self.compile.decide(decoder_rows, passes_left) if timed else self.compile.mode == "on"
+                    began = time.perf_counter()
                     image_ids, likelihood = generate(self.model, pass_ids, pass_mask, return_likelihood=True,
-                                                     speculative=settings.speculative, **sampling, **forced,
-                                                     **watch)  # (rows, h, w), (rows,)
+                                                     speculative=settings.speculative, compile=compiling, **sampling,
+                                                     **forced, **watch)  # (rows, h, w), (rows,)
                     likelihoods.append(likelihood.float().cpu())
+                    if timed and self.compile.mode != "off":  # .cpu() waited for the device
+                        self.compile.record(decoder_rows, compiling, time.perf_counter() - began)
                 else:
                     image_ids = generate_canvas(self.model, pass_ids, pass_mask, height=canvas[0], width=canvas[1],
                                                 **sampling)  # (rows, H, W) tokens
@@ -475,6 +494,7 @@ def generate_images(
     reranker: str | Path | None = None,
     device: str = "auto",
     dtype: str = "auto",
+    compile: str = "auto",
     pipeline: Pipeline | None = None,
     init: str | Path | Image.Image | None = None,
     keep_rows: int | None = None,
@@ -494,8 +514,10 @@ def generate_images(
 
     ``reranker`` names a local directory holding a transformers ``CLIPModel`` to score with instead of
     the run's own scorer. ``dtype`` (auto, fp32, bf16, fp16) is the precision the models run in: auto is
-    fp32 on a CPU (half precision is slower there) and bf16 or fp16 on CUDA. Pass a ``Pipeline`` to reuse
-    loaded weights across calls.
+    fp32 on a CPU (half precision is slower there) and bf16 or fp16 on CUDA. ``compile`` (auto, on, off)
+    compiles the decode step: auto where the passes left would save more than the compile costs, by timings
+    measured on this machine (:mod:`seq2seq.autocompile`). Pass a ``Pipeline`` to reuse loaded weights
+    across calls.
 
     Edits start from the picture ``init`` (a path or a PIL image of the run's size): ``keep_rows`` R keeps
     its first R rows of tokens and draws the rest (completion); ``mask`` (white = redraw) or ``box``
@@ -510,7 +532,8 @@ def generate_images(
         prompts = [prompts]
     settings = SamplingSettings(n=n, keep=keep, top_k=top_k, top_p=top_p, temperature=temperature, cfg=cfg,
                                 seed=seed, rerank=rerank, likelihood_weight=likelihood_weight, speculative=speculative)
-    pipeline = pipeline or Pipeline(checkpoint, device=device, rerank=rerank, reranker=reranker, dtype=dtype)
+    pipeline = pipeline or Pipeline(checkpoint, device=device, rerank=rerank, reranker=reranker, dtype=dtype,
+                                    compile=compile)
     edit = make_edit(pipeline, init, keep_rows=keep_rows, mask=mask, box=box)
     size = None
     if width is not None or height is not None:

@@ -293,14 +293,24 @@ def _decode_cached(model: Seq2Seq, text_ids: Tensor, text_mask: Tensor, prefix: 
 COMPILE_CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tilecraft" / "inductor"
 
 
+def compile_cache() -> Path:
+    """Where compiled kernels are kept: ``$TORCHINDUCTOR_CACHE_DIR``, else :data:`COMPILE_CACHE`."""
+    return Path(os.environ.get("TORCHINDUCTOR_CACHE_DIR") or COMPILE_CACHE)
+
+
+def can_compile(device: torch.device) -> bool:
+    """False where torch.compile cannot build kernels: CPU kernels need a C++ compiler on PATH."""
+    return device.type != "cpu" or any(shutil.which(cxx) for cxx in ("c++", "g++", "clang++", "cl"))
+
+
 def compiled(step: Callable, device: torch.device) -> Callable:
-    """``step`` under torch.compile (a CUDA graph on a GPU), its kernels kept in :data:`COMPILE_CACHE`.
+    """``step`` under torch.compile (a CUDA graph on a GPU), its kernels kept in :func:`compile_cache`.
 
     One graph per batch size (static shapes: each runs at full speed, each compiled once and then loaded
     from the cache). Where no C++ compiler exists to build CPU kernels, says so in one line and returns
     ``step`` uncompiled.
     """
-    if device.type == "cpu" and not any(shutil.which(cxx) for cxx in ("c++", "g++", "clang++", "cl")):
+    if not can_compile(device):
         print("seq2seq: compiling the decode step needs a C++ compiler for CPU kernels and none is on PATH; "
               "decoding uncompiled", file=sys.stderr)
         return step

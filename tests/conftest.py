@@ -14,3 +14,19 @@ def tiny_run(tmp_path_factory) -> Path:
     assert train_cli.main(["all", "--preset", "tiny", "--data", "shapes", "--size", "32", "--out", str(run),
                            "--device", "cpu"]) == 0
     return run
+
+
+@pytest.fixture(autouse=True, scope="session")
+def compile_cache(tmp_path_factory):
+    """Compiled kernels and decode timings (seq2seq.autocompile) go to a folder of the session's, never to the
+    user's cache, so that tests neither read a machine's timings nor leave theirs."""
+    import os
+
+    folder = tmp_path_factory.mktemp("inductor")
+    before = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder)
+    yield folder
+    if before is None:
+        os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
+    else:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = before

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import copy
 import math
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from devices import autocast
 from devices.flops import count_flops, matmul_peak_flops
 from seq2seq import Seq2Seq, Seq2SeqConfig, generate
 from seq2seq.evaluate import caption_gap
+from seq2seq.generate import can_compile
 from seq2seq.model import image_token_loss
 from tokenizer import TextTokenizer
 from train import codes, dist
@@ -87,7 +87,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _can_compile(device: torch.device) -> bool:
     """torch.compile needs a C++ compiler to build CPU kernels; without one, say so and train uncompiled."""
 
-    if device.type == "cpu" and not any(shutil.which(cxx) for cxx in ("c++", "g++", "clang++", "cl")):
+    if not can_compile(device):
         print("seq2seq: --compile needs a C++ compiler for CPU kernels and none is on PATH; training uncompiled")
         return False
     return True
