@@ -27,6 +27,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from seq2seq.generate import can_compile, compile_cache
 __all__ = ["COMPILE_MODES", "CompileChoice", "LOAD_SHARE", "PRIORS", "prior_ratio"]
@@ -124,9 +125,9 @@ class CompileChoice:
         pays = passes_left * (eager - compiled) > cost
         if pays and rows not in self.said:
             self.said.add(rows)
-            print(f"sample: compiling the decode step for {rows} rows ({passes_left} passes left at {eager:.2f} s "
-                  f"eager, about {compiled:.2f} s compiled; the first call costs about {cost:.0f} s, later runs "
-                  "load it; --compile off to skip)", file=sys.stderr)
+            tqdm.write(f"sample: compiling the decode step for {rows} rows ({passes_left} passes left at {eager:.2f} "
+                       f"s eager, about {compiled:.2f} s compiled; the first call costs about {cost:.0f} s, later "
+                       "runs load it; --compile off to skip)", file=sys.stderr)  # above any progress bar
         return pays
 
     def record(self, rows: int, compiled: bool, seconds: float) -> None:

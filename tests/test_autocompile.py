@@ -21,7 +21,8 @@ def choice(model, tmp_path, mode="auto") -> CompileChoice:
     return CompileChoice(mode, torch.device("cpu"), model, path=tmp_path / "timings.json")
 
 
-def test_auto_stays_eager_until_a_pass_is_measured_then_compiles_when_the_passes_left_repay_it(model, tmp_path):
+def test_auto_stays_eager_until_a_pass_is_measured_then_compiles_when_the_passes_left_repay_it(model, tmp_path,
+                                                                                                capsys):
     cost, ratio = PRIORS["cpu"][1], prior_ratio(torch.device("cpu"), 32)
     c = choice(model, tmp_path)
     assert not c.decide(rows=32, passes_left=10_000)  # nothing measured: this pass measures eager
@@ -29,7 +30,9 @@ def test_auto_stays_eager_until_a_pass_is_measured_then_compiles_when_the_passes
     # Each pass would save 1 - ratio seconds against a first call of `cost` seconds.
     needed = int(cost / (1.0 - ratio))
     assert not c.decide(rows=32, passes_left=needed - 1)
-    assert c.decide(rows=32, passes_left=needed + 1)
+    assert c.decide(rows=32, passes_left=needed + 1) and c.decide(rows=32, passes_left=needed + 1)
+    said = capsys.readouterr().err.strip().splitlines()
+    assert len(said) == 1 and "compiling the decode step for 32 rows" in said[0] and "--compile off" in said[0]
     assert not c.decide(rows=2, passes_left=10_000)  # another batch size is another measurement
 
 
