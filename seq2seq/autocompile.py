@@ -30,6 +30,7 @@ import torch
 from tqdm import tqdm
 
 from seq2seq.generate import can_compile, compile_cache
+
 __all__ = ["COMPILE_MODES", "CompileChoice", "LOAD_SHARE", "PRIORS", "prior_ratio"]
 
 COMPILE_MODES = ("auto", "on", "off")
@@ -51,6 +52,7 @@ def prior_ratio(device: torch.device, rows: int) -> float:
     """The prior compiled-over-eager time of a pass of ``rows`` decoder rows on ``device``'s kind."""
     table = PRIORS.get(device.type, PRIORS["cpu"])[0]
     return [ratio for least, ratio in table if least <= rows or least == table[0][0]][-1]
+
 
 def _machine(device: torch.device) -> str:
     if device.type == "cuda":
@@ -77,13 +79,14 @@ class CompileChoice:
                  path: str | Path | None = None):
         if mode not in COMPILE_MODES:
             raise ValueError(f"compile mode must be one of {COMPILE_MODES}, got {mode!r}")
-
         self.mode, self.device = mode, device
         self.path = Path(path) if path is not None else compile_cache() / "decode_timings.json"
         config = json.dumps(asdict(model.config), sort_keys=True, default=str)
         digest = hashlib.sha256(config.encode()).hexdigest()[:16]
         self.key = f"{_machine(device)}|torch {torch.__version__}|{dtype or 'fp32'}|model {digest}"
-        self.warm: set[int] = set()  # row counts compiled in this process: no first call left to pay
+        # Row counts compiled in this process: no first call left to pay. (Other sampling settings in a later
+        # call recompile the step: torch.compile's guards see them; such a call is priced as warm.)
+        self.warm: set[int] = set()
         self.said: set[int] = set()
 
     def _read(self) -> dict:

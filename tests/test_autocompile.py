@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+
 from sample.pipeline import Pipeline, SamplingSettings
 from seq2seq import Seq2Seq, Seq2SeqConfig, generate
 from seq2seq.autocompile import LOAD_SHARE, PRIORS, CompileChoice, prior_ratio
