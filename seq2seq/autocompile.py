@@ -19,16 +19,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import platform
 import sys
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
+from checkpoint import WriteError, read_json_or_empty, write_json
 from seq2seq.generate import can_compile, compile_cache
 
 __all__ = ["COMPILE_MODES", "CompileChoice", "LOAD_SHARE", "PRIORS", "prior_ratio"]
@@ -89,18 +88,14 @@ class CompileChoice:
         self.warm: set[int] = set()
         self.said: set[int] = set()
 
-    def _read(self) -> dict:
-        try:
-            table = json.loads(self.path.read_text())
-        except (OSError, ValueError):
-            return {}
-        entry = table.get(self.key) if isinstance(table, dict) else None
-        return entry if isinstance(entry, dict) else {}
-
     def timings(self, rows: int) -> dict:
         """What was measured for passes of ``rows`` rows: ``eager_s``, ``compiled_s`` and the first compiled
         call of a process, ``compile_s`` (the first one that machine made) and ``load_s`` (the latest after it)."""
-        entry = self._read().get(str(rows))
+        return self._entry(read_json_or_empty(self.path), rows)
+
+    def _entry(self, table: dict, rows: int) -> dict:
+        entries = table.get(self.key)
+        entry = entries.get(str(rows)) if isinstance(entries, dict) else None
         if not isinstance(entry, dict):
             return {}
         return {k: float(v) for k, v in entry.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
@@ -135,7 +130,8 @@ class CompileChoice:
 
     def record(self, rows: int, compiled: bool, seconds: float) -> None:
         """Keep a pass's measured time: eager, compiled, or a process's first compiled call (compile or load)."""
-        entry = self.timings(rows)
+        table = read_json_or_empty(self.path)  # once: other processes' entries are kept as they are
+        entry = self._entry(table, rows)
         if not compiled:
             entry["eager_s"] = min(seconds, entry.get("eager_s", seconds))
         elif rows not in self.warm:
@@ -143,25 +139,10 @@ class CompileChoice:
             entry["load_s" if "compile_s" in entry else "compile_s"] = seconds
         else:
             entry["compiled_s"] = min(seconds, entry.get("compiled_s", seconds))
-        self._write(rows, entry)
-
-    def _write(self, rows: int, entry: dict) -> None:
-        try:
-            table = json.loads(self.path.read_text())
-        except (OSError, ValueError):
-            table = {}
-        if not isinstance(table, dict):
-            table = {}
-        table.setdefault(self.key, {})
-        if not isinstance(table[self.key], dict):
+        if not isinstance(table.get(self.key), dict):
             table[self.key] = {}
         table[self.key][str(rows)] = entry
-        handle = None
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.NamedTemporaryFile("w", dir=self.path.parent, delete=False, suffix=".tmp") as handle:
-                json.dump(table, handle, indent=1, sort_keys=True)
-            os.replace(handle.name, self.path)
-        except OSError:
-            if handle is not None:
-                Path(handle.name).unlink(missing_ok=True)
+            write_json(self.path, table)
+        except (OSError, WriteError):
+            pass

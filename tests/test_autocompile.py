@@ -22,6 +22,12 @@ def choice(model, tmp_path, mode="auto") -> CompileChoice:
     return CompileChoice(mode, torch.device("cpu"), model, path=tmp_path / "timings.json")
 
 
+def measured(c: CompileChoice, rows: int, timings: dict) -> None:
+    """The timings file as if these had been measured for passes of ``rows`` rows."""
+    c.path.parent.mkdir(parents=True, exist_ok=True)
+    c.path.write_text(json.dumps({c.key: {str(rows): timings}}))
+
+
 def test_auto_stays_eager_until_a_pass_is_measured_then_compiles_when_the_passes_left_repay_it(model, tmp_path,
                                                                                                 capsys):
     cost, ratio = PRIORS["cpu"][1], prior_ratio(torch.device("cpu"), 32)
@@ -82,7 +88,7 @@ def test_auto_never_compiles_where_no_compiler_can_build_kernels(model, tmp_path
     import shutil
 
     c = choice(model, tmp_path)
-    c._write(2, {"eager_s": 1.0, "compiled_s": 0.1, "compile_s": 1.0, "load_s": 0.2})
+    measured(c, 2, {"eager_s": 1.0, "compiled_s": 0.1, "compile_s": 1.0, "load_s": 0.2})
     assert c.decide(2, passes_left=100)
     monkeypatch.setattr(shutil, "which", lambda name: None)
     assert not c.decide(2, passes_left=100)
@@ -118,7 +124,7 @@ def test_the_pipeline_switches_to_the_compiled_step_midway_and_draws_the_same_pi
     auto = Pipeline(tiny_run, device="cpu", rerank=False)
     # As if measured here: a pass of 8 rows (4 candidates, guided) 1 s eager, 0.1 s compiled, a first call of
     # 1.1 s (1 s to load the kernels). This test's own passes are not recorded over them.
-    auto.compile._write(8, {"eager_s": 1.0, "compiled_s": 0.1, "compile_s": 60.0, "load_s": 1.1})
+    measured(auto.compile, 8, {"eager_s": 1.0, "compiled_s": 0.1, "compile_s": 60.0, "load_s": 1.1})
     monkeypatch.setattr(auto.compile, "record", lambda rows, compiled, seconds: compiled and auto.compile.warm.add(
         rows))
     # Three passes left save 2.7 s against 1 s: compile from the first; one pass left does not pay.
