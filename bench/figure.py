@@ -2,8 +2,8 @@
 
 One row per prompt, ``--per-kind`` prompts of each kind of scene from the held-out split (colour-shape
 pairs and relation triples training never showed): the prompt, then the ``--keep`` best of ``--n``
-candidates by the run's scorer, each marked with whether the oracle finds every stated attribute in
-it (a green bar) or not (red).
+candidates as ``python -m sample`` keeps them (``--shortlist``), each marked with whether the oracle finds
+every stated attribute in it (a green bar) or not (red).
 
     python -m bench.figure --checkpoint sample/demo_run --out docs/demo.png
 """
@@ -19,6 +19,7 @@ from cli import ArgumentParser, run_command
 from data.oracle import check
 from data.shapes import KINDS, evaluation_prompts
 from sample import generate_images
+from sample.pipeline import SamplingSettings
 
 
 def build_parser() -> ArgumentParser:
@@ -29,6 +30,9 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--keep", type=int, default=4)
     parser.add_argument("--scale", type=int, default=2, help="pixel repeat of each picture")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--shortlist", type=int, default=SamplingSettings.shortlist,
+                        help="the scorer's best K re-ordered by the decoder's likelihood, as python -m sample's "
+                             f"--shortlist (default {SamplingSettings.shortlist}; 1: the scorer alone)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--per-kind", type=int, default=2, help="prompts of each kind of scene")
     return parser
@@ -60,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def draw() -> None:
         kept = generate_images([text for text, _ in chosen], checkpoint=args.checkpoint, n=args.n, keep=args.keep,
-                               seed=args.seed, device=args.device)
+                               seed=args.seed, device=args.device, shortlist=args.shortlist)
         rows = [(text, [(p.image, check(scene, p.image)) for p in pictures])
                 for (text, scene), pictures in zip(chosen, kept)]
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,10 +1,11 @@
 """``python -m bench.figure_real``: a run's pictures for captions of any data set, beside the real ones.
 
 One row per caption: the caption, which split it comes from, the data set's own picture for it, then the
-``--keep`` best of ``--n`` candidates by the run's scorer. Training captions are named with ``--train``
-(each must be a caption of the training split, so the figure shows what the run learned); held-out rows
-take the first ``--heldout`` distinct captions of the held-out split, one per group of variants where
-the data has groups (pictures the run never saw, so the row shows how far it generalises).
+``--keep`` best of ``--n`` candidates as ``python -m sample`` keeps them (``--shortlist``). Training
+captions are named with ``--train`` (each must be a caption of the training split, so the figure shows what
+the run learned); held-out rows take the first ``--heldout`` distinct captions of the held-out split, one
+per group of variants where the data has groups (pictures the run never saw, so the row shows how far it
+generalises).
 
     python -m bench.figure_real --checkpoint openmoji --out docs/openmoji.png \\
         --train "red apple" "cat face" --heldout 4
@@ -22,7 +23,7 @@ from cli import ArgumentParser, UserError, add_threads_argument, positive_int, r
 from data.images import to_pil
 from data.sources import DEFAULT_HELDOUT_FRACTION, open_dataset
 from sample import generate_images
-from sample.pipeline import resolve_run
+from sample.pipeline import SamplingSettings, resolve_run
 
 __all__ = ["build_parser", "main"]
 
@@ -38,6 +39,9 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--keep", type=positive_int, default=4)
     parser.add_argument("--scale", type=positive_int, default=2, help="pixel repeat of each picture")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--shortlist", type=int, default=SamplingSettings.shortlist,
+                        help="the scorer's best K re-ordered by the decoder's likelihood, as python -m sample's "
+                             f"--shortlist (default {SamplingSettings.shortlist}; 1: the scorer alone)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     add_threads_argument(parser)
     return parser
@@ -80,7 +84,7 @@ def figure(rows: list[tuple[str, str, Image.Image, list[Image.Image]]], scale: i
     canvas = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(canvas)
     draw.text((label_width, 2), "real", fill="black")
-    draw.text((label_width + side + 4 * gap, 2), "generated: the scorer's best of the candidates", fill="black")
+    draw.text((label_width + side + 4 * gap, 2), "generated: the pictures python -m sample keeps", fill="black")
     for r, (caption, split, real, pictures) in enumerate(rows):
         top = 16 + gap + r * (side + gap)
         draw.text((8, top + side // 2 - 12), caption[:48], fill="black")
@@ -116,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
             item = heldout[i]
             chosen.append((item["text"], "held-out", item["image"]))
         kept = generate_images([c for c, _, _ in chosen], checkpoint=run, n=args.n, keep=args.keep, seed=args.seed,
-                               device=args.device)
+                               device=args.device, shortlist=args.shortlist)
         rows = [(c, split, to_pil(image), [p.image for p in pictures])
                 for (c, split, image), pictures in zip(chosen, kept)]
         out = Path(args.out)

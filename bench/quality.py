@@ -6,7 +6,9 @@ share of pictures in which every stated attribute holds:
 
 - ``any``: over all candidates (no reranking: what one unranked sample scores);
 - ``random1``: keeping candidate 0 of each prompt (keeping 1 at random: the seeds are random draws);
-- ``clip1``: keeping the best candidate by the run's CLIP-style scorer.
+- ``clip1``: keeping the best candidate by the run's CLIP-style scorer alone;
+- ``pick``: keeping the first picture ``python -m sample`` keeps (the scorer's shortlist re-ordered by the
+  decoder's likelihood, ``--shortlist``).
 
 Also the VQGAN's reconstruction PSNR and oracle agreement on held-out renders, and the held-out bits per
 image token of the transformer.
@@ -37,18 +39,19 @@ def composition_scores(run: Path, *, prompts_per_kind: int = 32, candidates: int
                        cfg: float = SamplingSettings.cfg, top_k: int | None = SamplingSettings.top_k,
                        top_p: float | None = SamplingSettings.top_p, temperature: float = SamplingSettings.temperature,
                        seed: int = 0, device: str = "auto", kinds=KINDS, batch_prompts: int = 8,
-                       dtype: str = "auto", speculative: int = 0) -> dict:
-    """{kind: {"any", "random1", "clip1", "prompts"}} over held-out prompts of each kind, with the sampling
-    defaults of ``python -m sample`` unless told otherwise."""
+                       dtype: str = "auto", speculative: int = 0,
+                       shortlist: int = SamplingSettings.shortlist) -> dict:
+    """{kind: {"any", "random1", "clip1", "pick", "prompts", "clip1_of_first"}} over held-out prompts of each
+    kind, with the sampling defaults of ``python -m sample`` unless told otherwise."""
 
     pipeline = Pipeline(run, device=device, rerank=True, dtype=dtype)
     settings = SamplingSettings(n=candidates, keep=1, top_k=top_k, top_p=top_p, temperature=temperature, cfg=cfg,
-                                seed=seed, speculative=speculative)
+                                seed=seed, speculative=speculative, shortlist=shortlist)
     subsets = sorted({k for k in (1, 2, 4, 8, 16, 32) if k < candidates} | {candidates})
     results = {}
     for kind in kinds:
         prompts = evaluation_prompts(kind, prompts_per_kind, seed=seed)
-        passed_any, passed_random = 0, 0
+        passed_any, passed_random, passed_pick = 0, 0, 0
         passed_best = dict.fromkeys(subsets, 0)  # best by the scorer among the first k candidates
         for start in range(0, len(prompts), batch_prompts):
             chunk = prompts[start:start + batch_prompts]
@@ -58,11 +61,12 @@ def composition_scores(run: Path, *, prompts_per_kind: int = 32, candidates: int
                 scores = [p.score for p in by_candidate]
                 passed_any += sum(ok)
                 passed_random += ok[0]  # candidate 0: its seed is as random a draw as any other's
+                passed_pick += ok[pictures[0].candidate]  # the pipeline's rank 1
                 for k in subsets:
                     passed_best[k] += ok[max(range(k), key=scores.__getitem__)]
         n = len(prompts)
         results[kind] = {"prompts": n, "any": passed_any / (n * candidates), "random1": passed_random / n,
-                         "clip1": passed_best[candidates] / n,
+                         "clip1": passed_best[candidates] / n, "pick": passed_pick / n,
                          "clip1_of_first": {k: v / n for k, v in passed_best.items()}}
     return results
 

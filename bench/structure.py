@@ -9,7 +9,8 @@
 - **Reranking** (`shapes`): candidates are drawn once per held-out prompt with `python -m sample`'s
   defaults and judged by the oracle; then each scorer picks from the same candidates, so two scorers are
   compared on identical pictures. Per kind of scene: the share of candidates right, the scorer's pick of
-  the first k (k = 1, 2, 4, ... N).
+  the first k (k = 1, 2, 4, ... N), and the pick of `python -m sample`'s rule for each shortlist size K:
+  the scorer's best K of the N, re-ordered by the decoder's likelihood of each picture given the prompt.
 
     python -m bench.structure --checkpoint RUN --scorer RUN/scorer --scorer OTHER/scorer --cache CANDIDATES_DIR
 
@@ -43,11 +44,13 @@ from sample.rerank import load_reranker
 from seq2seq.evaluate import log_likelihoods
 from tokenizer import TextTokenizer
 
-__all__ = ["pairwise_shapes", "pairwise_captions", "draw_candidates", "rerank_curves", "main"]
+__all__ = ["pairwise_shapes", "pairwise_captions", "draw_candidates", "rerank_curves", "candidate_likelihoods",
+           "shortlist_curves", "main"]
 
 SCENE_KINDS_ORDER = ("single", "position", "relation", "count")
 CHUNK = 64  # pictures per scorer pass
 TENSORS = ("images", "tokens")  # what candidates.safetensors holds
+SHORTLISTS = (1, 2, 3, 4, 6, 8, 16)  # shortlist sizes reported (and the number of candidates)
 
 
 def _prefers(scorer, images: torch.Tensor, own: Sequence[str], negatives: Sequence[str]) -> list[bool]:
@@ -223,6 +226,37 @@ def _curves(record: dict, score: Callable[[int, str], list[float]]) -> dict:
     return results
 
 
+def candidate_likelihoods(record: dict, judge: DecoderJudge) -> torch.Tensor:
+    """(P, N) log p(candidate's tokens | its prompt) in nats of every stored candidate, by the run's decoder."""
+    n = record["settings"]["candidates"]
+    prompts = [p for kind in record["settings"]["kinds"] for p in record["kinds"][kind]["prompts"]]
+    return torch.stack([judge.log_likelihood([prompt] * n, record["tokens"][row])
+                        for row, prompt in enumerate(prompts)])
+
+
+def shortlist_curves(record: dict, scorer, likelihoods: torch.Tensor) -> dict:
+    """{kind: {"prompts", "pick": {K: share}}}: the oracle's verdict on the picture `python -m sample` keeps
+    first with ``--shortlist K``, the scorer's best K candidates re-ordered by ``likelihoods`` (P, N), ties in
+    the scorer's order (K = 1: the scorer alone; K = N: the likelihood alone)."""
+    images = record["images"].float() / 127.5 - 1  # (P, N, 3, S, S) in [-1, 1]
+    n = record["settings"]["candidates"]
+    sizes = sorted({k for k in SHORTLISTS if k < n} | {n})
+    results, row = {}, 0
+    for kind in record["settings"]["kinds"]:  # the order the pictures are stored in
+        entry = record["kinds"][kind]
+        passed = dict.fromkeys(sizes, 0)
+        for prompt, right in zip(entry["prompts"], entry["right"]):
+            scores = scorer.score(images[row], [prompt] * n).tolist()
+            fit = likelihoods[row].tolist()
+            row += 1
+            order = sorted(range(n), key=lambda j: -scores[j])
+            for k in sizes:
+                passed[k] += right[max(order[:k], key=fit.__getitem__)]  # max keeps the first of equals
+        results[kind] = {"prompts": len(entry["prompts"]), "pick": {k: v / len(entry["prompts"])
+                                                                   for k, v in passed.items()}}
+    return results
+
+
 def failures(record: dict) -> dict:
     """Why candidates fail, per kind of scene: {kind: {"candidates", "right", "failing": {aspect: share of
     candidates where it fails}, "alone": {aspect: share where it is the only aspect that fails}}}, the
@@ -315,6 +349,18 @@ def _rerank_markdown(curves: dict, title: str) -> list[str]:
     return lines
 
 
+def _shortlist_markdown(curves: dict) -> list[str]:
+    sizes = list(next(iter(curves.values()))["pick"])
+    default = SamplingSettings.shortlist
+    lines = ["", "The scorer's best K re-ordered by the decoder's likelihood, `python -m sample --shortlist K` "
+                 f"(K = 1: the scorer alone; the default, K = {default}, in bold):", "",
+             "| kind | prompts | " + " | ".join(f"K={k}" for k in sizes) + " |", "|---|---|" + "---|" * len(sizes)]
+    for kind, r in curves.items():
+        lines.append(f"| {kind} | {r['prompts']} | " + " | ".join(
+            f"**{_pct(r['pick'][k])}**" if int(k) == default else _pct(r["pick"][k]) for k in sizes) + " |")
+    return lines
+
+
 def markdown(report: dict) -> str:
     lines = []
     for name, figures in report["scorers"].items():
@@ -322,6 +368,8 @@ def markdown(report: dict) -> str:
         lines += pairwise_markdown(figures["pairwise"], "scene negatives, renders of held-out `shapes` scenes")
         if "rerank" in figures:
             lines += _rerank_markdown(figures["rerank"], "Reranking the same candidates (the oracle judges the pick):")
+        if "shortlist" in figures:
+            lines += _shortlist_markdown(figures["shortlist"])
     if "failures" in report:
         aspects = sorted({a for r in report["failures"].values() for a in r["failing"]})
         lines += ["", "Why candidates fail (the oracle's aspects; 'alone': the only aspect that fails):", "",
@@ -396,17 +444,19 @@ def _run(args) -> None:
                 save_candidates(record, cache)
     report = {"checkpoint": str(run), "command": "python -m bench.structure " + " ".join(
         sys.argv[1:] if args.argv is None else args.argv), "scorers": {}}
+    judge = DecoderJudge(run, str(device)) if record is not None or args.decoder else None
+    likelihoods = None if record is None else candidate_likelihoods(record, judge)
     for name, scorer in scorers.items():
         figures = {"hard_negatives": scorer.model.config.hard_negatives,
                    "pairwise": pairwise_shapes(scorer, prompts_per_kind=args.pairwise_prompts, size=side,
                                                seed=args.seed)}
         if record is not None:
             figures["rerank"] = rerank_curves(record, scorer)
+            figures["shortlist"] = shortlist_curves(record, scorer, likelihoods)
         report["scorers"][name] = figures
     if record is not None:
         report["failures"] = failures(record)
     if args.decoder:
-        judge = DecoderJudge(run, str(device))
         report["decoder"] = {"pairwise": pairwise_shapes(judge, prompts_per_kind=args.pairwise_prompts, size=side,
                                                          seed=args.seed)}
         if record is not None:

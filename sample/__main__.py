@@ -1,6 +1,7 @@
 """``python -m sample "a red circle above a blue square"``: prompts to PNG files.
 
-Draws --n candidates per prompt, keeps the best --keep by the CLIP-style scorer, and writes the kept
+Draws --n candidates per prompt, keeps the best --keep by the CLIP-style scorer (its best --shortlist
+re-ordered by the decoder's likelihood of each picture given the prompt), and writes the kept
 pictures (``<prompt>-seed<seed>.png``, with the prompt, seed, rank, settings and score in PNG text
 chunks), a labelled grid of the candidates with the kept ones framed, and samples.jsonl, under --out;
 each kept picture's path, seed, rank and score go to stdout. Prompts of --prompts-file are drawn
@@ -69,6 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "stays eager); on: always (the first compile takes about a minute, later runs load it)")
     parser.add_argument("--no-rerank", action="store_true", help="keep the first candidates, no scorer")
     parser.add_argument("--reranker", help="a local directory holding a transformers CLIPModel to rerank with")
+    parser.add_argument("--shortlist", type=int, default=defaults.shortlist, metavar="K",
+                        help="re-order the scorer's best K candidates by the decoder's likelihood of each picture "
+                             f"given the prompt (default {defaults.shortlist}; 1 = the scorer alone; new pictures "
+                             "only, edits and wider canvases rank as before)")
     edit = parser.add_argument_group("edit a picture")
     edit.add_argument("--init", metavar="PICTURE", help="start from this picture (the run's size, e.g. 64x64)")
     edit.add_argument("--keep-rows", type=int, metavar="R", help="keep its first R rows of tokens, draw the rest")
@@ -130,7 +135,8 @@ def run(args: argparse.Namespace) -> list[dict]:
     keep = args.keep if args.keep is not None else min(4, max(args.n, 1))
     settings = SamplingSettings(n=args.n, keep=keep, top_k=args.top_k, top_p=args.top_p,
                                 temperature=args.temperature, cfg=args.cfg, seed=args.seed,
-                                rerank=not args.no_rerank, likelihood_weight=args.likelihood_weight,
+                                rerank=not args.no_rerank, shortlist=args.shortlist,
+                                likelihood_weight=args.likelihood_weight,
                                 speculative=args.speculative)
     if args.preview is not None and args.preview < 1:
         raise UserError(f"--preview must be >= 1 tokens between frames, got {args.preview}")
@@ -155,6 +161,8 @@ def run(args: argparse.Namespace) -> list[dict]:
                 records += written
                 for record in written:
                     score = "" if record["score"] is None else f"  score {record['score']:.3f}"
+                    if record.get("likelihood") is not None:  # what ordered it: the shortlist's, or an inpainting's
+                        score += f"  likelihood {record['likelihood']:.3f}"
                     tqdm.write(f"{out / record['file']}  seed {record['seed']}  rank {record['rank']}{score}",
                                file=sys.stdout)
                 bar.update(1)

@@ -97,6 +97,10 @@ class SamplingSettings:
     # Inpainting ranks by z(scorer) + likelihood_weight * z(likelihood of the kept tokens after the hole),
     # z-scores among a prompt's candidates; 0 ranks by the scorer alone. See BENCHMARKS.md.
     likelihood_weight: float = 1.0
+    # The scorer's best ``shortlist`` candidates are re-ordered by the decoder's likelihood of their tokens
+    # given the prompt; 1 ranks by the scorer alone. Chosen on held-out `shapes` prompts of another seed than
+    # the benchmark's (BENCHMARKS.md, issue 20).
+    shortlist: int = 6
     speculative: int = 0  # a window of W tokens verified per decoder pass (seq2seq.speculative); 0 = off
 
     def __post_init__(self) -> None:
@@ -124,6 +128,8 @@ class SamplingSettings:
         if self.speculative != 0 and not 2 <= self.speculative <= MAX_SPECULATIVE:
             raise UserError(f"--speculative must be 0 (off) or a window from 2 to {MAX_SPECULATIVE} tokens, got "
                             f"{self.speculative}")
+        if not 1 <= self.shortlist <= MAX_CANDIDATES:
+            raise UserError(f"--shortlist must be from 1 (the scorer alone) to {MAX_CANDIDATES}, got {self.shortlist}")
         if not 0 <= self.likelihood_weight <= MAX_LIKELIHOOD_WEIGHT:
             raise UserError(f"--likelihood-weight must be from 0 to {MAX_LIKELIHOOD_WEIGHT:g}, got "
                             f"{self.likelihood_weight}")
@@ -132,9 +138,11 @@ class SamplingSettings:
 @dataclass
 class Picture:
     """One candidate: its picture, the prompt, its seed, its score (None without reranking), its rank among
-    the prompt's candidates (1 = best; without reranking, candidate order), kept or not. An edit's
-    candidate also has ``likelihood``: the mean log-likelihood (nats) of the kept tokens after the hole;
-    with previews, ``frames`` holds the partial pictures in decoding order. ``tokens`` are its image ids.
+    the prompt's candidates (1 = best; without reranking, candidate order), kept or not. ``likelihood`` is
+    the mean log-likelihood per token (nats) the ranking used: of an inpainting's kept tokens after the
+    hole, or of a plain draw's tokens given the prompt for the candidates on the scorer's shortlist (None
+    for the others); with previews, ``frames`` holds the partial pictures in decoding order. ``tokens``
+    are its image ids.
 
     ``python -m sample PROMPT --seed SEED --n 1`` with the same sampling settings (top-k, top-p,
     temperature, cfg) draws it again.
@@ -276,8 +284,9 @@ class Pipeline:
             return []
         return list(dict.fromkeys(w for w in words(prompt) if w not in self.vocabulary))
 
-    def _warn_out_of_domain(self, prompt: str, best: Picture) -> None:
+    def _warn_out_of_domain(self, prompt: str, candidates: list[Picture]) -> None:
         unknown = self.unknown_words(prompt)
+        best = max(candidates, key=lambda p: float("-inf") if p.score is None else p.score)  # the scorer's best
         if unknown:
             warnings.warn(f"{_quoted(prompt)}: {', '.join(unknown[:8])}{' ...' if len(unknown) > 8 else ''} never came in "
                           f"this run's training captions; it draws from the words it knows (RUN/vocabulary.json "
@@ -371,16 +380,17 @@ class Pipeline:
         every_likelihood = torch.cat(likelihoods) if edit is not None and edit.keeps_after_hole else None
         record = self.settings_record(settings, edit)
         n = settings.n
+        plain = edit is None and canvas is None  # the shortlist's likelihood is measured on plain draws only
         pictures = []
         for i, prompt in enumerate(prompts):
             part = slice(i * n, (i + 1) * n)
             pictures.append(self._rank(prompt, images[part], None if every_score is None else every_score[part],
                                        None if every_likelihood is None else every_likelihood[part], settings,
-                                       record))
+                                       record, tokens=torch.stack(tokens[part]) if plain else None))
             for picture in pictures[-1]:
                 picture.tokens = tokens[i * n + picture.candidate]
                 picture.frames = frames[i * n + picture.candidate] if frames else None
-            self._warn_out_of_domain(prompt, pictures[-1][0])
+            self._warn_out_of_domain(prompt, pictures[-1])
         return pictures
 
     @torch.inference_mode()
@@ -394,8 +404,16 @@ class Pipeline:
         """Pictures of image ids (B, h, w) by the VQGAN, and each one's score (B,) against its prompt (None
         without a scorer); the sampling pipeline's and the service's."""
 
+        prompts = list(prompts)
+        # A batch of one runs other CPU kernels (about 1e-6 off), enough to turn a pixel's rounding: one picture
+        # is decoded and scored beside a copy of itself, so a candidate is the same however many are drawn.
+        alone = len(image_ids) == 1
+        if alone:
+            image_ids, prompts = image_ids.expand(2, *image_ids.shape[1:]), prompts * 2
         decoded = self.vqgan.decode(image_ids).float()  # (B, 3, H, W) in [-1, 1]
-        scores = None if self.scorer is None else self._score(decoded, list(prompts))
+        scores = None if self.scorer is None else self._score(decoded, prompts)
+        if alone:
+            decoded, scores = decoded[:1], None if scores is None else scores[:1]
         return [to_pil(image) for image in decoded.cpu()], scores
 
     @staticmethod
@@ -431,9 +449,26 @@ class Pipeline:
             on_step(Preview(filled, grid[0].numel(), rows.div(n, rounding_mode="floor").tolist(), (rows % n).tolist(),
                             pictures))
 
-    @staticmethod
-    def _rank(prompt: str, images: list[Image.Image], scores: torch.Tensor | None, likelihoods: torch.Tensor | None,
-              settings: SamplingSettings, record: dict) -> list[Picture]:
+    @torch.inference_mode()
+    def token_likelihood(self, prompt: str, image_ids: torch.Tensor) -> torch.Tensor:
+        """(B,) mean log-likelihood per token, in nats, of image ids (B, h, w) given ``prompt``: one
+        teacher-forced pass of the decoder, unguided. It leaves the decoding caches alone."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a long prompt was already warned about when it was drawn
+            text_ids, text_mask = self.encode_prompts([prompt])
+        targets = image_ids.flatten(1).long().to(self.device)  # (B, T)
+        rows = len(targets)
+        logits = self.model(text_ids.expand(rows, -1), text_mask.expand(rows, -1), targets)  # (B, T, V)
+        nats = torch.nn.functional.cross_entropy(logits.transpose(1, 2).float(), targets, reduction="none")
+        return -nats.mean(1).cpu()
+
+    def _rank(self, prompt: str, images: list[Image.Image], scores: torch.Tensor | None,
+              likelihoods: torch.Tensor | None, settings: SamplingSettings, record: dict,
+              tokens: torch.Tensor | None = None) -> list[Picture]:
+        """The candidates of one prompt, best first, the first ``keep`` marked kept. With scores: by the
+        scorer; an inpainting's (``likelihoods`` given) by z(scorer) + likelihood_weight x z(likelihood); a
+        plain draw's (its ``tokens`` (N, h, w) given) by the scorer, then its best ``shortlist`` re-ordered
+        by :meth:`token_likelihood`, ties kept in the scorer's order."""
         pictures = [
             Picture(image, prompt, settings.seed + j, j, None if scores is None else float(scores[j]),
                     settings=record, likelihood=None if likelihoods is None else float(likelihoods[j]))
@@ -443,7 +478,13 @@ class Pipeline:
             merit = _standardized(scores)
             if likelihoods is not None:
                 merit = merit + settings.likelihood_weight * _standardized(likelihoods)
-            pictures = [pictures[j] for j in sorted(range(len(pictures)), key=lambda j: -merit[j])]
+            order = sorted(range(len(pictures)), key=lambda j: -merit[j])
+            if likelihoods is None and tokens is not None and settings.shortlist > 1 and len(order) > 1:
+                head = order[:settings.shortlist]
+                for j, value in zip(head, self.token_likelihood(prompt, tokens[head]).tolist()):
+                    pictures[j].likelihood = value
+                order = sorted(head, key=lambda j: -pictures[j].likelihood) + order[len(head):]
+            pictures = [pictures[j] for j in order]
         for rank, picture in enumerate(pictures, start=1):
             picture.rank = rank
             picture.kept = rank <= settings.keep
@@ -501,6 +542,7 @@ def generate_images(
     mask: str | Path | Image.Image | None = None,
     box: str | tuple[int, int, int, int] | None = None,
     likelihood_weight: float = SamplingSettings.likelihood_weight,
+    shortlist: int = SamplingSettings.shortlist,
     speculative: int = SamplingSettings.speculative,
     preview_every: int | None = None,
     on_step: Callable[[Preview], None] | None = None,
@@ -513,11 +555,12 @@ def generate_images(
     >>> best[0].image.save("circle.png"); best[0].score
 
     ``reranker`` names a local directory holding a transformers ``CLIPModel`` to score with instead of
-    the run's own scorer. ``dtype`` (auto, fp32, bf16, fp16) is the precision the models run in: auto is
-    fp32 on a CPU (half precision is slower there) and bf16 or fp16 on CUDA. ``compile`` (auto, on, off)
-    compiles the decode step: auto where the passes left would save more than the compile costs, by timings
-    measured on this machine (:mod:`seq2seq.autocompile`). Pass a ``Pipeline`` to reuse loaded weights
-    across calls.
+    the run's own scorer. The scorer's best ``shortlist`` candidates are re-ordered by the decoder's
+    likelihood of each picture given the prompt (1: by the scorer alone; new pictures only). ``dtype``
+    (auto, fp32, bf16, fp16) is the precision the models run in: auto is fp32 on a CPU (half precision is
+    slower there) and bf16 or fp16 on CUDA. ``compile`` (auto, on, off) compiles the decode step: auto where
+    the passes left would save more than the compile costs, by timings measured on this machine
+    (:mod:`seq2seq.autocompile`). Pass a ``Pipeline`` to reuse loaded weights across calls.
 
     Edits start from the picture ``init`` (a path or a PIL image of the run's size): ``keep_rows`` R keeps
     its first R rows of tokens and draws the rest (completion); ``mask`` (white = redraw) or ``box``
@@ -531,7 +574,8 @@ def generate_images(
     if isinstance(prompts, str):
         prompts = [prompts]
     settings = SamplingSettings(n=n, keep=keep, top_k=top_k, top_p=top_p, temperature=temperature, cfg=cfg,
-                                seed=seed, rerank=rerank, likelihood_weight=likelihood_weight, speculative=speculative)
+                                seed=seed, rerank=rerank, likelihood_weight=likelihood_weight, shortlist=shortlist,
+                                speculative=speculative)
     pipeline = pipeline or Pipeline(checkpoint, device=device, rerank=rerank, reranker=reranker, dtype=dtype,
                                     compile=compile)
     edit = make_edit(pipeline, init, keep_rows=keep_rows, mask=mask, box=box)

@@ -237,7 +237,8 @@ def create_app(pipeline: Pipeline, limits: Limits | None = None) -> FastAPI:
         config = pipeline.model.config
         fields = PictureRequest.model_fields
         defaults = {name: fields[name].default
-                    for name in ("n", "keep", "top_k", "top_p", "temperature", "cfg", "likelihood_weight")}
+                    for name in ("n", "keep", "top_k", "top_p", "temperature", "cfg", "shortlist",
+                                 "likelihood_weight")}
         return {"defaults": defaults, "limits": {"max_n": limits.max_n, "max_rows": limits.max_rows,
                                                  "max_queue": limits.max_queue, "max_body_bytes": limits.max_body_bytes,
                                                  "timeout_s": limits.timeout_s},

@@ -19,7 +19,9 @@ of kept ids in its prefill; here they are read one a step like any other, which 
 A picture served for (prompt, seed, settings, edit) is therefore the picture ``sample.generate_images``
 draws for them, whoever else is being served. A second thread draws the pictures while decoding goes on:
 finished ids go through the same :meth:`Pipeline.render` (VQGAN, scorer) and ranking as ``python -m
-sample``; previews decode the ids known so far (drawn or kept) with the VQGAN, the others painted grey.
+sample`` (the ranking's teacher-forced likelihood reads the model's weights, never the decoding caches, so
+it runs beside the decoding thread); previews decode the ids known so far (drawn or kept) with the VQGAN,
+the others painted grey.
 """
 
 from __future__ import annotations
@@ -392,13 +394,16 @@ class Scheduler:
 
     def _finish(self, job: Job, image_ids: torch.Tensor, likelihood: torch.Tensor) -> None:
         """Render, score and rank the job's pictures (n, S) as the sampling pipeline does; hand them over. An
-        inpainting's likelihoods (n,) of the kept ids after the hole join the ranking, as they do there."""
+        inpainting's likelihoods (n,) of the kept ids after the hole join the ranking, as they do there; a new
+        picture's scorer shortlist is re-ordered by the decoder's teacher-forced likelihood (a pass of its own,
+        which leaves the decoding caches alone)."""
         n, edit = job.settings.n, job.edit
         images, scores = self.pipeline.render(image_ids.view(n, self.grid_size, self.grid_size), [job.prompt] * n)
         if job.preview_every:  # the finished candidates, unranked, on the preview grid
             job.on_event("preview", {"step": self.image_len, "of": self.image_len, "images": list(images)})
         likelihoods = likelihood.float().cpu() if edit is not None and edit.keeps_after_hole else None
+        tokens = image_ids.view(n, self.grid_size, self.grid_size) if edit is None else None  # the shortlist's
         pictures: list[Picture] = self.pipeline._rank(job.prompt, images, scores, likelihoods, job.settings,
-                                                      self.pipeline.settings_record(job.settings, edit))
+                                                      self.pipeline.settings_record(job.settings, edit), tokens=tokens)
         job.on_event("done", {"pictures": pictures})
 

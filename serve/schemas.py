@@ -63,6 +63,9 @@ class PictureRequest(BaseModel):
                                                       "and y1 excluded (inpainting)")
     mask: str | None = Field(None, description="with init: redraw where this PNG (base64, init's size) is white, "
                                                "keep where black (inpainting)")
+    shortlist: int = Field(DEFAULTS.shortlist, ge=1, description="the scorer's best SHORTLIST candidates are "
+                           "re-ordered by the decoder's likelihood of the picture given the prompt; 1: the scorer "
+                           "alone (new pictures only; edits rank as python -m sample ranks them)")
     likelihood_weight: float = Field(DEFAULTS.likelihood_weight, ge=0, le=MAX_LIKELIHOOD_WEIGHT,
                                      description="inpainting: weight of the likelihood of what follows the hole "
                                                  "beside the scorer when ranking; 0: the scorer alone")
@@ -101,7 +104,7 @@ class PictureRequest(BaseModel):
     def settings(self, seed: int) -> SamplingSettings:
         return SamplingSettings(n=self.n, keep=self.keep, top_k=self.top_k, top_p=self.top_p,
                                 temperature=self.temperature, cfg=self.cfg, seed=seed,
-                                likelihood_weight=self.likelihood_weight)
+                                shortlist=self.shortlist, likelihood_weight=self.likelihood_weight)
 
 
 class PictureOut(BaseModel):
@@ -111,16 +114,18 @@ class PictureOut(BaseModel):
     score: float | None = Field(description="the scorer's match of picture and prompt (higher is better)")
     rank: int = Field(description="1 = best of the request's candidates")
     candidate: int = Field(description="its place j among the candidates (seed = the request's seed + j)")
-    likelihood: float | None = Field(None, description="inpainting: the mean log-likelihood (nats) of the kept "
-                                                       "tokens after the hole, part of the ranking")
+    likelihood: float | None = Field(None, description="the mean log-likelihood per token (nats) the ranking "
+                                                       "used: inpainting, of the kept tokens after the hole; a new "
+                                                       "picture on the scorer's shortlist, of its tokens given the "
+                                                       "prompt; else null")
     png_base64: str | None = Field(None, description="the PNG, when response_format is base64")
 
 
 class PicturesResponse(BaseModel):
     id: str = Field(description="the request's id")
     prompt: str
-    settings: dict = Field(description="n, keep, top_k, top_p, temperature, cfg, likelihood_weight, the seed "
-                                       "used and, for an edit, how it was asked for (edit)")
+    settings: dict = Field(description="n, keep, top_k, top_p, temperature, cfg, shortlist, likelihood_weight, the "
+                                       "seed used and, for an edit, how it was asked for (edit)")
     truncated: bool = Field(description="the prompt was longer than the model reads, and was cut")
     pictures: list[PictureOut] = Field(description="the kept pictures, best first")
     queued_s: float = Field(description="seconds waiting for decoder rows")

@@ -312,6 +312,8 @@ def test_structure_compares_scorers_on_the_same_cached_candidates(tiny_run, tmp_
     for r in first["rerank"].values():
         assert r["prompts"] == 2 and list(r["best_of_first"]) == ["1", "2", "3"]
         assert r["best_of_first"]["1"] == r["random1"] and r["best_of_first"]["3"] == r["pick"]
+    for kind, r in first["shortlist"].items():  # K = 1 is the scorer alone
+        assert list(r["pick"]) == ["1", "2", "3"] and r["pick"]["1"] == first["rerank"][kind]["pick"]
 
     record = structure.load_candidates(tmp_path / "cache", json.loads((tmp_path / "cache" / "candidates.json")
                                                                       .read_text())["settings"])
@@ -376,3 +378,21 @@ def test_the_decoder_judges_pictures_by_its_own_likelihood(tiny_run, tmp_path, c
     assert set(decoder["rerank"]) == set(structure.DecoderJudge.RULES)
     assert all(r["pairs"] == 2 for r in decoder["pairwise"].values())
     assert "Reranking by the decoder's posterior" in capsys.readouterr().out
+
+
+def test_shortlist_picks_the_likeliest_of_the_scorers_best_k():
+    """bench.structure's shortlist rule on candidates whose scores and likelihoods are known: the scorer
+    ranks 0, 1, 2, 3; the decoder likes 3, then 1; only candidate 1 is right."""
+    import bench.structure as structure
+
+    class Scores:
+        def score(self, images, prompts):
+            return torch.tensor([4.0, 3.0, 2.0, 1.0])
+
+    record = {"settings": {"candidates": 4, "kinds": ["count"]},
+              "kinds": {"count": {"prompts": ["two red circles"], "right": [[False, True, False, False]]}},
+              "images": torch.zeros(1, 4, 3, 8, 8, dtype=torch.uint8)}
+    curves = structure.shortlist_curves(record, Scores(), torch.tensor([[0.0, 5.0, 1.0, 9.0]]))
+    assert curves == {"count": {"prompts": 1, "pick": {1: 0.0, 2: 1.0, 3: 1.0, 4: 0.0}}}
+    tied = structure.shortlist_curves(record, Scores(), torch.zeros(1, 4))  # equal likelihoods: the scorer's order
+    assert tied["count"]["pick"] == {1: 0.0, 2: 0.0, 3: 0.0, 4: 0.0}

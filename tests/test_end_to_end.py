@@ -40,11 +40,13 @@ def test_sample_writes_kept_pictures_grid_and_metadata(tiny_run, tmp_path, capsy
     assert _sample(tiny_run, out, *argv) == 0
     records = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     # Each kept picture is named by its own seed (candidate j has seed 7 + j) and printed with it.
-    assert [r["rank"] for r in records] == [1, 2] and records[0]["score"] >= records[1]["score"]
+    # 4 candidates, all on the default shortlist: best first by the decoder's likelihood, which is recorded.
+    assert [r["rank"] for r in records] == [1, 2] and records[0]["likelihood"] >= records[1]["likelihood"]
     assert {r["seed"] for r in records} <= {7, 8, 9, 10}
     assert [r["file"] for r in records] == [f"a-large-red-circle-seed{r['seed']}.png" for r in records]
     assert capsys.readouterr().out.splitlines() == [
-        f"{out / r['file']}  seed {r['seed']}  rank {r['rank']}  score {r['score']:.3f}" for r in records]
+        f"{out / r['file']}  seed {r['seed']}  rank {r['rank']}  score {r['score']:.3f}  likelihood "
+        f"{r['likelihood']:.3f}" for r in records]
     info = Image.open(out / records[0]["file"]).info
     assert info["prompt"] == "a large red circle" and json.loads(info["settings"])["top_k"] == 50
     assert (json.loads(info["seed"]), json.loads(info["rank"])) == (records[0]["seed"], 1)
@@ -148,9 +150,35 @@ def test_python_api_returns_kept_pictures_best_first(tiny_run):
     results = generate_images(["two blue squares", "a small green triangle"], checkpoint=tiny_run, n=3, keep=2,
                               device="cpu")
     assert [len(r) for r in results] == [2, 2]
-    for pictures in results:
-        assert pictures[0].score >= pictures[1].score
+    for pictures in results:  # 3 candidates, all on the default shortlist: the likeliest first
+        assert pictures[0].likelihood >= pictures[1].likelihood
         assert all(p.kept and p.image.size == (32, 32) for p in pictures)
+    by_scorer = generate_images("two blue squares", checkpoint=tiny_run, n=3, keep=2, device="cpu", shortlist=1)[0]
+    assert by_scorer[0].score >= by_scorer[1].score and by_scorer[0].likelihood is None
+
+
+def test_the_scorers_shortlist_is_ordered_by_the_decoders_likelihood(tiny_run):
+    from sample.pipeline import Pipeline, SamplingSettings
+    from seq2seq.evaluate import log_likelihoods
+
+    pipeline = Pipeline(tiny_run, device="cpu")
+    prompt, n, k = "a small green triangle", 8, 3
+    by_scorer = pipeline([prompt], SamplingSettings(n=n, keep=n, seed=5, shortlist=1))[0]
+    assert [p.score for p in by_scorer] == sorted((p.score for p in by_scorer), reverse=True)
+    assert all(p.likelihood is None for p in by_scorer)
+    shortlisted = pipeline([prompt], SamplingSettings(n=n, keep=2, seed=5, shortlist=k))[0]
+    head = [p.candidate for p in by_scorer[:k]]
+    # The decoder's likelihood of each shortlisted picture, computed here on its own, per token.
+    tokens = torch.stack([p.tokens for p in by_scorer[:k]])
+    fit = (log_likelihoods(pipeline.model, pipeline.tokenizer, [prompt] * k, tokens, "cpu") / tokens[0].numel())
+    expected = [c for _, c in sorted(zip(fit.tolist(), head), key=lambda pair: -pair[0])]
+    assert [p.candidate for p in shortlisted[:k]] == expected
+    assert [p.likelihood for p in shortlisted[:k]] == pytest.approx(sorted(fit.tolist(), reverse=True), abs=1e-4)
+    assert [p.candidate for p in shortlisted[k:]] == [p.candidate for p in by_scorer[k:]]  # the rest: the scorer's
+    assert all(p.likelihood is None for p in shortlisted[k:])
+    assert [p.rank for p in shortlisted] == list(range(1, n + 1))
+    assert [p.kept for p in shortlisted] == [True, True] + [False] * (n - 2)
+    assert shortlisted[0].settings["shortlist"] == k and by_scorer[0].settings["shortlist"] == 1
 
 
 def test_candidate_does_not_depend_on_the_other_prompts(tiny_run):
@@ -178,6 +206,7 @@ def _one_line_error(capsys) -> str:
     (["x", "--top-p", "0"], "--top-p must be in (0, 1]"),
     (["x", "--top-p", "1.5"], "--top-p must be in (0, 1]"),
     (["x", "--temperature", "0"], "--temperature must be > 0"),
+    (["x", "--shortlist", "0"], "--shortlist must be from 1"),
     ([], "no prompt given"),
     (["x", "--prompts-file", "/nonexistent/prompts.txt"], "cannot read --prompts-file"),
 ])
@@ -480,3 +509,4 @@ def test_parts_trained_at_another_picture_size_are_refused(tiny_run, tmp_path, c
     capsys.readouterr()
     assert sample_cli.main(["a red circle", "--checkpoint", str(run), "--out", str(tmp_path / "b")]) == 2
     assert "scorer: the scorer reads 64x64 pictures but gets 32x32" in _one_line_error(capsys)
+

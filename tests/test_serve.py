@@ -174,8 +174,11 @@ def test_edits_batch_with_plain_requests_and_draw_what_python_m_sample_draws(pip
         if edits[i] is not None and edits[i].keeps_after_hole:
             assert [p.likelihood for p in served] == pytest.approx([p.likelihood for p in expected], abs=1e-5)
             assert all(p.likelihood < 0 for p in served)
-        else:
+        elif edits[i] is not None:  # completion: nothing after a hole, no shortlist
             assert all(p.likelihood is None for p in served)
+        else:  # a new picture: the scorer's shortlist re-ordered by the decoder's likelihood, as there
+            assert [p.likelihood for p in served] == pytest.approx([p.likelihood for p in expected], abs=1e-5)
+            assert all(p.likelihood < 0 for p in served)
 
 
 def test_an_edits_previews_show_its_kept_tokens_from_the_start(pipeline):
@@ -291,7 +294,7 @@ def test_health_readiness_info_and_docs(client):
     assert ready.status_code == 200 and ready.json()["status"] == "ready"
     info = client.get("/v1/info").json()
     assert info["defaults"] == {"n": 16, "keep": 4, "top_k": None, "top_p": None, "temperature": 1.0, "cfg": 1.5,
-                                "likelihood_weight": 1.0}
+                                "shortlist": SamplingSettings.shortlist, "likelihood_weight": 1.0}
     assert info["model"]["canvas"] == 32 and info["model"]["token_size"] == 8
     assert info["limits"]["max_n"] == LIMITS.max_n
     spec = client.get("/openapi.json").json()
@@ -430,6 +433,7 @@ BAD_BODIES = [  # (body, the field named)
     ({"prompt": "a", "n": 2, "keep": 1, "init": _png64(_init_picture()), "mask": _png64(_mask_picture(16))}, "mask"),
     ({"prompt": "a", "n": 2, "keep": 1, "init": _png64(_init_picture()), "mask": _png64(Image.new("L", (32, 32), 0))}, "mask"),
     ({"prompt": "a", "n": 2, "keep": 1, "init": _png64(_init_picture()), "mask": "////"}, "mask"),
+    ({"prompt": "a", "n": 2, "keep": 1, "shortlist": 0}, "shortlist"),
     ({"prompt": "a", "n": 2, "keep": 1, "likelihood_weight": -1}, "likelihood_weight"),
     ({"prompt": "a", "n": 2, "keep": 1, "likelihood_weight": 1000}, "likelihood_weight"),
     ({"prompt": "a", "n": 2, "keep": 1, "likelihood_weight": "1"}, "likelihood_weight"),
@@ -464,7 +468,7 @@ def test_bodies_that_are_not_a_request_are_4xx_json(client, content, headers, st
 
 
 FIELDS = ["prompt", "n", "keep", "top_k", "top_p", "temperature", "cfg", "seed", "response_format", "init",
-          "keep_rows", "box", "mask", "likelihood_weight", "width", "height"]
+          "keep_rows", "box", "mask", "shortlist", "likelihood_weight", "width", "height"]
 JSON_VALUES = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False, allow_infinity=False)
     | st.text(max_size=30),
