@@ -44,8 +44,8 @@ from sample.rerank import load_reranker
 from seq2seq.evaluate import log_likelihoods
 from tokenizer import TextTokenizer
 
-__all__ = ["pairwise_shapes", "pairwise_captions", "draw_candidates", "rerank_curves", "candidate_likelihoods",
-           "shortlist_curves", "main"]
+__all__ = ["pairwise_shapes", "pairwise_captions", "draw_candidates", "candidate_scores", "rerank_curves",
+           "candidate_likelihoods", "shortlist_curves", "main"]
 
 SCENE_KINDS_ORDER = ("single", "position", "relation", "count")
 CHUNK = 64  # pictures per scorer pass
@@ -199,11 +199,22 @@ def extend_candidates(record: dict, more: dict) -> dict:
                for k in TENSORS}}
 
 
-def rerank_curves(record: dict, scorer) -> dict:
-    """{kind: {"prompts", "any", "random1", "pick", "best_of_first": {k: share}}} for one scorer on the candidates."""
-    images = record["images"].float() / 127.5 - 1  # (P, N, 3, S, S) in [-1, 1]
+def _stored_prompts(record: dict) -> list[str]:
+    """Each stored row's prompt, in the order the candidates are stored (kind by kind)."""
+    return [p for kind in record["settings"]["kinds"] for p in record["kinds"][kind]["prompts"]]
+
+
+def candidate_scores(record: dict, scorer) -> torch.Tensor:
+    """(P, N) a scorer's score of every stored candidate against its prompt, a row's pictures at a time."""
     n = record["settings"]["candidates"]
-    return _curves(record, lambda row, prompt: scorer.score(images[row], [prompt] * n).tolist())
+    return torch.stack([scorer.score(record["images"][row].float() / 127.5 - 1, [prompt] * n)  # [-1, 1]
+                        for row, prompt in enumerate(_stored_prompts(record))])
+
+
+def rerank_curves(record: dict, scores: torch.Tensor) -> dict:
+    """{kind: {"prompts", "any", "random1", "pick", "best_of_first": {k: share}}} for one scorer's ``scores``
+    (P, N) of the candidates (:func:`candidate_scores`)."""
+    return _curves(record, lambda row, prompt: scores[row].tolist())
 
 
 def _curves(record: dict, score: Callable[[int, str], list[float]]) -> dict:
@@ -229,27 +240,24 @@ def _curves(record: dict, score: Callable[[int, str], list[float]]) -> dict:
 def candidate_likelihoods(record: dict, judge: DecoderJudge) -> torch.Tensor:
     """(P, N) log p(candidate's tokens | its prompt) in nats of every stored candidate, by the run's decoder."""
     n = record["settings"]["candidates"]
-    prompts = [p for kind in record["settings"]["kinds"] for p in record["kinds"][kind]["prompts"]]
     return torch.stack([judge.log_likelihood([prompt] * n, record["tokens"][row])
-                        for row, prompt in enumerate(prompts)])
+                        for row, prompt in enumerate(_stored_prompts(record))])
 
 
-def shortlist_curves(record: dict, scorer, likelihoods: torch.Tensor) -> dict:
+def shortlist_curves(record: dict, scores: torch.Tensor, likelihoods: torch.Tensor) -> dict:
     """{kind: {"prompts", "pick": {K: share}}}: the oracle's verdict on the picture `python -m sample` keeps
-    first with ``--shortlist K``, the scorer's best K candidates re-ordered by ``likelihoods`` (P, N), ties in
-    the scorer's order (K = 1: the scorer alone; K = N: the likelihood alone)."""
-    images = record["images"].float() / 127.5 - 1  # (P, N, 3, S, S) in [-1, 1]
+    first with ``--shortlist K``, the best K candidates by the scorer's ``scores`` (P, N) re-ordered by
+    ``likelihoods`` (P, N), ties in the scorer's order (K = 1: the scorer alone; K = N: the likelihood alone)."""
     n = record["settings"]["candidates"]
     sizes = sorted({k for k in SHORTLISTS if k < n} | {n})
     results, row = {}, 0
     for kind in record["settings"]["kinds"]:  # the order the pictures are stored in
         entry = record["kinds"][kind]
         passed = dict.fromkeys(sizes, 0)
-        for prompt, right in zip(entry["prompts"], entry["right"]):
-            scores = scorer.score(images[row], [prompt] * n).tolist()
-            fit = likelihoods[row].tolist()
+        for right in entry["right"]:
+            merit, fit = scores[row].tolist(), likelihoods[row].tolist()
             row += 1
-            order = sorted(range(n), key=lambda j: -scores[j])
+            order = sorted(range(n), key=lambda j: -merit[j])
             for k in sizes:
                 passed[k] += right[max(order[:k], key=fit.__getitem__)]  # max keeps the first of equals
         results[kind] = {"prompts": len(entry["prompts"]), "pick": {k: v / len(entry["prompts"])
@@ -451,8 +459,9 @@ def _run(args) -> None:
                    "pairwise": pairwise_shapes(scorer, prompts_per_kind=args.pairwise_prompts, size=side,
                                                seed=args.seed)}
         if record is not None:
-            figures["rerank"] = rerank_curves(record, scorer)
-            figures["shortlist"] = shortlist_curves(record, scorer, likelihoods)
+            scores = candidate_scores(record, scorer)  # one pass of the scorer for both figures
+            figures["rerank"] = rerank_curves(record, scores)
+            figures["shortlist"] = shortlist_curves(record, scores, likelihoods)
         report["scorers"][name] = figures
     if record is not None:
         report["failures"] = failures(record)

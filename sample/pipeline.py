@@ -37,6 +37,7 @@ from sample.rerank import load_reranker
 from seq2seq import Seq2Seq, Seq2SeqConfig, generate
 from seq2seq.autocompile import COMPILE_MODES, CompileChoice
 from seq2seq.canvas import generate_canvas
+from seq2seq.evaluate import log_likelihoods
 from seq2seq.generate import UNDRAWN
 from tokenizer import TextTokenizer, words
 from vqgan import VQGAN, VQGANConfig
@@ -452,15 +453,12 @@ class Pipeline:
     @torch.inference_mode()
     def token_likelihood(self, prompt: str, image_ids: torch.Tensor) -> torch.Tensor:
         """(B,) mean log-likelihood per token, in nats, of image ids (B, h, w) given ``prompt``: one
-        teacher-forced pass of the decoder, unguided. It leaves the decoding caches alone."""
+        teacher-forced pass of the decoder, unguided (seq2seq.evaluate.log_likelihoods). It leaves the
+        decoding caches alone."""
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # a long prompt was already warned about when it was drawn
-            text_ids, text_mask = self.encode_prompts([prompt])
-        targets = image_ids.flatten(1).long().to(self.device)  # (B, T)
-        rows = len(targets)
-        logits = self.model(text_ids.expand(rows, -1), text_mask.expand(rows, -1), targets)  # (B, T, V)
-        nats = torch.nn.functional.cross_entropy(logits.transpose(1, 2).float(), targets, reduction="none")
-        return -nats.mean(1).cpu()
+            sums = log_likelihoods(self.model, self.tokenizer, [prompt] * len(image_ids), image_ids, self.device)
+        return sums / image_ids[0].numel()
 
     def _rank(self, prompt: str, images: list[Image.Image], scores: torch.Tensor | None,
               likelihoods: torch.Tensor | None, settings: SamplingSettings, record: dict,

@@ -398,12 +398,13 @@ class Scheduler:
         picture's scorer shortlist is re-ordered by the decoder's teacher-forced likelihood (a pass of its own,
         which leaves the decoding caches alone)."""
         n, edit = job.settings.n, job.edit
-        images, scores = self.pipeline.render(image_ids.view(n, self.grid_size, self.grid_size), [job.prompt] * n)
+        image_ids = image_ids.view(n, self.grid_size, self.grid_size)
+        images, scores = self.pipeline.render(image_ids, [job.prompt] * n)
         if job.preview_every:  # the finished candidates, unranked, on the preview grid
             job.on_event("preview", {"step": self.image_len, "of": self.image_len, "images": list(images)})
         likelihoods = likelihood.float().cpu() if edit is not None and edit.keeps_after_hole else None
-        tokens = image_ids.view(n, self.grid_size, self.grid_size) if edit is None else None  # the shortlist's
         pictures: list[Picture] = self.pipeline._rank(job.prompt, images, scores, likelihoods, job.settings,
-                                                      self.pipeline.settings_record(job.settings, edit), tokens=tokens)
+                                                      self.pipeline.settings_record(job.settings, edit),
+                                                      tokens=image_ids if edit is None else None)  # the shortlist's
         job.on_event("done", {"pictures": pictures})
 

@@ -385,14 +385,10 @@ def test_shortlist_picks_the_likeliest_of_the_scorers_best_k():
     ranks 0, 1, 2, 3; the decoder likes 3, then 1; only candidate 1 is right."""
     import bench.structure as structure
 
-    class Scores:
-        def score(self, images, prompts):
-            return torch.tensor([4.0, 3.0, 2.0, 1.0])
-
+    scores = torch.tensor([[4.0, 3.0, 2.0, 1.0]])
     record = {"settings": {"candidates": 4, "kinds": ["count"]},
-              "kinds": {"count": {"prompts": ["two red circles"], "right": [[False, True, False, False]]}},
-              "images": torch.zeros(1, 4, 3, 8, 8, dtype=torch.uint8)}
-    curves = structure.shortlist_curves(record, Scores(), torch.tensor([[0.0, 5.0, 1.0, 9.0]]))
+              "kinds": {"count": {"prompts": ["two red circles"], "right": [[False, True, False, False]]}}}
+    curves = structure.shortlist_curves(record, scores, torch.tensor([[0.0, 5.0, 1.0, 9.0]]))
     assert curves == {"count": {"prompts": 1, "pick": {1: 0.0, 2: 1.0, 3: 1.0, 4: 0.0}}}
-    tied = structure.shortlist_curves(record, Scores(), torch.zeros(1, 4))  # equal likelihoods: the scorer's order
+    tied = structure.shortlist_curves(record, scores, torch.zeros(1, 4))  # equal likelihoods: the scorer's order
     assert tied["count"]["pick"] == {1: 0.0, 2: 0.0, 3: 0.0, 4: 0.0}
