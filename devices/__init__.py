@@ -21,12 +21,15 @@ def resolve_device(name: str) -> torch.device:
 
 
 def native_bf16(device: torch.device) -> bool:
-    """Whether ``device`` multiplies bf16 matrices in hardware: CUDA with bf16 support, or a CPU with AMX tiles
-    (elsewhere CPU bf16 is emulated and slower than fp32)."""
+    """Whether ``device`` multiplies bf16 matrices in hardware: CUDA with bf16 support, or a CPU with AMX tiles or
+    AVX512-BF16's bf16 dot products (elsewhere CPU bf16 is emulated and slower than fp32). Hardware bf16 is not
+    always the faster choice for a small model (training's ``--precision auto`` times both)."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    return device.type == "cpu" and amx is not None and bool(amx())
+    if device.type != "cpu":
+        return False
+    probes = (getattr(torch.cpu, name, None) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
+    return any(probe is not None and bool(probe()) for probe in probes)
 
 
 def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:

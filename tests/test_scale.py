@@ -266,6 +266,17 @@ def test_precision_auto_is_bf16_only_where_the_hardware_multiplies_it():
         assert layer(x).dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("amx, avx512_bf16, expected", [(True, False, True), (False, True, True), (False, False, False)])
+def test_native_bf16_on_a_cpu_is_amx_or_avx512_bf16(monkeypatch, amx, avx512_bf16, expected):
+    from devices import native_bf16
+
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
+    assert native_bf16(torch.device("cpu")) is expected
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")  # a torch without the probe: AMX alone decides
+    assert native_bf16(torch.device("cpu")) is amx
+
+
 def _timed_probe(slow: torch.dtype | None, calls: list):
     def probe(dtype):
         calls.append(dtype)

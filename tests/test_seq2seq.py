@@ -510,3 +510,14 @@ def test_augment_until_trains_on_crops_then_on_the_whole_pictures(tiny_run, tmp_
     (tmp_path / "other").mkdir()
     with pytest.raises(UserError, match="--augment-until 6 is not a step of this run"):
         _trainer(tiny_run, tmp_path / "other", data=str(folder), steps=6, augment_until=6)
+
+
+def test_precision_auto_probes_a_freshly_built_code_cache(tiny_run, tmp_path, monkeypatch):
+    # Where the device multiplies bf16 natively, `auto` runs a forward and backward pass in each precision on
+    # held-out codes, which a new run has just encoded under inference mode.
+    from train import loop
+
+    monkeypatch.setattr(loop, "native_bf16", lambda device: True)
+    trainer = _trainer(tiny_run, tmp_path, steps=2, precision="auto")
+    assert trainer.run.precision in ("fp32", "bf16")
+    assert all(p.grad is None for p in trainer.model.parameters())

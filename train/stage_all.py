@@ -56,7 +56,8 @@ PRESETS: dict[str, dict[str, list[str]]] = {
 # Where --data is not `shapes` (real pictures: openmoji, a folder, files), these stages' flags replace the
 # preset's, measured on openmoji (BENCHMARKS.md):
 # - vqgan: a squared-error term beside L1 (+0.3 dB held-out PSNR at step 600), and the GAN only in the last
-#   300 steps, since it costs held-out PSNR while it sharpens; 1 700 steps hold the 20-minute budget. The
+#   300 steps, since it costs held-out PSNR while it sharpens; 3 500 steps hold the 20-minute budget on a CPU
+#   that multiplies bf16 in hardware (AMX or AVX512-BF16; 1 700 steps did in fp32 on one without). The
 #   `medium` VQGAN (or `small` with `medium`'s finer decoder) draws more per step but costs 1.6-1.9x a step,
 #   a wash in a fixed time; twice the learning rate changed nothing by step 300.
 # - seq2seq: 2 000 steps, since held-out loss stops falling after about 1 750 of 3 500 (the run keeps its
@@ -76,7 +77,7 @@ def _changed(flags: list[str], *pairs: str) -> list[str]:
 
 REAL_PICTURES: dict[str, dict[str, list[str]]] = {
     "cpu": {
-        "vqgan": _changed(PRESETS["cpu"]["vqgan"], "--steps", "1700", "--disc-start", "1400", "--mse-weight", "5"),
+        "vqgan": _changed(PRESETS["cpu"]["vqgan"], "--disc-start", "3200", "--mse-weight", "5"),
         "seq2seq": _changed(PRESETS["cpu"]["seq2seq"], "--steps", "2000"),
         "scorer": ["--model-size", "small", "--steps", "600", "--batch-size", "128", "--eval-every", "200",
                    "--hard-negatives", "words"],
