@@ -266,7 +266,8 @@ def test_precision_auto_is_bf16_only_where_the_hardware_multiplies_it():
         assert layer(x).dtype == torch.bfloat16
 
 
-@pytest.mark.parametrize("amx, avx512_bf16, expected", [(True, False, True), (False, True, True), (False, False, False)])
+@pytest.mark.parametrize("amx, avx512_bf16, expected",
+                         [(True, False, True), (False, True, True), (False, False, False)])
 def test_native_bf16_on_a_cpu_is_amx_or_avx512_bf16(monkeypatch, amx, avx512_bf16, expected):
     from devices import native_bf16
 

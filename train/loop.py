@@ -267,11 +267,11 @@ def choose_precision(run: "Run", device: torch.device, precision: str,
 
     ``fp32`` and ``bf16`` are taken as given. ``auto`` is fp32 where the device has no native bf16; where it has
     (CUDA, a CPU with AMX or AVX512-BF16), bf16 is not always faster: a small model's step on a CPU is bound by
-    per-operation overhead and casts, and the ``tiny`` VQGAN ran about 10x slower in bf16. So ``auto`` times ``probe(dtype)``
-    (one forward and backward pass of the stage's model on a held-out batch, gradients dropped after) in each
-    precision, interleaved, and keeps the faster by the best of PROBE_STEPS. A resumed run keeps the precision
-    its checkpoint recorded (``run.precision``), so that resuming changes no arithmetic; every process of a
-    distributed run takes rank 0's choice.
+    per-operation overhead and casts, and the ``tiny`` VQGAN ran about 10x slower in bf16. So ``auto`` times
+    ``probe(dtype)`` (one forward and backward pass of the stage's model on a held-out batch, gradients dropped
+    after) in each precision, interleaved, and keeps the faster by the best of PROBE_STEPS. A resumed run keeps
+    the precision its checkpoint recorded (``run.precision``), so that resuming changes no arithmetic; every
+    process of a distributed run takes rank 0's choice.
     """
     if precision != "auto" or run.precision is not None:
         dtype = autocast_dtype(device, precision if precision != "auto" else run.precision)

@@ -2,9 +2,9 @@
 
 The preset is the training plan: every stage's model size (its --model-size) and steps for the machine.
 ``cpu`` trains the shipped demo runs on a 2-core laptop (about 47 minutes on ``shapes``: 40 measured with
-the scorer's earlier 600 steps, which took 4.8; 76 measured on ``openmoji``; real pictures start the VQGAN's
-GAN later, see ``REAL_PICTURES``), ``gpu`` is for one CUDA device, ``tiny`` is a smoke test that checks every
-stage runs (a few steps each: its pictures are noise). ``auto`` picks
+the scorer's earlier 600 steps, which took 4.8; 46 measured on ``openmoji`` in bf16; real pictures start the
+VQGAN's GAN later, see ``REAL_PICTURES``), ``gpu`` is for one CUDA device, ``tiny`` is a smoke test that checks
+every stage runs (a few steps each: its pictures are noise). ``auto`` picks
 ``gpu`` when CUDA is visible and ``cpu`` otherwise. Each stage gets its own command line built from the
 preset, so ``python -m train <stage> --help`` documents every value used here, and any stage can be rerun
 alone with the same options. With --resume, finished stages are skipped and a killed one continues. A run
@@ -93,8 +93,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="the run directory")
     parser.add_argument("--preset", default="auto", type=_plan, metavar="{auto,tiny,cpu,gpu}",
                         help="the training plan, every stage's model size and steps: cpu (a 2-core machine: about 47 "
-                             "minutes on shapes, 76 measured on openmoji), gpu (one CUDA device), tiny (a smoke test: 6 steps "
-                             "a stage, its pictures are noise); auto (default): gpu when CUDA is visible, else cpu. "
+                             "minutes on shapes, 46 measured on openmoji in bf16), gpu (one CUDA device), "
+                             "tiny (a smoke test: 6 steps a stage, its pictures are noise); auto (default): gpu when CUDA is visible, else cpu. "
                              "A stage's own model size is its --model-size")
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--seed", type=seed_number, default=0, help=SEED_HELP)

@@ -4,8 +4,8 @@ Two optimizers, one step each per batch: the autoencoder on L1 + perceptual + qu
 adaptively weighted hinge GAN loss from --disc-start), then the discriminator on the hinge loss. AdamW
 with betas (0.5, 0.9) as in taming-transformers (a short memory suits a moving GAN target), linear
 warmup then cosine decay. Convolutions run in bf16 autocast where the device multiplies bf16 natively
-(``--precision auto``: CUDA, or a CPU with AMX or AVX512-BF16), fp32 elsewhere; the quantizer, the losses, the weights and
-the optimizer state are fp32 always (bf16 has fp32's range, so fp16's overflow NaNs cannot happen).
+(``--precision auto``: CUDA, or a CPU with AMX or AVX512-BF16), fp32 elsewhere; the quantizer, the losses, the
+weights and the optimizer state are fp32 always (bf16 has fp32's range, so fp16's overflow NaNs cannot happen).
 Held-out PSNR and codebook use are measured on a fixed batch of the "heldout" split; a grid of held-out
 originals above their reconstructions is saved every --sample-every steps.
 
