@@ -229,7 +229,7 @@ def _generate(pipeline, captions: Sequence[str], candidates: int, seed: int, bat
 
 
 def real_scores(run: Path, *, data: str, size: int, seed: int = 0, device: str = "cpu", pictures: int = 256,
-                gap_pictures: int = 256, retrieval_captions: int = 100, retrieval_candidates: int = 2,
+                gap_pictures: int = 256, retrieval_captions: int = 100, retrieval_candidates: int = 8,
                 image_column: str | None = None, text_column: str | None = None,
                 heldout_fraction: float = DEFAULT_HELDOUT_FRACTION) -> dict:
     """Every figure of the module docstring for the run in ``run`` on the held-out split of ``data``.
