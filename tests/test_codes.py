@@ -28,6 +28,7 @@ def test_a_damaged_code_cache_is_encoded_again(how, tiny_run, tmp_path, capsys):
     vqgan = VQGAN.from_pretrained(run / "vqgan")
     options = dict(data="shapes", size=32, split="heldout", limit=8, seed=0, device=torch.device("cpu"))
     first = codes.load_or_build(run, vqgan, **options)
+    assert not first.image_ids.is_inference()  # as a loaded cache's: autograd may use them (the precision probe)
     (path,) = (run / "cache").iterdir()
     _damage(path, how)
     capsys.readouterr()

@@ -83,7 +83,7 @@ def cache_path(run: Path, vqgan_dir: Path, *, data: str, size: int, split: str, 
     return run / "cache" / f"codes-{split}-{digest.hexdigest()[:16]}.safetensors"
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: a built cache must hold the same plain tensors as a loaded one
 def load_or_build(run: Path, vqgan, *, data: str, size: int, split: str, limit: int, seed: int,
                   device: torch.device, batch_size: int = 256, workers: int = 0,
                   image_column: str | None = None, text_column: str | None = None,

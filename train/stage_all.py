@@ -96,8 +96,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", default="auto", type=_plan, metavar="{auto,tiny,cpu,gpu}",
                         help="the training plan, every stage's model size and steps: cpu (a 2-core machine: about 47 "
                              "minutes on shapes, 46 measured on openmoji in bf16), gpu (one CUDA device), "
-                             "tiny (a smoke test: 6 steps a stage, its pictures are noise); auto (default): gpu when CUDA is visible, else cpu. "
-                             "A stage's own model size is its --model-size")
+                             "tiny (a smoke test: 6 steps a stage, its pictures are noise); auto (default): gpu "
+                             "when CUDA is visible, else cpu. A stage's own model size is its --model-size")
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--seed", type=seed_number, default=0, help=SEED_HELP)
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])

@@ -2,8 +2,8 @@
 
 Symmetric InfoNCE over the image-text pairs of each global batch with a learned temperature (CLIP,
 Radford et al., 2021); AdamW, linear warmup then cosine, gradient clipping, bf16 autocast where the
-device multiplies bf16 natively (``--precision auto``: CUDA, or a CPU with AMX or AVX512-BF16; fp32 elsewhere). Under
-torchrun every process embeds its slice and the embeddings are gathered, with gradients, so the
+device multiplies bf16 natively (``--precision auto``: CUDA, or a CPU with AMX or AVX512-BF16; fp32
+elsewhere). Under torchrun every process embeds its slice and the embeddings are gathered, with gradients, so the
 negatives are the whole global batch, as with one process. Identical captions in a batch count as
 matches, not negatives (small vocabularies repeat them: "a red circle" twice).
 

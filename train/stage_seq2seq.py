@@ -3,8 +3,8 @@
 Teacher forcing with cross-entropy over the VQGAN's grid ids in raster order; captions dropped to the
 empty text about 10% of the time so classifier-free guidance has an unconditional model to push against.
 AdamW, linear warmup then cosine, gradient clipping, bf16 autocast where the device multiplies bf16
-natively (``--precision auto``: CUDA, or a CPU with AMX or AVX512-BF16; fp32 elsewhere), an optional EMA of the
-weights. Held-out loss is reported in bits per image token.
+natively (``--precision auto``: CUDA, or a CPU with AMX or AVX512-BF16; fp32 elsewhere), an optional EMA of
+the weights. Held-out loss is reported in bits per image token.
 """
 
 from __future__ import annotations
@@ -182,8 +182,7 @@ class Seq2SeqTrainer(Stage):
         """One forward and backward pass of a micro-batch of held-out pairs in ``dtype``; changes no state."""
         rows = max(1, self.options.batch_size // self.ctx.world_size // self.micro_batches)
         text_ids, text_mask = self.captions(self.heldout_codes.texts[:rows], count=False)
-        # A copy: codes this process has just encoded are inference tensors, which autograd may not save.
-        image_ids = self.heldout_codes.image_ids[:rows].clone().to(self.device)
+        image_ids = self.heldout_codes.image_ids[:rows].to(self.device)
         self.model.eval()  # no dropout
         with autocast(self.device, dtype):
             loss = self.model.loss(text_ids, text_mask, image_ids)
