@@ -370,6 +370,28 @@ def test_stage_refuses_to_resume_with_another_model(tmp_path):
         run_stage(tmp_path / "odd", "--size", "36")
 
 
+def test_stage_betas_reach_the_autoencoders_optimizer_only(tmp_path):
+    import argparse
+
+    from cli import UserError
+    from train import stage_vqgan
+
+    parser = argparse.ArgumentParser()
+    stage_vqgan.add_arguments(parser)
+    common = ["--data", "shapes", "--model-size", "tiny", "--size", "32", "--heldout-examples", "4"]
+    options = stage_vqgan.VQGANOptions.from_args(parser.parse_args([*common, "--out", str(tmp_path / "a"),
+                                                                    "--betas", "0.9", "0.99"]))
+    trainer = stage_vqgan.VQGANTrainer(options)
+    assert trainer.optimizers["generator"].param_groups[0]["betas"] == (0.9, 0.99)
+    assert trainer.optimizers["discriminator"].param_groups[0]["betas"] == (0.5, 0.9)
+    default = parser.parse_args([*common, "--out", str(tmp_path / "b")])
+    assert tuple(default.betas) == (0.5, 0.9)
+    for bad in (["1.0", "0.9"], ["0.9", "nan"], ["-0.1", "0.9"]):
+        args = parser.parse_args([*common, "--out", str(tmp_path / "c"), "--betas", *bad])
+        with pytest.raises(UserError, match="--betas"):
+            stage_vqgan.VQGANTrainer(stage_vqgan.VQGANOptions.from_args(args))
+
+
 def test_stage_precision_changes_the_arithmetic_not_the_training(tmp_path):
     run_stage(tmp_path / "fp32", "--precision", "fp32")
     run_stage(tmp_path / "bf16", "--precision", "bf16")
@@ -388,4 +410,4 @@ def test_every_plan_of_train_all_parses_in_its_stage(plan, data):
         args = parser.parse_args([stage, "--out", "RUN", *preset_flags(plan, stage, data)])
         assert args.stage == stage
     real = parser.parse_args(["vqgan", "--out", "RUN", *preset_flags("cpu", "vqgan", "openmoji")])
-    assert real.mse_weight > 0 and real.disc_start < real.steps
+    assert real.mse_weight > 0 and real.disc_start < real.steps and tuple(real.betas) == (0.9, 0.99)
