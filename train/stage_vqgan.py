@@ -71,9 +71,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="weight of a squared-error term beside L1 (default 0; the real-pictures plan of "
                              "`train all` uses 5: +0.3 dB held-out PSNR on openmoji at step 600)")
     parser.add_argument("--betas", type=float, nargs=2, default=o.betas, metavar=("BETA1", "BETA2"),
-                        help="the autoencoder's Adam betas (default 0.5 0.9, taming's, made for the GAN; the "
-                             "real-pictures plan of `train all`, whose GAN runs only in the last steps, uses 0.9 "
-                             "0.99: +0.3 dB held-out PSNR on openmoji at step 600)")
+                        help="the autoencoder's Adam betas (default 0.5 0.9, taming's, made for a GAN that runs "
+                             "from early on; with the GAN in the last steps only, 0.9 0.99 and --lr 2e-3 gave "
+                             "+0.48 dB held-out PSNR on openmoji after 3 500 steps, BENCHMARKS.md)")
     parser.add_argument("--perceptual-weight", type=float, default=o.perceptual_weight,
                         help="perceptual loss weight (0 = none)")
     parser.add_argument("--perceptual-weights", default=None, metavar="PATH",
@@ -125,6 +125,8 @@ class VQGANTrainer(Stage):
         if o.resume:
             self.step, self.position, extra = self.run.load_checkpoint(self.modules, self.optimizers, self.device)
             _check_same_config(extra.get("config", {}), dataclasses.asdict(self.config))
+            for group in self.optimizers["generator"].param_groups:  # the command's --betas, as --lr, not the saved
+                group["betas"] = tuple(o.betas)
         self.batches = batches(o.dataset("train"), o.batch_size, o.seed, start=self.position, rank=self.ctx.rank,
                                world_size=self.ctx.world_size, workers=o.workers)
         self.heldout = self._heldout_batch(o.dataset("heldout"))
