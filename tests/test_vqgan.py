@@ -10,7 +10,7 @@ import torch
 from checkpoint import CheckpointError
 from train.__main__ import build_parser
 from train.stage_all import STAGE_ORDER, preset_flags
-from vqgan import VQGAN, FactorizedQuantizer, VQGANConfig
+from vqgan import VQGAN, FactorizedQuantizer, ScalarQuantizer, VQGANConfig
 from vqgan.discriminator import DISCRIMINATOR_PRESETS, PatchDiscriminator
 from vqgan.losses import (LossWeights, adaptive_weight, delayed_weight, discriminator_loss, feature_matching_loss,
                           generator_loss, hinge_d_loss, hinge_g_loss, psnr)
@@ -46,6 +46,55 @@ def test_quantizer_round_trip_is_exact():
     assert torch.equal(quantized.latents, latents)
     assert torch.equal(model.decode(ids), model.decode_latents(latents).clamp(-1, 1))
     assert torch.allclose(model.decode(ids), reconstructions.clamp(-1, 1), atol=1e-6)
+
+
+def test_scalar_quantizer_spells_every_id_once_and_rounds_trip_exactly():
+    quantizer = ScalarQuantizer((8, 5, 3))
+    assert quantizer.codebook_size == 120 and quantizer.code_dim == 3
+    ids = torch.arange(120).view(1, 10, 12)
+    codes = quantizer.ids_to_latents(ids)  # (1, 3, 10, 12), each channel in [-1, 1]
+    assert codes.shape == (1, 3, 10, 12) and codes.abs().max() <= 1
+    assert len({tuple(c) for c in codes.flatten(2)[0].t().tolist()}) == 120  # 120 distinct codes
+    channel_values = [sorted(set(codes[0, i].flatten().tolist())) for i in range(3)]
+    assert [len(v) for v in channel_values] == [8, 5, 3]
+    quantizer.eval()
+    out = quantizer(torch.randn(4, 3, 6, 6) * 3)
+    assert torch.equal(quantizer.ids_to_latents(out.ids), out.latents)
+    assert int(out.ids.min()) >= 0 and int(out.ids.max()) < 120
+    # Very large latents reach the outermost values of every channel, so every id is reachable.
+    extremes = quantizer.lookup(torch.tensor([-50.0, -50.0, -50.0]).view(1, 3, 1, 1)), quantizer.lookup(
+        torch.tensor([50.0, 50.0, 50.0]).view(1, 3, 1, 1))
+    assert [int(e) for e in extremes] == [0, 119]
+
+
+def test_scalar_quantizer_passes_the_gradient_straight_through_and_counts_usage():
+    quantizer = ScalarQuantizer((4, 4), usage_window=5).train()
+    z = torch.randn(2, 2, 4, 4, requires_grad=True)
+    out = quantizer(z)
+    out.latents.sum().backward()
+    assert z.grad is not None and bool((z.grad != 0).all())  # tanh' > 0: every latent gets a gradient
+    assert float(out.loss) == 0.0 and out.restarted == 0
+    assert float(out.usage) == out.ids.unique().numel() / 16
+    assert int(quantizer.step) == 1
+
+
+def test_fsq_model_round_trips_saves_and_loads(tmp_path):
+    model = tiny_model(quantizer="fsq", fsq_levels=(5, 3, 3)).eval()
+    assert model.codebook_size == 45 and model.config.code_dim == 3
+    images = blocks(4)
+    latents, ids = model.quantize_latents(images)
+    assert torch.equal(model.encode(images), ids)
+    assert torch.equal(model.ids_to_latents(ids), latents)
+    reconstructions, quantized = model(images)
+    assert torch.equal(quantized.ids, ids) and torch.allclose(quantized.latents, latents)
+    model.save_pretrained(tmp_path / "vqgan")
+    loaded = VQGAN.from_pretrained(tmp_path / "vqgan")
+    assert loaded.config.quantizer == "fsq" and loaded.config.fsq_levels == (5, 3, 3)
+    assert torch.equal(loaded.encode(images), ids) and torch.equal(loaded.decode(ids), model.decode(ids))
+    with pytest.raises(ValueError, match="fsq_levels"):
+        VQGANConfig.from_preset("tiny", quantizer="fsq")
+    with pytest.raises(ValueError, match="quantizer"):
+        VQGANConfig.from_preset("tiny", quantizer="lfq")
 
 
 def test_encode_touches_no_statistics_and_decode_is_in_range():
@@ -332,7 +381,8 @@ def logged_losses(out) -> dict[int, float]:
 def test_stage_trains_writes_the_run_and_resumes_exactly(tmp_path, monkeypatch, capsys):
     from train import stage_vqgan
 
-    run_stage(tmp_path / "straight")
+    # One precision for both runs: `auto` times both on a bf16-capable CPU, and two runs may choose differently.
+    run_stage(tmp_path / "straight", "--precision", "fp32")
     assert "held-out PSNR" in capsys.readouterr().out
     straight = tmp_path / "straight"
     assert (straight / "samples" / "vqgan" / "step-0000004.png").is_file()
@@ -351,9 +401,9 @@ def test_stage_trains_writes_the_run_and_resumes_exactly(tmp_path, monkeypatch, 
 
     monkeypatch.setattr(stage_vqgan.VQGANTrainer, "checkpoint", checkpoint_then_die)
     with pytest.raises(KeyboardInterrupt):
-        run_stage(tmp_path / "resumed")
+        run_stage(tmp_path / "resumed", "--precision", "fp32")
     monkeypatch.setattr(stage_vqgan.VQGANTrainer, "checkpoint", original)
-    run_stage(tmp_path / "resumed", "--resume")
+    run_stage(tmp_path / "resumed", "--resume", "--precision", "fp32")
     assert logged_losses(tmp_path / "resumed") == logged_losses(straight)
     resumed = VQGAN.from_pretrained(tmp_path / "resumed" / "vqgan")
     for key, value in model.state_dict().items():
@@ -395,6 +445,25 @@ def test_stage_betas_reach_the_autoencoders_optimizer_only(tmp_path):
         args = parser.parse_args([*common, "--out", str(tmp_path / "c"), "--betas", *bad])
         with pytest.raises(UserError, match="--betas"):
             stage_vqgan.VQGANTrainer(stage_vqgan.VQGANOptions.from_args(args))
+
+
+def test_stage_fsq_levels_train_an_fsq_model_and_bad_levels_are_refused(tmp_path):
+    import argparse
+
+    from cli import UserError
+    from train import stage_vqgan
+
+    run_stage(tmp_path / "fsq", "--fsq-levels", "4", "3", "3")
+    config = json.loads((tmp_path / "fsq" / "vqgan" / "config.json").read_text())
+    assert config["quantizer"] == "fsq" and config["fsq_levels"] == [4, 3, 3] and config["codebook_size"] == 36
+    assert VQGAN.from_pretrained(tmp_path / "fsq" / "vqgan").encode(blocks(1)).max() < 36
+    parser = argparse.ArgumentParser()
+    stage_vqgan.add_arguments(parser)
+    common = ["--data", "shapes", "--model-size", "tiny", "--size", "32", "--out", str(tmp_path / "bad")]
+    for bad, match in ((["--fsq-levels", "4", "1"], "--fsq-levels"), (["--fsq-levels", "4", "--ema"], "--ema"),
+                       (["--fsq-levels", "4", "--codebook-size", "4"], "--codebook-size")):
+        with pytest.raises(UserError, match=match):
+            stage_vqgan.VQGANTrainer(stage_vqgan.VQGANOptions.from_args(parser.parse_args([*common, *bad])))
 
 
 def test_stage_precision_changes_the_arithmetic_not_the_training(tmp_path):

@@ -53,6 +53,7 @@ class VQGANOptions(StageOptions):
     perceptual_weight: float = 0.1
     perceptual_weights: str | None = None
     betas: tuple[float, float] = (0.5, 0.9)  # the autoencoder's Adam betas; the discriminator keeps (0.5, 0.9)
+    fsq_levels: tuple[int, ...] | None = None  # finite scalar quantization with these levels instead of a codebook
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -64,6 +65,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--downsample", type=int, default=None, choices=[4, 8, 16],
                         help="pixels per code along a side (preset: 8, so 64 px -> 8x8 ids)")
     parser.add_argument("--ema", action="store_true", help="EMA codebook updates instead of the codebook loss")
+    parser.add_argument("--fsq-levels", type=int, nargs="+", default=None, metavar="N",
+                        help="finite scalar quantization instead of a learned codebook: one latent channel per N, "
+                             "rounded to N values, prod(N) codes (e.g. 8 5 5 5: 1 000 codes; +1.1 dB held-out PSNR "
+                             "on openmoji at step 600 against the codebook of 1 024, BENCHMARKS.md)")
     parser.add_argument("--disc-start", type=int, default=o.disc_start,
                         help="step at which the discriminator (and feature matching) starts")
     parser.add_argument("--disc-weight", type=float, default=o.disc_weight, help="GAN loss weight (0 = no GAN)")
@@ -92,6 +97,8 @@ class VQGANTrainer(Stage):
         try:
             overrides = {} if o.codebook_size is None else {"codebook_size": o.codebook_size}
             overrides["ema"] = o.ema
+            if o.fsq_levels is not None:
+                overrides.update(quantizer="fsq", fsq_levels=tuple(o.fsq_levels))
             self.config = VQGANConfig.from_preset(o.preset, downsample=o.downsample, **overrides)
         except ValueError as e:
             raise UserError(f"vqgan: {e}") from None
@@ -263,6 +270,13 @@ def _check(o: VQGANOptions) -> None:
             raise UserError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
     if not all(0.0 <= b < 1.0 for b in o.betas):
         raise UserError(f"--betas must be two numbers in [0, 1), got {' '.join(map(str, o.betas))}")
+    if o.fsq_levels is not None:
+        if o.codebook_size is not None or o.ema:
+            raise UserError("--fsq-levels has no codebook: leave out --codebook-size and --ema "
+                            "(the levels' product is the number of codes)")
+        if min(o.fsq_levels) < 2 or math.prod(o.fsq_levels) > MAX_CODEBOOK_SIZE:
+            raise UserError(f"--fsq-levels must be numbers >= 2 whose product is at most {MAX_CODEBOOK_SIZE}, "
+                            f"got {' '.join(map(str, o.fsq_levels))}")
     if o.codebook_size is not None and not 2 <= o.codebook_size <= MAX_CODEBOOK_SIZE:
         raise UserError(f"--codebook-size must be from 2 to {MAX_CODEBOOK_SIZE}, got {o.codebook_size}")
     check_pictures_held(o, o.heldout_examples)

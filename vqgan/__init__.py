@@ -6,6 +6,6 @@
 
 from vqgan.config import PRESETS, VQGANConfig
 from vqgan.model import VQGAN
-from vqgan.quantize import FactorizedQuantizer, QuantizerOutput
+from vqgan.quantize import FactorizedQuantizer, QuantizerOutput, ScalarQuantizer
 
-__all__ = ["VQGAN", "VQGANConfig", "PRESETS", "FactorizedQuantizer", "QuantizerOutput"]
+__all__ = ["VQGAN", "VQGANConfig", "PRESETS", "FactorizedQuantizer", "QuantizerOutput", "ScalarQuantizer"]

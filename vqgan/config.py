@@ -14,6 +14,7 @@ Presets (``VQGANConfig.from_preset``):
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 __all__ = ["VQGANConfig", "PRESETS"]
@@ -36,8 +37,10 @@ class VQGANConfig:
     groups: int = 32  # GroupNorm groups (fewer where a width is not divisible)
     dropout: float = 0.0
     latent_channels: int = 256  # encoder output before the projection to code_dim
-    codebook_size: int = 1024
-    code_dim: int = 8  # factorized codes: lookups happen in this low dimension
+    codebook_size: int = 1024  # with quantizer "fsq": the product of fsq_levels
+    code_dim: int = 8  # factorized codes: lookups happen in this low dimension; "fsq": len(fsq_levels)
+    quantizer: str = "vq"  # "vq": a learned codebook; "fsq": finite scalar quantization, no codebook
+    fsq_levels: tuple[int, ...] = ()  # values per latent channel, for quantizer "fsq"
     beta: float = 0.25  # commitment loss weight
     ema: bool = False  # EMA codebook updates instead of the codebook loss
     ema_decay: float = 0.99
@@ -47,6 +50,16 @@ class VQGANConfig:
 
     def __post_init__(self) -> None:
         self.channel_mult = tuple(int(m) for m in self.channel_mult)  # JSON gives a list
+        self.fsq_levels = tuple(int(n) for n in self.fsq_levels)
+        if self.quantizer not in ("vq", "fsq"):
+            raise ValueError(f"quantizer must be 'vq' or 'fsq', got {self.quantizer!r}")
+        if self.quantizer == "fsq":
+            if not self.fsq_levels or min(self.fsq_levels) < 2:
+                raise ValueError(f"fsq_levels must be one or more ints >= 2, got {self.fsq_levels}")
+            self.codebook_size = math.prod(self.fsq_levels)  # derived: the ids the levels can spell
+            self.code_dim = len(self.fsq_levels)
+        elif self.fsq_levels:
+            raise ValueError("fsq_levels are for quantizer 'fsq' only")
         if not self.channel_mult or min(self.channel_mult) < 1:
             raise ValueError(f"channel_mult must be a non-empty tuple of positive ints, got {self.channel_mult}")
         if self.patch_size < 1 or self.patch_size & (self.patch_size - 1):

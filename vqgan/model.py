@@ -1,10 +1,11 @@
 """The VQGAN autoencoder: images to a grid of codebook ids and back (stage 1 of tilecraft).
 
 Esser et al., 2021 ("Taming Transformers for High-Resolution Image Synthesis") with the factorized,
-l2-normalized codebook of ViT-VQGAN / LlamaGen. Encoder -> 1x1 projection to ``code_dim`` ->
-quantizer -> 1x1 projection back -> decoder. The encoder and decoder follow the caller's autocast (training
-uses bf16 where the hardware has it); the quantizer always works in fp32, since nearest-code distances are
-fragile in half precision, and latents and images are returned in fp32.
+l2-normalized codebook of ViT-VQGAN / LlamaGen, or finite scalar quantization (``quantizer="fsq"``).
+Encoder -> 1x1 projection to ``code_dim`` -> quantizer -> 1x1 projection back -> decoder. The encoder and
+decoder follow the caller's autocast (training uses bf16 where the hardware has it); the quantizer always
+works in fp32, since nearest-code distances and rounding are fragile in half precision, and latents and
+images are returned in fp32.
 """
 
 from __future__ import annotations
@@ -18,11 +19,18 @@ from checkpoint import load_pretrained, save_pretrained
 from cli import UserError
 from vqgan.config import VQGANConfig
 from vqgan.modules import Decoder, Encoder
-from vqgan.quantize import FactorizedQuantizer, QuantizerOutput
+from vqgan.quantize import FactorizedQuantizer, QuantizerOutput, ScalarQuantizer
 
 __all__ = ["VQGAN", "PART"]
 
 PART = "vqgan"  # the part name in checkpoint errors and the run directory
+
+
+def _quantizer(config: VQGANConfig) -> FactorizedQuantizer | ScalarQuantizer:
+    if config.quantizer == "fsq":
+        return ScalarQuantizer(config.fsq_levels, usage_window=config.usage_window)
+    options = ("beta", "ema", "ema_decay", "usage_window", "restart_dead_codes", "restart_noise")
+    return FactorizedQuantizer(config.codebook_size, config.code_dim, **{k: getattr(config, k) for k in options})
 
 
 class VQGAN(nn.Module):
@@ -42,16 +50,7 @@ class VQGAN(nn.Module):
         )
         self.encoder = Encoder(in_channels=config.image_channels, out_channels=config.latent_channels, **shape)
         self.quant_proj = nn.Conv2d(config.latent_channels, config.code_dim, 1)
-        self.quantizer = FactorizedQuantizer(
-            config.codebook_size,
-            config.code_dim,
-            beta=config.beta,
-            ema=config.ema,
-            ema_decay=config.ema_decay,
-            usage_window=config.usage_window,
-            restart_dead_codes=config.restart_dead_codes,
-            restart_noise=config.restart_noise,
-        )
+        self.quantizer = _quantizer(config)
         self.post_quant_proj = nn.Conv2d(config.code_dim, config.latent_channels, 1)
         self.decoder = Decoder(in_channels=config.latent_channels, out_channels=config.image_channels, **shape)
 

@@ -12,10 +12,17 @@ Codes that no latent has chosen for ``usage_window`` training steps are restarte
 of the current batch plus a little noise (as in Jukebox, Dhariwal et al., 2020), so the codebook stays
 in use. Under torch.distributed the usage statistics and EMA sums are reduced over ranks and restart
 vectors are broadcast from rank 0, so every rank keeps the same codebook.
+
+``ScalarQuantizer`` is the alternative without a codebook: finite scalar quantization (Mentzer et al.,
+2023, "Finite Scalar Quantization: VQ-VAE Made Simple"). Each of a few latent channels is bounded and
+rounded to one of ``levels[i]`` values; a code is the tuple of rounded values, its id the tuple read as a
+mixed-radix number, so ``prod(levels)`` codes exist and none can die. No codebook loss, no commitment loss,
+a straight-through gradient through the rounding.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -24,7 +31,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-__all__ = ["QuantizerOutput", "FactorizedQuantizer", "perplexity"]
+__all__ = ["QuantizerOutput", "FactorizedQuantizer", "ScalarQuantizer", "perplexity"]
 
 
 @dataclass
@@ -194,6 +201,82 @@ class FactorizedQuantizer(nn.Module):
             self.ema_count[dead] = 1.0
         self.last_restart[dead] = self.step
         return count
+
+
+class ScalarQuantizer(nn.Module):
+    """Finite scalar quantization: channel ``i`` of a (B, len(levels), h, w) latent rounds to ``levels[i]`` values.
+
+    A channel is squashed by tanh into ``levels[i]`` unit-wide bins and rounded; the code passed on is the
+    rounded value scaled into [-1, 1]. An even level count gets a half-bin offset, so its values stay equally
+    spaced (for 8 levels: -4 .. 3, over 4). Usage is tracked as ``FactorizedQuantizer`` tracks it, for the
+    logs; nothing is restarted.
+
+    Args:
+        levels: values per channel, each >= 2; the codebook size is their product.
+        usage_window: training steps within which a code must be chosen to count as used.
+    """
+
+    def __init__(self, levels: tuple[int, ...], *, usage_window: int = 100):
+        super().__init__()
+        if not levels or min(levels) < 2:
+            raise ValueError(f"levels must be a non-empty tuple of ints >= 2, got {levels}")
+        self.levels = tuple(int(n) for n in levels)
+        self.codebook_size = math.prod(self.levels)
+        self.code_dim = len(self.levels)
+        self.usage_window = usage_window
+        count = torch.tensor(self.levels, dtype=torch.long)
+        # Constants rebuilt from the config, so not in the state dict.
+        self.register_buffer("_count", count, persistent=False)
+        self.register_buffer("_radix", torch.cumprod(torch.cat([count.new_ones(1), count[:-1]]), 0), persistent=False)
+        self.register_buffer("_half", count // 2, persistent=False)
+        self.register_buffer("step", torch.zeros((), dtype=torch.long))
+        self.register_buffer("last_used", torch.full((self.codebook_size,), -1, dtype=torch.long))
+
+    def _bound(self, z: torch.Tensor) -> torch.Tensor:
+        """Latents (B, D, h, w) squashed so that rounding gives ``levels[i]`` integer values per channel."""
+        count = self._count.float().view(1, -1, 1, 1)
+        half_width = (count - 1) * (1 + 1e-3) / 2  # a hair over, so the outer values are reached
+        offset = (self._count % 2 == 0).float().view(1, -1, 1, 1) * 0.5
+        shift = torch.atanh(offset / half_width)
+        return torch.tanh(z.float() + shift) * half_width - offset
+
+    def _scale(self, rounded: torch.Tensor) -> torch.Tensor:
+        return rounded / self._half.view(1, -1, 1, 1).float()
+
+    def lookup(self, z: torch.Tensor) -> torch.Tensor:
+        """Ids (B, h, w) of latents ``z`` (B, D, h, w); no statistics are touched."""
+        digits = torch.round(self._bound(z)).long() + self._half.view(1, -1, 1, 1)
+        return (digits * self._radix.view(1, -1, 1, 1)).sum(dim=1)
+
+    def ids_to_latents(self, ids: torch.Tensor) -> torch.Tensor:
+        """Codes for ``ids`` (B, h, w) as latents (B, D, h, w), exactly what the quantizer outputs for them."""
+        if ids.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"ids must be an integer tensor, got {ids.dtype}")
+        digits = ids.long().unsqueeze(1) // self._radix.view(1, -1, 1, 1) % self._count.view(1, -1, 1, 1)
+        return self._scale((digits - self._half.view(1, -1, 1, 1)).float())
+
+    def forward(self, z: torch.Tensor) -> QuantizerOutput:
+        """Quantize latents ``z`` (B, D, h, w); in training mode also update the usage statistics."""
+        with torch.autocast(z.device.type, enabled=False):
+            bounded = self._bound(z)
+            rounded = bounded + (torch.round(bounded) - bounded).detach()  # straight-through
+            latents = self._scale(rounded)
+            ids = self.lookup(z.detach())
+        if self.training:
+            with torch.no_grad():
+                counts = torch.bincount(ids.flatten(), minlength=self.codebook_size)
+                _all_reduce_sum(counts)
+                self.step.add_(1)
+                self.last_used[counts > 0] = self.step
+        zero = torch.zeros((), device=z.device)
+        return QuantizerOutput(latents=latents, ids=ids, loss=zero, commitment_loss=zero, codebook_loss=zero,
+                               perplexity=perplexity(ids.flatten(), self.codebook_size), usage=self.usage(),
+                               restarted=0)
+
+    def usage(self) -> torch.Tensor:
+        """Share of codes chosen within the last ``usage_window`` training steps."""
+        used = (self.last_used >= 0) & (self.step - self.last_used < self.usage_window)
+        return used.float().mean()
 
 
 def _distributed() -> bool:
