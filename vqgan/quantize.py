@@ -159,8 +159,7 @@ class FactorizedQuantizer(nn.Module):
     # ------------------------------------------------------------------ statistics
     def usage(self) -> torch.Tensor:
         """Share of codes chosen within the last ``usage_window`` training steps."""
-        used = (self.last_used >= 0) & (self.step - self.last_used < self.usage_window)
-        return used.float().mean()
+        return _usage(self.last_used, self.step, self.usage_window)
 
     def dead_codes(self) -> torch.Tensor:
         """Boolean mask (K,) of codes neither chosen nor restarted within the last ``usage_window`` steps."""
@@ -245,7 +244,11 @@ class ScalarQuantizer(nn.Module):
 
     def lookup(self, z: torch.Tensor) -> torch.Tensor:
         """Ids (B, h, w) of latents ``z`` (B, D, h, w); no statistics are touched."""
-        digits = torch.round(self._bound(z)).long() + self._half.view(1, -1, 1, 1)
+        return self._ids(torch.round(self._bound(z)))
+
+    def _ids(self, rounded: torch.Tensor) -> torch.Tensor:
+        """Ids (B, h, w) of rounded, bounded latents (B, D, h, w): the digits read as a mixed-radix number."""
+        digits = rounded.long() + self._half.view(1, -1, 1, 1)
         return (digits * self._radix.view(1, -1, 1, 1)).sum(dim=1)
 
     def ids_to_latents(self, ids: torch.Tensor) -> torch.Tensor:
@@ -259,9 +262,9 @@ class ScalarQuantizer(nn.Module):
         """Quantize latents ``z`` (B, D, h, w); in training mode also update the usage statistics."""
         with torch.autocast(z.device.type, enabled=False):
             bounded = self._bound(z)
-            rounded = bounded + (torch.round(bounded) - bounded).detach()  # straight-through
-            latents = self._scale(rounded)
-            ids = self.lookup(z.detach())
+            values = torch.round(bounded).detach()
+            latents = self._scale(bounded + (values - bounded).detach())  # straight-through
+            ids = self._ids(values)
         if self.training:
             with torch.no_grad():
                 counts = torch.bincount(ids.flatten(), minlength=self.codebook_size)
@@ -275,8 +278,12 @@ class ScalarQuantizer(nn.Module):
 
     def usage(self) -> torch.Tensor:
         """Share of codes chosen within the last ``usage_window`` training steps."""
-        used = (self.last_used >= 0) & (self.step - self.last_used < self.usage_window)
-        return used.float().mean()
+        return _usage(self.last_used, self.step, self.usage_window)
+
+
+def _usage(last_used: torch.Tensor, step: torch.Tensor, window: int) -> torch.Tensor:
+    """Share of codes whose last use (-1: never) lies within the last ``window`` steps before ``step``."""
+    return ((last_used >= 0) & (step - last_used < window)).float().mean()
 
 
 def _distributed() -> bool:
