@@ -54,7 +54,7 @@ SHAPES = ("circle", "square", "triangle", "diamond")
 SIZES: dict[str, float] = {"small": 0.22, "large": 0.38}  # bounding-box side d as a fraction of S
 SQUARE_SIDE = 0.9  # a square's side, as a fraction of its d
 KINDS = ("single", "position", "relation", "count")
-KIND_WEIGHTS = (0.3, 0.25, 0.25, 0.2)
+KIND_WEIGHTS = (0.1, 0.2, 0.4, 0.3)  # relations and counts, the hard kinds, most often (BENCHMARKS.md)
 SPLITS = ("train", "valid", "heldout")  # "valid": the training distribution, a separate stream of examples
 RELATIONS = ("left of", "right of", "above", "below")
 CELLS = ("top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right")
@@ -71,9 +71,10 @@ MIN_GAP = 2 / 32  # objects are >= 2 px apart at every S >= 32 (4 px at the defa
 RELATION_MIN_SHIFT = 0.15  # the rule: centres differ by >= 0.15 S along the relation's axis ...
 RELATION_MARGIN = 0.03  # ... generated scenes clear both halves of the rule by this much
 CELL_MARGIN = 0.07  # a stated position's centre lies this far inside its cell: in the middle 58% of it (BENCHMARKS.md)
-# Bumped whenever the scene drawn for an index changes (2: CELL_MARGIN 0.02 -> 0.07); code caches key on it, so
-# a run's cache of older scenes is encoded again rather than trained on.
-SCENES_VERSION = 2
+# Bumped whenever the scene drawn for an index changes (2: CELL_MARGIN 0.02 -> 0.07; 3: KIND_WEIGHTS from
+# (0.3, 0.25, 0.25, 0.2)); code caches key on it, so a run's cache of older scenes is encoded again rather
+# than trained on.
+SCENES_VERSION = 3
 P_SIZE_STATED = 0.5
 SUPERSAMPLE = 4
 CIRCLE_SEGMENTS = 128
@@ -376,7 +377,7 @@ def _count(rng: random.Random, heldout: bool) -> Scene:
 
 
 def make_scene(rng: random.Random, split: str = "train", kind: str | None = None) -> Scene:
-    """Draw one scene of ``kind`` (None: single 0.3, position 0.25, relation 0.25, count 0.2) from ``split``."""
+    """Draw one scene of ``kind`` (None: drawn by KIND_WEIGHTS) from ``split``."""
     if split not in SPLITS:
         raise ValueError(f"split {split!r} is not one of {SPLITS}")
     if kind is None:
