@@ -101,7 +101,7 @@ class SamplingSettings:
     # The scorer's best ``shortlist`` candidates are re-ordered by the decoder's likelihood of their tokens
     # given the prompt; 1 ranks by the scorer alone. Chosen on held-out `shapes` prompts of another seed than
     # the benchmark's (BENCHMARKS.md, issue 20).
-    shortlist: int = 6
+    shortlist: int = 4
     speculative: int = 0  # a window of W tokens verified per decoder pass (seq2seq.speculative); 0 = off
 
     def __post_init__(self) -> None:

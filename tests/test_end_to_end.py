@@ -295,7 +295,9 @@ def test_transformers_clip_from_a_local_directory_reranks(tiny_run, tmp_path):
     model = CLIPModel.from_pretrained(tmp_path / "clip").eval()
     hf_tokenizer = AutoTokenizer.from_pretrained(tmp_path / "clip")
     prompt = "a large red circle"
-    kept = generate_images([prompt], checkpoint=tiny_run, n=4, keep=2, reranker=tmp_path / "clip", device="cpu")[0]
+    # shortlist=1: ranked by CLIP alone (the default shortlist re-orders its best by the decoder's likelihood).
+    kept = generate_images([prompt], checkpoint=tiny_run, n=4, keep=2, reranker=tmp_path / "clip", device="cpu",
+                           shortlist=1)[0]
     assert len(kept) == 2 and kept[0].score >= kept[1].score
 
     # The score is CLIP's cosine similarity, computed here independently from the saved picture.
