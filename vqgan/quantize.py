@@ -228,16 +228,19 @@ class ScalarQuantizer(nn.Module):
         self.register_buffer("_count", count, persistent=False)
         self.register_buffer("_radix", torch.cumprod(torch.cat([count.new_ones(1), count[:-1]]), 0), persistent=False)
         self.register_buffer("_half", count // 2, persistent=False)
+        # _bound's per-channel constants: half the span of the bins (a hair over, so the outer values are
+        # reached), the half-bin offset of an even level count, and the shift that makes a zero latent land on it.
+        half_width = (count.float() - 1) * (1 + 1e-3) / 2
+        offset = (count % 2 == 0).float() * 0.5
+        self.register_buffer("_half_width", half_width.view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("_offset", offset.view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("_shift", torch.atanh(offset / half_width).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
         self.register_buffer("last_used", torch.full((self.codebook_size,), -1, dtype=torch.long))
 
     def _bound(self, z: torch.Tensor) -> torch.Tensor:
         """Latents (B, D, h, w) squashed so that rounding gives ``levels[i]`` integer values per channel."""
-        count = self._count.float().view(1, -1, 1, 1)
-        half_width = (count - 1) * (1 + 1e-3) / 2  # a hair over, so the outer values are reached
-        offset = (self._count % 2 == 0).float().view(1, -1, 1, 1) * 0.5
-        shift = torch.atanh(offset / half_width)
-        return torch.tanh(z.float() + shift) * half_width - offset
+        return torch.tanh(z.float() + self._shift) * self._half_width - self._offset
 
     def _scale(self, rounded: torch.Tensor) -> torch.Tensor:
         return rounded / self._half.view(1, -1, 1, 1).float()
