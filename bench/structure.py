@@ -112,18 +112,21 @@ def pairwise_captions(scorer, images: torch.Tensor, texts: Sequence[str], seed: 
 
 def draw_candidates(run: Path, *, prompts_per_kind: int, candidates: int, seed: int = 0, device: str = "auto",
                     kinds: Sequence[str] = SCENE_KINDS_ORDER, batch_prompts: int = 8, first: int = 0,
-                    cfg: float = SamplingSettings.cfg) -> dict:
+                    cfg: float = SamplingSettings.cfg, temperature: float = SamplingSettings.temperature,
+                    top_k: int | None = SamplingSettings.top_k, top_p: float | None = SamplingSettings.top_p) -> dict:
     """Candidates for held-out prompts ``first`` to ``prompts_per_kind - 1`` of each kind of scene, drawn with
-    `python -m sample` defaults but the guidance scale ``cfg`` (prompt i and candidate j are the same pictures
-    whatever ``first`` is).
+    `python -m sample` defaults but the guidance scale ``cfg``, ``temperature``, ``top_k`` and ``top_p`` (prompt i
+    and candidate j are the same pictures whatever ``first`` is).
 
     {"settings": {...}, "kinds": {kind: {"prompts": [str], "right": [[bool] * candidates]}},
      "images": uint8 tensor (prompts of all kinds, candidates, 3, S, S)}.
     """
 
     pipeline = Pipeline(run, device=device, rerank=False)
-    settings = SamplingSettings(n=candidates, keep=candidates, seed=seed, rerank=False, cfg=cfg)
-    record = {"settings": _settings(run, prompts_per_kind, candidates, seed, kinds, cfg), "kinds": {}}
+    settings = SamplingSettings(n=candidates, keep=candidates, seed=seed, rerank=False, cfg=cfg,
+                                temperature=temperature, top_k=top_k, top_p=top_p)
+    record = {"settings": _settings(run, prompts_per_kind, candidates, seed, kinds, cfg, temperature, top_k, top_p),
+              "kinds": {}}
     images, tokens = [], []
     for kind in kinds:
         prompts = evaluation_prompts(kind, prompts_per_kind, seed=seed)[first:]
@@ -146,12 +149,10 @@ def draw_candidates(run: Path, *, prompts_per_kind: int, candidates: int, seed: 
 
 
 def _settings(run: Path, prompts_per_kind: int, candidates: int, seed: int, kinds: Sequence[str],
-              cfg: float = SamplingSettings.cfg) -> dict:
+              cfg: float = SamplingSettings.cfg, temperature: float = SamplingSettings.temperature,
+              top_k: int | None = SamplingSettings.top_k, top_p: float | None = SamplingSettings.top_p) -> dict:
     return {"format": 3, "run": str(run.resolve()), "prompts_per_kind": prompts_per_kind, "candidates": candidates,
-            "seed": seed,
-            "kinds": list(kinds),
-            "cfg": cfg, "temperature": SamplingSettings.temperature,
-            "top_k": SamplingSettings.top_k, "top_p": SamplingSettings.top_p}
+            "seed": seed, "kinds": list(kinds), "cfg": cfg, "temperature": temperature, "top_k": top_k, "top_p": top_p}
 
 
 def _to_uint8(image) -> torch.Tensor:
@@ -406,6 +407,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cfg", type=float, default=SamplingSettings.cfg,
                         help=f"classifier-free guidance scale the candidates are drawn with (default "
                              f"{SamplingSettings.cfg}, `python -m sample`'s)")
+    parser.add_argument("--temperature", type=float, default=SamplingSettings.temperature,
+                        help=f"sampling temperature of the candidates (default {SamplingSettings.temperature:g})")
+    parser.add_argument("--top-k", type=int, default=SamplingSettings.top_k,
+                        help="draw only among the K likeliest tokens (default: off)")
+    parser.add_argument("--top-p", type=float, default=SamplingSettings.top_p,
+                        help="draw only among the likeliest tokens whose probabilities sum to P (default: off)")
     parser.add_argument("--kinds", nargs="+", choices=SCENE_KINDS_ORDER, default=list(SCENE_KINDS_ORDER),
                         help="kinds of scene whose prompts get candidates (default all four)")
     parser.add_argument("--no-rerank", action="store_true", help="the pairwise test only, no candidates drawn")
@@ -426,6 +433,8 @@ def _run(args) -> None:
     set_threads(args.threads)
     if min(args.pairwise_prompts, args.prompts_per_kind, args.candidates) < 1:
         raise UserError("--pairwise-prompts, --prompts-per-kind and --candidates must be >= 1")
+    sampling = {"cfg": args.cfg, "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p}
+    SamplingSettings(rerank=False, **sampling)  # one clear line for a bad value, before anything loads
     run = resolve_run(args.checkpoint)
     if not (run / "tokenizer.model").is_file():
         raise UserError(f"--checkpoint {run} holds no tokenizer.model; pass a run made by `python -m train all`")
@@ -440,13 +449,13 @@ def _run(args) -> None:
         scorers[str(directory)] = load_reranker(run, tokenizer, device, side, directory=directory)
     record = None
     if not args.no_rerank:
-        settings = _settings(run, args.prompts_per_kind, args.candidates, args.seed, args.kinds, args.cfg)
+        settings = _settings(run, args.prompts_per_kind, args.candidates, args.seed, args.kinds, **sampling)
         cache = Path(args.cache) if args.cache else None
         record = load_candidates(cache, settings) if cache else None
         have = 0 if record is None else record["settings"]["prompts_per_kind"]
         if have < args.prompts_per_kind:
             drawn = draw_candidates(run, prompts_per_kind=args.prompts_per_kind, candidates=args.candidates,
-                                    seed=args.seed, device=str(device), kinds=args.kinds, first=have, cfg=args.cfg)
+                                    seed=args.seed, device=str(device), kinds=args.kinds, first=have, **sampling)
             record = drawn if record is None else extend_candidates(record, drawn)
             if cache:
                 save_candidates(record, cache)

@@ -331,6 +331,14 @@ def test_structure_compares_scorers_on_the_same_cached_candidates(tiny_run, tmp_
     second = json.loads((tmp_path / "b" / "structure.json").read_text())["scorers"][str(tiny_run / "scorer")]
     assert second == first
 
+    # Other sampling settings are other candidates: the cache's key holds them, so they are drawn again.
+    assert structure.main([*args, "--out", str(tmp_path / "e"), "--top-p", "0.5", "--temperature", "0.7"]) == 0
+    redrawn = json.loads((tmp_path / "cache" / "candidates.json").read_text())["settings"]
+    assert (redrawn["top_p"], redrawn["temperature"], redrawn["top_k"]) == (0.5, 0.7, None)
+    assert structure.load_candidates(tmp_path / "cache", record["settings"]) is None
+    assert structure.main([*args, "--temperature", "0"]) == 2  # one line saying what to do, before any drawing
+    assert "--temperature must be > 0" in capsys.readouterr().err
+
     # Fewer prompts cached: the later ones are drawn and appended, the same pictures as drawn all at once.
     short = [a if a != "2" else "1" for a in args[:-1]] + [str(tmp_path / "short")]
     assert short[short.index("--prompts-per-kind") + 1] == "1"
