@@ -48,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--top-k", type=int, default=defaults.top_k,
                         help=f"sample among the K likeliest tokens (default {defaults.top_k or 'off'})")
     parser.add_argument("--top-p", type=float, default=defaults.top_p,
-                        help=f"sample among the smallest set with mass P (default {defaults.top_p or 'off'})")
+                        help=f"sample among the smallest set with mass P (default {defaults.top_p or 'off'}; "
+                             f"1 turns it off)")
     parser.add_argument("--temperature", type=float, default=defaults.temperature,
                         help=f"divides the logits (default {defaults.temperature:g})")
     parser.add_argument("--cfg", type=float, default=defaults.cfg,

@@ -280,7 +280,7 @@ def measure(url: str, args: argparse.Namespace, server_pid: int | None) -> dict:
                             decoder=_merged_decoder(one_at_a_time))
     report = {
         "load": {"clients": args.clients, "requests": args.requests, "sequential_requests": len(sequential_bodies),
-                 "n": args.n, "keep": args.keep, "cfg": 1.5, "edit_every": args.edit_every},
+                 "n": args.n, "keep": args.keep, "sampling": "the server's defaults", "edit_every": args.edit_every},
         "concurrent": concurrent.summary(args.n * len(bodies)),
         "one_at_a_time": sequential.summary(args.n * len(sequential_bodies)),
         "time_to_first_preview_n4_idle_s": {"median": round(statistics.median(idle_previews), 3),

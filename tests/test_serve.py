@@ -293,7 +293,7 @@ def test_health_readiness_info_and_docs(client):
     ready = client.get("/readyz")
     assert ready.status_code == 200 and ready.json()["status"] == "ready"
     info = client.get("/v1/info").json()
-    assert info["defaults"] == {"n": 16, "keep": 4, "top_k": None, "top_p": None, "temperature": 1.0, "cfg": 1.5,
+    assert info["defaults"] == {"n": 16, "keep": 4, "top_k": None, "top_p": 0.8, "temperature": 1.0, "cfg": 2.0,
                                 "shortlist": SamplingSettings.shortlist, "likelihood_weight": 1.0}
     assert info["model"]["canvas"] == 32 and info["model"]["token_size"] == 8
     assert info["limits"]["max_n"] == LIMITS.max_n
@@ -330,7 +330,7 @@ def test_create_returns_kept_pictures_with_seed_score_and_a_url(client):
         assert png.content == base64.b64decode(picture["png_base64"])
         image = Image.open(io.BytesIO(png.content))
         assert image.text["prompt"] == "a red circle" and int(image.text["seed"]) == picture["seed"]
-        assert json.loads(image.text["settings"])["cfg"] == 1.5
+        assert json.loads(image.text["settings"])["cfg"] == 2.0
         assert f"seed{picture['seed']}.png" in png.headers["content-disposition"]
 
 

@@ -56,7 +56,8 @@ def test_the_page_draws_previews_and_pictures_in_chromium(tmp_path):
             page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
             page.goto(url + "/")
             page.wait_for_function("document.querySelector('input[name=n]').value !== ''")
-            assert page.input_value("input[name=cfg]") == "1.5"  # the sampling defaults, from /v1/info
+            assert page.input_value("input[name=cfg]") == "2"  # the sampling defaults, from /v1/info
+            assert page.input_value("input[name=top_p]") == "0.8"
             page.fill("#prompt", "a large red circle above a small blue square")
             page.fill("input[name=n]", "8")
             page.fill("input[name=keep]", "4")
