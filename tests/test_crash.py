@@ -27,6 +27,19 @@ import train.__main__ as train_cli
 ARGV = ["all", "--preset", "tiny", "--data", "shapes", "--size", "32", "--device", "cpu"]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def fp32_everywhere():
+    """Every run here trains in fp32. Each test compares runs started apart, and where a stage starts afresh
+    (stopped before its first checkpoint, or a disk full at the first write) ``--precision auto`` probes
+    again; on a CPU with native bf16 a noisy machine could time the two precisions the other way round,
+    which is a different run, not a broken resume (the probe has its own tests in test_scale.py)."""
+    from train import loop
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(loop, "native_bf16", lambda device: False)
+        yield
+
+
 def _digest(tensor: torch.Tensor) -> str:
     return f"{tensor.dtype}{tuple(tensor.shape)}" + hashlib.sha256(tensor.contiguous().view(-1).view(torch.uint8)
                                                                       .numpy().tobytes()).hexdigest()[:16]

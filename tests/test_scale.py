@@ -299,6 +299,25 @@ def test_precision_auto_takes_what_a_probe_measures_faster(monkeypatch, tmp_path
     assert calls[:2] in ([None, torch.bfloat16], [torch.bfloat16, None])
 
 
+def test_precision_auto_keeps_fp32_when_bf16_is_not_clearly_faster(monkeypatch, tmp_path):
+    """bf16 must beat fp32 by more than BF16_MARGIN: a near tie is fp32, the same on every start."""
+    from train import loop
+
+    monkeypatch.setattr(loop, "native_bf16", lambda device: True)
+    fp32, bf16 = 0.010, 0.0095  # bf16 5% faster: within a noisy machine's spread
+    assert loop.BF16_MARGIN < 0.95
+    clock = [0.0]
+
+    def probe(dtype):
+        clock[0] += bf16 if dtype is torch.bfloat16 else fp32
+
+    monkeypatch.setattr(loop.time, "perf_counter", lambda: clock[0])
+    run = loop.Run(tmp_path, "vqgan")
+    assert loop.choose_precision(run, torch.device("cpu"), "auto", probe) is None and run.precision == "fp32"
+    bf16 = 0.010 * loop.BF16_MARGIN / 2  # twice the margin's speed-up: bf16
+    assert loop.choose_precision(loop.Run(tmp_path, "seq2seq"), torch.device("cpu"), "auto", probe) is torch.bfloat16
+
+
 def test_a_resumed_run_keeps_the_precision_its_checkpoint_recorded(monkeypatch, tmp_path):
     from train import loop
 

@@ -259,6 +259,9 @@ def check_pictures_held(options: StageOptions, heldout_examples: int) -> None:
 
 
 PROBE_STEPS = 3  # timed forward-and-backward passes per precision, after one untimed pass each
+# bf16 is kept only when its best pass takes less than this share of fp32's: where the two are within noise of
+# each other, fp32 (the exact arithmetic) is chosen on every start, not whichever a noisy machine timed faster.
+BF16_MARGIN = 0.9
 
 
 def choose_precision(run: "Run", device: torch.device, precision: str,
@@ -269,7 +272,8 @@ def choose_precision(run: "Run", device: torch.device, precision: str,
     (CUDA, a CPU with AMX or AVX512-BF16), bf16 is not always faster: a small model's step on a CPU is bound by
     per-operation overhead and casts, and the ``tiny`` VQGAN ran about 10x slower in bf16. So ``auto`` times
     ``probe(dtype)`` (one forward and backward pass of the stage's model on a held-out batch, gradients dropped
-    after) in each precision, interleaved, and keeps the faster by the best of PROBE_STEPS. A resumed run keeps
+    after) in each precision, interleaved, and keeps bf16 when its best of PROBE_STEPS is under BF16_MARGIN of
+    fp32's, fp32 otherwise. A resumed run keeps
     the precision its checkpoint recorded (``run.precision``), so that resuming changes no arithmetic; every
     process of a distributed run takes rank 0's choice.
     """
@@ -292,7 +296,7 @@ def choose_precision(run: "Run", device: torch.device, precision: str,
                     torch.cuda.synchronize(device)
                 if trial:  # the first pass of each warms caches and kernels up
                     seconds[dtype] = min(seconds[dtype], time.perf_counter() - start)
-    faster = seconds[torch.bfloat16] < seconds[None]
+    faster = seconds[torch.bfloat16] < BF16_MARGIN * seconds[None]
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         flag = torch.tensor([int(faster)], device=device)
         torch.distributed.broadcast(flag, src=0)
