@@ -264,7 +264,8 @@ def test_an_edit_over_http_returns_what_generate_images_returns(client, referenc
     for served, options, edit in ((answer.json(), box, dict(box=(8, 0, 24, 16), likelihood_weight=2.0)),
                                   (events[-1][1], mask, dict(mask=_mask_picture()))):
         kept = generate_images(options["prompt"], pipeline=reference, n=options["n"], keep=options["keep"],
-                               seed=options["seed"], cfg=options.get("cfg", 1.5), init=init, **edit)[0]
+                               seed=options["seed"], cfg=options.get("cfg", SamplingSettings.cfg), init=init,
+                               **edit)[0]
         pictures = served["pictures"]
         assert [(p["seed"], p["rank"], p["score"]) for p in pictures] == [(p.seed, p.rank, p.score) for p in kept]
         assert [p["likelihood"] for p in pictures] == pytest.approx([p.likelihood for p in kept], abs=1e-5)
