@@ -410,9 +410,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--temperature", type=float, default=SamplingSettings.temperature,
                         help=f"sampling temperature of the candidates (default {SamplingSettings.temperature:g})")
     parser.add_argument("--top-k", type=int, default=SamplingSettings.top_k,
-                        help="draw only among the K likeliest tokens (default: off)")
+                        help=f"draw only among the K likeliest tokens (default {SamplingSettings.top_k or 'off'})")
     parser.add_argument("--top-p", type=float, default=SamplingSettings.top_p,
-                        help="draw only among the likeliest tokens whose probabilities sum to P (default: off)")
+                        help=f"draw only among the smallest set of tokens with mass P (default "
+                             f"{SamplingSettings.top_p or 'off'}; 1 turns it off)")
     parser.add_argument("--kinds", nargs="+", choices=SCENE_KINDS_ORDER, default=list(SCENE_KINDS_ORDER),
                         help="kinds of scene whose prompts get candidates (default all four)")
     parser.add_argument("--no-rerank", action="store_true", help="the pairwise test only, no candidates drawn")
