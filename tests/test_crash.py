@@ -30,7 +30,7 @@ ARGV = ["all", "--preset", "tiny", "--data", "shapes", "--size", "32", "--device
 @pytest.fixture(scope="module", autouse=True)
 def fp32_everywhere():
     """Every run here trains in fp32. Each test compares runs started apart, and where a stage starts afresh
-    (stopped before its first checkpoint, or a disk full at the first write) ``--precision auto`` probes
+    (stopped before it recorded its precision, or a disk full at that write) ``--precision auto`` probes
     again; on a CPU with native bf16 a noisy machine could time the two precisions the other way round,
     which is a different run, not a broken resume (the probe has its own tests in test_scale.py)."""
     from train import loop

@@ -337,6 +337,32 @@ def test_a_resumed_run_keeps_the_precision_its_checkpoint_recorded(monkeypatch, 
     assert resumed.precision == "fp32" and calls == []
 
 
+def test_the_precision_is_recorded_when_chosen_and_read_back_by_a_resume_without_a_checkpoint(monkeypatch, tmp_path):
+    from checkpoint import CheckpointError
+    from train import loop
+    from train.stage_all import _has_state
+
+    monkeypatch.setattr(loop, "native_bf16", lambda device: True)
+    assert not _has_state(str(tmp_path), "scorer")
+    with pytest.raises(CheckpointError, match="start without --resume"):
+        loop.Run(tmp_path, "scorer").can_resume()
+    first = loop.Run(tmp_path, "scorer")
+    assert loop.choose_precision(first, torch.device("cpu"), "auto", _timed_probe(None, [])) is torch.bfloat16
+    assert json.loads((tmp_path / "state" / "scorer" / loop.PRECISION_RECORD).read_text()) == {"precision": "bf16"}
+    assert _has_state(str(tmp_path), "scorer")  # train all --resume passes --resume to the stage
+
+    again, calls = loop.Run(tmp_path, "scorer"), []  # killed before any checkpoint, started with --resume
+    assert again.can_resume() is False and again.precision == "bf16"
+    assert loop.choose_precision(again, torch.device("cpu"), "auto", _timed_probe(torch.bfloat16, calls)) is torch.bfloat16
+    assert calls == []  # bf16 would now measure slower: not probed again
+    first.save_checkpoint(1, {"layer": torch.nn.Linear(2, 2)}, {}, data_position=8)
+    assert loop.Run(tmp_path, "scorer").can_resume() is True
+    (tmp_path / "state" / "vqgan").mkdir(parents=True)
+    (tmp_path / "state" / "vqgan" / loop.PRECISION_RECORD).write_text('["bf16"]')  # not a record
+    with pytest.raises(CheckpointError, match="start without --resume"):
+        loop.Run(tmp_path, "vqgan").can_resume()
+
+
 def test_the_vqgan_precision_probe_changes_no_state(tmp_path):
     from train.stage_vqgan import VQGANOptions, VQGANTrainer
 

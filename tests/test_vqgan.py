@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import torch
@@ -408,6 +409,42 @@ def test_stage_trains_writes_the_run_and_resumes_exactly(tmp_path, monkeypatch, 
     resumed = VQGAN.from_pretrained(tmp_path / "resumed" / "vqgan")
     for key, value in model.state_dict().items():
         assert torch.equal(resumed.state_dict()[key], value), key
+
+
+def test_a_stage_killed_before_its_first_checkpoint_resumes_in_the_precision_it_chose(tmp_path, monkeypatch, capsys):
+    """``--precision auto`` is written to the run when chosen: a stage stopped before its first checkpoint starts
+    again in that precision on --resume, where probing again could choose the other on a noisy machine."""
+    from train import loop, stage_vqgan
+
+    run_stage(tmp_path / "straight", "--precision", "bf16")
+    monkeypatch.setattr(loop, "native_bf16", lambda device: True)
+
+    def probe_where(slow):  # a probe on which ``slow`` takes 20 ms and the other precision nothing
+        return lambda self, dtype: time.sleep(0.02) if dtype is slow else None
+
+    def die(self, images):
+        raise KeyboardInterrupt
+
+    original = stage_vqgan.VQGANTrainer.train_step
+    monkeypatch.setattr(stage_vqgan.VQGANTrainer, "_precision_probe", probe_where(None))  # bf16 measures faster
+    monkeypatch.setattr(stage_vqgan.VQGANTrainer, "train_step", die)
+    with pytest.raises(KeyboardInterrupt):
+        run_stage(tmp_path / "resumed", "--precision", "auto")
+    assert "--precision auto: bf16" in capsys.readouterr().out
+    assert not (tmp_path / "resumed" / "state" / "vqgan" / "latest.json").exists()
+
+    monkeypatch.setattr(stage_vqgan.VQGANTrainer, "train_step", original)
+    monkeypatch.setattr(stage_vqgan.VQGANTrainer, "_precision_probe", probe_where(torch.bfloat16))  # now fp32
+    run_stage(tmp_path / "resumed", "--resume", "--precision", "auto")
+    out = capsys.readouterr().out
+    assert "starting again at step 0 in bf16" in out and "--precision auto:" not in out  # not probed again
+    assert logged_losses(tmp_path / "resumed") == logged_losses(tmp_path / "straight")
+    straight, resumed = (VQGAN.from_pretrained(tmp_path / run / "vqgan").state_dict() for run in ("straight", "resumed"))
+    for key, value in straight.items():
+        assert torch.equal(resumed[key], value), key
+
+    with pytest.raises(CheckpointError, match="start without --resume"):  # never got as far as choosing
+        run_stage(tmp_path / "empty", "--resume")
 
 
 def test_stage_refuses_to_resume_with_another_model(tmp_path):

@@ -262,6 +262,7 @@ PROBE_STEPS = 3  # timed forward-and-backward passes per precision, after one un
 # bf16 is kept only when its best pass takes less than this share of fp32's: where the two are within noise of
 # each other, fp32 (the exact arithmetic) is chosen on every start, not whichever a noisy machine timed faster.
 BF16_MARGIN = 0.9
+PRECISION_RECORD = "precision.json"  # RUN/state/<stage>/precision.json: the stage's precision, once chosen
 
 
 def choose_precision(run: "Run", device: torch.device, precision: str,
@@ -275,14 +276,16 @@ def choose_precision(run: "Run", device: torch.device, precision: str,
     after) in each precision, interleaved, and keeps bf16 when its best of PROBE_STEPS is under BF16_MARGIN of
     fp32's, fp32 otherwise. A resumed run keeps
     the precision its checkpoint recorded (``run.precision``), so that resuming changes no arithmetic; every
-    process of a distributed run takes rank 0's choice.
+    process of a distributed run takes rank 0's choice. The choice is written to the run as soon as it is made
+    (``Run.record_precision``), so that a stage killed before its first checkpoint starts again in it on
+    ``--resume`` (``Run.can_resume``) instead of probing again.
     """
     if precision != "auto" or run.precision is not None:
         dtype = autocast_dtype(device, precision if precision != "auto" else run.precision)
-        run.precision = "bf16" if dtype is not None else "fp32"
+        run.record_precision("bf16" if dtype is not None else "fp32")
         return dtype
     if not native_bf16(device):
-        run.precision = "fp32"
+        run.record_precision("fp32")
         if run.is_main:
             print(f"{run.stage}: --precision auto: fp32 (this {device.type} has no native bf16)")
         return None
@@ -301,7 +304,7 @@ def choose_precision(run: "Run", device: torch.device, precision: str,
         flag = torch.tensor([int(faster)], device=device)
         torch.distributed.broadcast(flag, src=0)
         faster = bool(flag.item())
-    run.precision = "bf16" if faster else "fp32"
+    run.record_precision("bf16" if faster else "fp32")
     if run.is_main:
         print(f"{run.stage}: --precision auto: {run.precision} (a training pass measured {seconds[None] * 1e3:.0f} ms "
               f"in fp32, {seconds[torch.bfloat16] * 1e3:.0f} ms in bf16 here; --precision fp32|bf16 fixes it)")
@@ -583,6 +586,31 @@ class Run:
     # ---------------------------------------------------------------- checkpoints
     def has_checkpoint(self) -> bool:
         return (self.state_dir / "latest.json").is_file()
+
+    def record_precision(self, precision: str) -> None:
+        """Take ``precision`` ("fp32" or "bf16") as the stage's, and write it to RUN/state/<stage>/precision.json
+        at once (atomically), before any checkpoint: the record ``can_resume`` reads."""
+        self.precision = precision
+        if self.is_main:
+            write_json(self.state_dir / PRECISION_RECORD, {"precision": precision})
+
+    def can_resume(self) -> bool:
+        """For ``--resume``: True when the stage has a checkpoint to load (``load_checkpoint``). A stage killed
+        after choosing its precision but before its first checkpoint has only its precision record: it starts
+        again at step 0 in that precision (False), as the killed attempt would have gone on. A stage that never
+        got that far is a CheckpointError, as before."""
+        if self.has_checkpoint():
+            return True
+        record = self.state_dir / PRECISION_RECORD
+        data = read_json(record, f"{self.stage} checkpoint") if record.is_file() else None
+        recorded = data.get("precision") if isinstance(data, dict) else None
+        if recorded not in ("fp32", "bf16"):
+            raise CheckpointError(f"{self.stage} checkpoint: no checkpoint in {self.state_dir}; start without --resume")
+        self.precision = recorded
+        if self.is_main:
+            print(f"{self.stage}: --resume: stopped before its first checkpoint; starting again at step 0 in {recorded}, "
+                  "the precision it chose")
+        return False
 
     def save_checkpoint(
         self,

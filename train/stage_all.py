@@ -22,7 +22,7 @@ import torch
 
 from checkpoint import RUN_RECORD, STAGE_ALIASES, part_dir, read_run_record, stage_name, write_json
 from cli import UserError
-from train.loop import SEED_HELP, add_data_arguments, seed_number
+from train.loop import PRECISION_RECORD, SEED_HELP, add_data_arguments, seed_number
 
 # Per-stage options for each preset, as command-line flags of that stage.
 PRESETS: dict[str, dict[str, list[str]]] = {
@@ -146,7 +146,9 @@ def preset_flags(preset: str, stage: str, data: str) -> list[str]:
 
 
 def _has_state(out: str, stage: str) -> bool:
-    return (part_dir(Path(out) / "state", stage) / "latest.json").is_file()
+    """Whether the stage has something to --resume from: a checkpoint, or the precision it chose before one."""
+    state = part_dir(Path(out) / "state", stage)
+    return (state / "latest.json").is_file() or (state / PRECISION_RECORD).is_file()
 
 
 def main(args: argparse.Namespace) -> None:

@@ -215,7 +215,7 @@ class ScorerTrainer(Stage):
         self.captions = CaptionTokens("scorer", self.tokenizer, self.config.max_text_len, self.device)
         self.modules = {"model": self.model}
         self.optimizers = {"optimizer": self.optimizer, "schedule": self.schedule}
-        if o.resume:
+        if o.resume and self.run.can_resume():
             self.step, _, _ = self.run.load_checkpoint(self.modules, self.optimizers, self.device)
 
         self.dataset = o.dataset("train")

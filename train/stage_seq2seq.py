@@ -172,7 +172,7 @@ class Seq2SeqTrainer(Stage):
             self.modules = {"model": dist.FullModelState(self.model)}
             self.optimizers = {"optimizer": dist.FullOptimizerState(self.model, self.optimizer),
                                "schedule": self.schedule}
-        if o.resume:
+        if o.resume and self.run.can_resume():
             self.step, _, extra = self.run.load_checkpoint(self.modules, self.optimizers, self.device)
             self.best = extra.get("best", math.inf)
             self.best_step = extra.get("best_step")

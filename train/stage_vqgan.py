@@ -130,7 +130,7 @@ class VQGANTrainer(Stage):
         self.modules = {"vqgan": self.model, "discriminator": self.discriminator}
 
         self.step, self.position = 0, 0
-        if o.resume:
+        if o.resume and self.run.can_resume():
             self.step, self.position, extra = self.run.load_checkpoint(self.modules, self.optimizers, self.device)
             _check_same_config(extra.get("config", {}), dataclasses.asdict(self.config))
             for group in self.optimizers["generator"].param_groups:  # the command's --betas, as --lr, not the saved
