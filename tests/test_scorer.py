@@ -470,3 +470,29 @@ def test_a_causal_text_tower_reads_only_the_tokens_before(causal):
     assert not torch.allclose(states[0][0, 3:], states[0][1, 3:])
     with pytest.raises(ValueError, match="text_causal"):
         replace(TINY, text_causal="yes")
+
+
+def test_init_from_starts_from_another_scorers_weights_and_refuses_another_architecture(tmp_path, tokenizer_file):
+    """--init-from fine-tunes: step 1 starts from the given scorer's weights, not from a random initialisation."""
+    from train import stage_scorer
+
+    source = run_with_tokenizer(tmp_path, tokenizer_file, "source")
+    stage_scorer.main(clip_args(source, "--steps", "2", "--eval-every", "100", "--text-causal", "--text-pool", "last"))
+    trained = Scorer.from_pretrained(source / "scorer")
+    trained.half().save_pretrained(tmp_path / "packed")  # a packed demo's float16 weights load as well
+
+    tuned = run_with_tokenizer(tmp_path, tokenizer_file, "tuned")
+    trainer = stage_scorer.ScorerTrainer(stage_scorer.ScorerOptions.from_args(clip_args(
+        tuned, "--steps", "1", "--text-causal", "--text-pool", "last", "--init-from", str(tmp_path / "packed"))))
+    for key, value in trained.state_dict().items():
+        assert torch.equal(trainer.model.state_dict()[key], value.float()), key
+    fresh = stage_scorer.ScorerTrainer(stage_scorer.ScorerOptions.from_args(clip_args(
+        run_with_tokenizer(tmp_path, tokenizer_file, "fresh"), "--steps", "1", "--text-causal", "--text-pool", "last")))
+    assert not torch.equal(fresh.model.text.token_embed.weight, trainer.model.text.token_embed.weight)
+
+    with pytest.raises(UserError, match="text_causal True .here False.*--text-causal"):
+        stage_scorer.ScorerTrainer(stage_scorer.ScorerOptions.from_args(clip_args(
+            tuned, "--steps", "1", "--text-pool", "last", "--init-from", str(source / "scorer"))))
+    with pytest.raises(UserError, match="--init-from .*is not a directory"):
+        stage_scorer.ScorerTrainer(stage_scorer.ScorerOptions.from_args(clip_args(
+            tuned, "--steps", "1", "--init-from", str(tmp_path / "missing"))))
