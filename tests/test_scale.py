@@ -353,7 +353,8 @@ def test_the_precision_is_recorded_when_chosen_and_read_back_by_a_resume_without
 
     again, calls = loop.Run(tmp_path, "scorer"), []  # killed before any checkpoint, started with --resume
     assert again.can_resume() is False and again.precision == "bf16"
-    assert loop.choose_precision(again, torch.device("cpu"), "auto", _timed_probe(torch.bfloat16, calls)) is torch.bfloat16
+    chosen = loop.choose_precision(again, torch.device("cpu"), "auto", _timed_probe(torch.bfloat16, calls))
+    assert chosen is torch.bfloat16
     assert calls == []  # bf16 would now measure slower: not probed again
     first.save_checkpoint(1, {"layer": torch.nn.Linear(2, 2)}, {}, data_position=8)
     assert loop.Run(tmp_path, "scorer").can_resume() is True

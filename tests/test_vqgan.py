@@ -439,7 +439,8 @@ def test_a_stage_killed_before_its_first_checkpoint_resumes_in_the_precision_it_
     out = capsys.readouterr().out
     assert "starting again at step 0 in bf16" in out and "--precision auto:" not in out  # not probed again
     assert logged_losses(tmp_path / "resumed") == logged_losses(tmp_path / "straight")
-    straight, resumed = (VQGAN.from_pretrained(tmp_path / run / "vqgan").state_dict() for run in ("straight", "resumed"))
+    straight, resumed = (VQGAN.from_pretrained(tmp_path / name / "vqgan").state_dict()
+                         for name in ("straight", "resumed"))
     for key, value in straight.items():
         assert torch.equal(resumed[key], value), key
 

@@ -608,8 +608,8 @@ class Run:
             raise CheckpointError(f"{self.stage} checkpoint: no checkpoint in {self.state_dir}; start without --resume")
         self.precision = recorded
         if self.is_main:
-            print(f"{self.stage}: --resume: stopped before its first checkpoint; starting again at step 0 in {recorded}, "
-                  "the precision it chose")
+            print(f"{self.stage}: --resume: stopped before its first checkpoint; starting again at step 0 in "
+                  f"{recorded}, the precision it chose")
         return False
 
     def save_checkpoint(
