@@ -11,6 +11,8 @@
   compared on identical pictures. Per kind of scene: the share of candidates right, the scorer's pick of
   the first k (k = 1, 2, 4, ... N), and the pick of `python -m sample`'s rule for each shortlist size K:
   the scorer's best K of the N, re-ordered by the decoder's likelihood of each picture given the prompt.
+  And right over wrong: for each prompt with right and wrong candidates, how often the scorer scores a right
+  one above a wrong one, over every such pair (chance 50%): the pairwise test asked of the decoder's mistakes.
 
     python -m bench.structure --checkpoint RUN --scorer RUN/scorer --scorer OTHER/scorer --cache CANDIDATES_DIR
 
@@ -238,6 +240,28 @@ def _curves(record: dict, score: Callable[[int, str], list[float]]) -> dict:
     return results
 
 
+def candidate_pairwise(record: dict, scores: torch.Tensor) -> dict:
+    """{kind: {"prompts", "pairs", "accuracy"}}: among the stored candidates of each prompt that has right and
+    wrong ones, how often ``scores`` (P, N) put a right candidate strictly above a wrong one, over every such
+    pair (chance 50%). The pairwise test of renders asks this of one word changed in a clean picture; this asks
+    it of the decoder's own mistakes, which are what a pick must pass over."""
+    results, row = {}, 0
+    for kind in record["settings"]["kinds"]:  # the order the pictures are stored in
+        prompts = pairs = wins = 0
+        for right in record["kinds"][kind]["right"]:
+            row_scores = scores[row]
+            row += 1
+            mask = torch.tensor(right, dtype=torch.bool)
+            if mask.all() or not mask.any():
+                continue
+            prompts += 1
+            above = row_scores[mask][:, None] > row_scores[~mask][None, :]  # (right, wrong)
+            pairs += above.numel()
+            wins += int(above.sum())
+        results[kind] = {"prompts": prompts, "pairs": pairs, "accuracy": wins / pairs if pairs else None}
+    return results
+
+
 def candidate_likelihoods(record: dict, judge: DecoderJudge) -> torch.Tensor:
     """(P, N) log p(candidate's tokens | its prompt) in nats of every stored candidate, by the run's decoder."""
     n = record["settings"]["candidates"]
@@ -370,6 +394,15 @@ def _shortlist_markdown(curves: dict) -> list[str]:
     return lines
 
 
+def _candidate_pairwise_markdown(figures: dict) -> list[str]:
+    lines = ["", "Right over wrong among the same candidates: for each prompt with both, how often the scorer scores "
+                 "a right candidate above a wrong one, over every such pair (chance 50%):", "",
+             "| kind | prompts with both | pairs | right preferred |", "|---|---|---|---|"]
+    for kind, r in figures.items():
+        lines.append(f"| {kind} | {r['prompts']} | {r['pairs']} | {_pct(r['accuracy'])} |")
+    return lines
+
+
 def markdown(report: dict) -> str:
     lines = []
     for name, figures in report["scorers"].items():
@@ -379,6 +412,8 @@ def markdown(report: dict) -> str:
             lines += _rerank_markdown(figures["rerank"], "Reranking the same candidates (the oracle judges the pick):")
         if "shortlist" in figures:
             lines += _shortlist_markdown(figures["shortlist"])
+        if "candidate_pairwise" in figures:
+            lines += _candidate_pairwise_markdown(figures["candidate_pairwise"])
     if "failures" in report:
         aspects = sorted({a for r in report["failures"].values() for a in r["failing"]})
         lines += ["", "Why candidates fail (the oracle's aspects; 'alone': the only aspect that fails):", "",
@@ -472,6 +507,7 @@ def _run(args) -> None:
             scores = candidate_scores(record, scorer)  # one pass of the scorer for both figures
             figures["rerank"] = rerank_curves(record, scores)
             figures["shortlist"] = shortlist_curves(record, scores, likelihoods)
+            figures["candidate_pairwise"] = candidate_pairwise(record, scores)
         report["scorers"][name] = figures
     if record is not None:
         report["failures"] = failures(record)

@@ -314,6 +314,9 @@ def test_structure_compares_scorers_on_the_same_cached_candidates(tiny_run, tmp_
         assert r["best_of_first"]["1"] == r["random1"] and r["best_of_first"]["3"] == r["pick"]
     for kind, r in first["shortlist"].items():  # K = 1 is the scorer alone
         assert list(r["pick"]) == ["1", "2", "3"] and r["pick"]["1"] == first["rerank"][kind]["pick"]
+    assert set(first["candidate_pairwise"]) == {"single", "relation"}
+    for r in first["candidate_pairwise"].values():  # pairs of a right and a wrong candidate of one prompt
+        assert r["pairs"] <= r["prompts"] * 2 and (r["accuracy"] is None) == (r["pairs"] == 0)
 
     record = structure.load_candidates(tmp_path / "cache", json.loads((tmp_path / "cache" / "candidates.json")
                                                                       .read_text())["settings"])
@@ -400,3 +403,18 @@ def test_shortlist_picks_the_likeliest_of_the_scorers_best_k():
     assert curves == {"count": {"prompts": 1, "pick": {1: 0.0, 2: 1.0, 3: 1.0, 4: 0.0}}}
     tied = structure.shortlist_curves(record, scores, torch.zeros(1, 4))  # equal likelihoods: the scorer's order
     assert tied["count"]["pick"] == {1: 0.0, 2: 0.0, 3: 0.0, 4: 0.0}
+
+
+def test_candidate_pairwise_counts_right_over_wrong_pairs_of_prompts_with_both():
+    """Prompt 1: right candidates 0 and 2 against wrong 1 and 3, scored so that 3 of the 4 pairs are won (a tie
+    loses); prompt 2 is all right and counts nowhere; a kind without mixed prompts has no figure."""
+    import bench.structure as structure
+
+    scores = torch.tensor([[5.0, 2.0, 3.0, 3.0], [1.0, 2.0, 3.0, 4.0], [0.0, 0.0, 0.0, 0.0]])
+    record = {"settings": {"candidates": 4, "kinds": ["relation", "count"]},
+              "kinds": {"relation": {"right": [[True, False, True, False], [True, True, True, True]]},
+                        "count": {"right": [[False, False, False, False]]}}}
+    figures = structure.candidate_pairwise(record, scores)
+    assert figures == {"relation": {"prompts": 1, "pairs": 4, "accuracy": 0.75},
+                       "count": {"prompts": 0, "pairs": 0, "accuracy": None}}
+    assert "| relation | 1 | 4 | 75.0% |" in "\n".join(structure._candidate_pairwise_markdown(figures))
