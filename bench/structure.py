@@ -27,7 +27,7 @@ import json
 import random
 import sys
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -202,6 +202,16 @@ def extend_candidates(record: dict, more: dict) -> dict:
                for k in TENSORS}}
 
 
+def _stored_kinds(record: dict) -> Iterator[tuple[str, dict, range]]:
+    """Each kind of scene with its entry and the rows its prompts hold in the stored tensors (kind by kind, in
+    the order of ``settings["kinds"]``, the order the pictures are stored in)."""
+    start = 0
+    for kind in record["settings"]["kinds"]:
+        entry = record["kinds"][kind]
+        yield kind, entry, range(start, start + len(entry["right"]))
+        start += len(entry["right"])
+
+
 def _stored_prompts(record: dict) -> list[str]:
     """Each stored row's prompt, in the order the candidates are stored (kind by kind)."""
     return [p for kind in record["settings"]["kinds"] for p in record["kinds"][kind]["prompts"]]
@@ -224,13 +234,11 @@ def _curves(record: dict, score: Callable[[int, str], list[float]]) -> dict:
     """Reranking curves for ``score(row, prompt)``, the scores of the candidates of stored row ``row``."""
     n = record["settings"]["candidates"]
     ks = sorted({k for k in (1, 2, 4, 8, 16, 32) if k < n} | {n})
-    results, row = {}, 0
-    for kind in record["settings"]["kinds"]:  # the order the pictures are stored in
-        entry = record["kinds"][kind]
+    results = {}
+    for kind, entry, rows in _stored_kinds(record):
         passed = dict.fromkeys(ks, 0)
-        for prompt, right in zip(entry["prompts"], entry["right"]):
+        for row, prompt, right in zip(rows, entry["prompts"], entry["right"]):
             scores = score(row, prompt)
-            row += 1
             for k in ks:
                 passed[k] += right[max(range(k), key=scores.__getitem__)]
         prompts = len(entry["prompts"])
@@ -245,12 +253,11 @@ def candidate_pairwise(record: dict, scores: torch.Tensor) -> dict:
     wrong ones, how often ``scores`` (P, N) put a right candidate strictly above a wrong one, over every such
     pair (chance 50%). The pairwise test of renders asks this of one word changed in a clean picture; this asks
     it of the decoder's own mistakes, which are what a pick must pass over."""
-    results, row = {}, 0
-    for kind in record["settings"]["kinds"]:  # the order the pictures are stored in
+    results = {}
+    for kind, entry, rows in _stored_kinds(record):
         prompts = pairs = wins = 0
-        for right in record["kinds"][kind]["right"]:
+        for row, right in zip(rows, entry["right"]):
             row_scores = scores[row]
-            row += 1
             mask = torch.tensor(right, dtype=torch.bool)
             if mask.all() or not mask.any():
                 continue
@@ -275,13 +282,11 @@ def shortlist_curves(record: dict, scores: torch.Tensor, likelihoods: torch.Tens
     ``likelihoods`` (P, N), ties in the scorer's order (K = 1: the scorer alone; K = N: the likelihood alone)."""
     n = record["settings"]["candidates"]
     sizes = sorted({k for k in SHORTLISTS if k < n} | {n})
-    results, row = {}, 0
-    for kind in record["settings"]["kinds"]:  # the order the pictures are stored in
-        entry = record["kinds"][kind]
+    results = {}
+    for kind, entry, rows in _stored_kinds(record):
         passed = dict.fromkeys(sizes, 0)
-        for right in entry["right"]:
+        for row, right in zip(rows, entry["right"]):
             merit, fit = scores[row].tolist(), likelihoods[row].tolist()
-            row += 1
             order = sorted(range(n), key=lambda j: -merit[j])
             for k in sizes:
                 passed[k] += right[max(order[:k], key=fit.__getitem__)]  # max keeps the first of equals
