@@ -23,24 +23,21 @@ pictures. Prints a markdown table and writes OUT/structure.json.
 
 from __future__ import annotations
 
-import json
 import random
 import sys
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
-import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
-from checkpoint import CheckpointError, atomic_write, part_dir, write_json
+from checkpoint import CheckpointError, part_dir, write_json
 from cli import ArgumentParser, UserError, add_threads_argument, run_command, set_threads
 from data.images import from_pil
 from data.negatives import KINDS_OF_SCENE, SCENE_KINDS, WORD_KINDS, scene_negative, word_alternatives, word_negative
-from data.oracle import check_details
 from data.shapes import evaluation_prompts, render
 from devices import resolve_device
+from sample.candidates import (candidate_settings, draw_candidates, extend_candidates,
+                               load_candidates, save_candidates)
 from sample.pipeline import Pipeline, SamplingSettings, picture_side, resolve_run
 from sample.rerank import load_reranker
 from seq2seq.evaluate import log_likelihoods
@@ -51,7 +48,6 @@ __all__ = ["pairwise_shapes", "pairwise_captions", "draw_candidates", "candidate
 
 SCENE_KINDS_ORDER = ("single", "position", "relation", "count")
 CHUNK = 64  # pictures per scorer pass
-TENSORS = ("images", "tokens")  # what candidates.safetensors holds
 SHORTLISTS = (1, 2, 3, 4, 6, 8, 16)  # shortlist sizes reported (and the number of candidates)
 
 
@@ -110,96 +106,6 @@ def pairwise_captions(scorer, images: torch.Tensor, texts: Sequence[str], seed: 
 
 
 # ---------------------------------------------------------------- reranking from fixed candidates
-
-
-def draw_candidates(run: Path, *, prompts_per_kind: int, candidates: int, seed: int = 0, device: str = "auto",
-                    kinds: Sequence[str] = SCENE_KINDS_ORDER, batch_prompts: int = 8, first: int = 0,
-                    cfg: float = SamplingSettings.cfg, temperature: float = SamplingSettings.temperature,
-                    top_k: int | None = SamplingSettings.top_k, top_p: float | None = SamplingSettings.top_p) -> dict:
-    """Candidates for held-out prompts ``first`` to ``prompts_per_kind - 1`` of each kind of scene, drawn with
-    `python -m sample` defaults but the guidance scale ``cfg``, ``temperature``, ``top_k`` and ``top_p`` (prompt i
-    and candidate j are the same pictures whatever ``first`` is).
-
-    {"settings": {...}, "kinds": {kind: {"prompts": [str], "right": [[bool] * candidates]}},
-     "images": uint8 tensor (prompts of all kinds, candidates, 3, S, S)}.
-    """
-
-    pipeline = Pipeline(run, device=device, rerank=False)
-    settings = SamplingSettings(n=candidates, keep=candidates, seed=seed, rerank=False, cfg=cfg,
-                                temperature=temperature, top_k=top_k, top_p=top_p)
-    record = {"settings": _settings(run, prompts_per_kind, candidates, seed, kinds, cfg, temperature, top_k, top_p),
-              "kinds": {}}
-    images, tokens = [], []
-    for kind in kinds:
-        prompts = evaluation_prompts(kind, prompts_per_kind, seed=seed)[first:]
-        right, failed = [], []
-        for start in range(0, len(prompts), batch_prompts):
-            chunk = prompts[start:start + batch_prompts]
-            for (text, scene), pictures in zip(chunk, pipeline([t for t, _ in chunk], settings)):
-                by_candidate = sorted(pictures, key=lambda p: p.candidate)
-                details = [check_details(scene, p.image) for p in by_candidate]
-                right.append([all(d.values()) for d in details])
-                failed.append([[aspect for aspect, holds in d.items() if not holds] for d in details])
-                images.append(torch.stack([_to_uint8(p.image) for p in by_candidate]))
-                tokens.append(torch.stack([p.tokens for p in by_candidate]).to(torch.int32))
-            print(f"bench.structure: {kind} {min(start + batch_prompts, len(prompts))}/{len(prompts)} prompts",
-                  file=sys.stderr)
-        record["kinds"][kind] = {"prompts": [t for t, _ in prompts], "right": right, "failed": failed}
-    record["images"] = torch.stack(images)  # (P, N, 3, S, S)
-    record["tokens"] = torch.stack(tokens)  # (P, N, h, w) the decoder's ids of each candidate
-    return record
-
-
-def _settings(run: Path, prompts_per_kind: int, candidates: int, seed: int, kinds: Sequence[str],
-              cfg: float = SamplingSettings.cfg, temperature: float = SamplingSettings.temperature,
-              top_k: int | None = SamplingSettings.top_k, top_p: float | None = SamplingSettings.top_p) -> dict:
-    return {"format": 3, "run": str(run.resolve()), "prompts_per_kind": prompts_per_kind, "candidates": candidates,
-            "seed": seed, "kinds": list(kinds), "cfg": cfg, "temperature": temperature, "top_k": top_k, "top_p": top_p}
-
-
-def _to_uint8(image) -> torch.Tensor:
-    return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.uint8).copy()).permute(2, 0, 1)  # (3, S, S)
-
-
-def save_candidates(record: dict, directory: Path) -> None:
-    """candidates.safetensors (the pictures) and candidates.json (settings, prompts, verdicts), atomically."""
-
-
-    directory.mkdir(parents=True, exist_ok=True)
-    atomic_write(directory / "candidates.safetensors",
-                 lambda tmp: save_file({k: record[k].contiguous() for k in TENSORS}, tmp))
-    write_json(directory / "candidates.json", {k: v for k, v in record.items() if k not in TENSORS})
-
-
-def load_candidates(directory: Path, settings: dict) -> dict | None:
-    """The cached candidates when they were drawn with ``settings``, or with fewer prompts per kind and
-    otherwise the same (the first prompts of a longer list); None when there are none or others."""
-
-
-    try:
-        record = json.loads((directory / "candidates.json").read_text())
-        cached = record.get("settings", {})
-        if {**cached, "prompts_per_kind": 0} != {**settings, "prompts_per_kind": 0} \
-                or cached["prompts_per_kind"] > settings["prompts_per_kind"]:
-            return None
-        tensors = load_file(str(directory / "candidates.safetensors"))
-        record.update({k: tensors[k] for k in TENSORS})
-    except (OSError, ValueError, KeyError, TypeError, SafetensorError):
-        return None
-    return record
-
-
-def extend_candidates(record: dict, more: dict) -> dict:
-    """``record`` with the later prompts of ``more`` (drawn with ``first`` = record's prompts per kind) appended."""
-    kinds, old, new = record["settings"]["kinds"], record["settings"]["prompts_per_kind"], more["settings"]["prompts_per_kind"]
-    added = new - old
-    for index, kind in enumerate(kinds):
-        record["kinds"][kind] = {key: record["kinds"][kind][key] + more["kinds"][kind][key]
-                                 for key in ("prompts", "right", "failed")}
-    return {"settings": more["settings"], "kinds": record["kinds"],
-            **{k: torch.cat([part for index in range(len(kinds)) for part in (
-                record[k][index * old:(index + 1) * old], more[k][index * added:(index + 1) * added])])
-               for k in TENSORS}}
 
 
 def _stored_kinds(record: dict) -> Iterator[tuple[str, dict, range]]:
@@ -490,7 +396,7 @@ def _run(args) -> None:
         scorers[str(directory)] = load_reranker(run, tokenizer, device, side, directory=directory)
     record = None
     if not args.no_rerank:
-        settings = _settings(run, args.prompts_per_kind, args.candidates, args.seed, args.kinds, **sampling)
+        settings = candidate_settings(run, args.prompts_per_kind, args.candidates, args.seed, args.kinds, **sampling)
         cache = Path(args.cache) if args.cache else None
         record = load_candidates(cache, settings) if cache else None
         have = 0 if record is None else record["settings"]["prompts_per_kind"]

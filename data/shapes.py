@@ -38,7 +38,7 @@ from checkpoint import atomic_write
 __all__ = [
     "COLOURS", "SHAPES", "SIZES", "KINDS", "SPLITS", "RELATIONS", "CELLS", "HELDOUT_PAIRS", "HELDOUT_RELATIONS",
     "TRAIN_PAIRS", "Obj", "Scene", "make_scene", "describe", "render", "example", "caption", "evaluation_prompts",
-    "export_imagefolder", "cell_of", "relation_holds", "converse", "object_gap", "shape_vertices",
+    "training_prompts", "export_imagefolder", "cell_of", "relation_holds", "converse", "object_gap", "shape_vertices",
 ]
 
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -489,16 +489,27 @@ def caption(seed: int, split: str, index: int) -> str:
     return _scene_and_text(seed, split, index)[1]
 
 
-def evaluation_prompts(kind: str, n: int, seed: int = 0) -> list[tuple[str, Scene]]:
-    """``n`` (caption, scene) pairs of one kind from the held-out split, for benchmarks."""
+def _prompts(kind: str, n: int, seed: int, split: str, stream: str) -> list[tuple[str, Scene]]:
+    """``n`` (caption, scene) pairs of one kind of ``split``, from the generator stream ``stream/kind``."""
     if kind not in KINDS:
         raise ValueError(f"kind {kind!r} is not one of {KINDS}")
     prompts = []
     for index in range(n):
-        rng = _rng(seed, f"heldout/{kind}", index)
-        scene = make_scene(rng, "heldout", kind)
+        rng = _rng(seed, f"{stream}/{kind}", index)
+        scene = make_scene(rng, split, kind)
         prompts.append((describe(scene, rng), scene))
     return prompts
+
+
+def evaluation_prompts(kind: str, n: int, seed: int = 0) -> list[tuple[str, Scene]]:
+    """``n`` (caption, scene) pairs of one kind from the held-out split, for benchmarks."""
+    return _prompts(kind, n, seed, "heldout", "heldout")
+
+
+def training_prompts(kind: str, n: int, seed: int = 0) -> list[tuple[str, Scene]]:
+    """``n`` (caption, scene) pairs of one kind from the training split (its colour-shape pairs and relation
+    triples), from a stream of their own: prompts a scorer may be tuned on without seeing a held-out one."""
+    return _prompts(kind, n, seed, "train", "ranking")
 
 
 def export_imagefolder(out_dir: str | Path, n: int, seed: int = 0, split: str = "train", size: int = 64) -> Path:

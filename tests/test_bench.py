@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import bench.__main__ as bench_cli
+from cli import UserError
 from sample.pipeline import SamplingSettings
 
 
@@ -418,3 +419,44 @@ def test_candidate_pairwise_counts_right_over_wrong_pairs_of_prompts_with_both()
     assert figures == {"relation": {"prompts": 1, "pairs": 4, "accuracy": 0.75},
                        "count": {"prompts": 0, "pairs": 0, "accuracy": None}}
     assert "| relation | 1 | 4 | 75.0% |" in "\n".join(structure._candidate_pairwise_markdown(figures))
+
+
+def test_train_candidates_draws_training_prompts_judges_them_and_keeps_what_is_drawn(tiny_run, tmp_path, capsys):
+    """`python -m train candidates`: per kind, training prompts (never held-out ones) drawn as `python -m sample`
+    draws them and judged by the oracle, in bench.structure's cache format; run again, it keeps what is there
+    and draws only what is missing; a run of other data is refused."""
+    import shutil
+
+    import train.__main__ as train_cli
+    from bench import structure
+    from data.shapes import training_prompts
+    from train.stage_scorer import RankedCandidates
+
+    out = tmp_path / "candidates"
+    args = ["candidates", "--checkpoint", str(tiny_run), "--out", str(out), "--candidates", "3", "--device", "cpu"]
+    assert train_cli.main([*args, "--prompts", "relation=2", "count=1"]) == 0
+    record = json.loads((out / "relation" / "candidates.json").read_text())
+    assert record["settings"]["split"] == "train" and record["settings"]["candidates"] == 3
+    assert record["kinds"]["relation"]["prompts"] == [t for t, _ in training_prompts("relation", 2)]
+    assert [len(r) for r in record["kinds"]["relation"]["right"]] == [3, 3]
+    settings = json.loads((out / "count" / "candidates.json").read_text())["settings"]
+    count = structure.load_candidates(out / "count", settings)
+    assert count["images"].shape == (1, 3, 3, 32, 32)
+
+    capsys.readouterr()
+    assert train_cli.main([*args, "--prompts", "relation=2", "count=2"]) == 0
+    printed = capsys.readouterr().out
+    assert "relation: 2 prompts already in" in printed and "count: 2 prompts x 3" in printed
+    again = json.loads((out / "count" / "candidates.json").read_text())
+    assert again["kinds"]["count"]["prompts"] == [t for t, _ in training_prompts("count", 2)]
+    # A scorer reads every kind's folder; four prompts are too few for a step's eight, which it says.
+    with pytest.raises(UserError, match=r"only \d prompts in .* have both right and wrong candidates"):
+        RankedCandidates.load(out, 32)
+
+    other = tmp_path / "other"
+    shutil.copytree(tiny_run, other)
+    (other / "all.json").write_text(json.dumps({**json.loads((tiny_run / "all.json").read_text()), "data": "openmoji"}))
+    assert train_cli.main(["candidates", "--checkpoint", str(other), "--out", str(tmp_path / "x")]) == 2
+    assert "knows `shapes` scenes only" in capsys.readouterr().err
+    assert train_cli.main([*args, "--prompts", "relation=0"]) == 2
+    assert train_cli.main([*args, "--candidates", "1"]) == 2

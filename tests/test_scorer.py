@@ -252,16 +252,10 @@ def test_stage_trains_and_writes_the_scorer(tmp_path, tokenizer_file):
     assert json.loads((run / "state" / "scorer" / "latest.json").read_text())["step"] == 3
 
 
-def test_resume_gives_the_same_steps_as_an_uninterrupted_run(tmp_path, tokenizer_file, monkeypatch):
-    from safetensors.torch import load_file
-
+def killed_after_step_2_then_resumed(run: Path, options: tuple[str, ...], monkeypatch) -> Path:
+    """The scorer stage on ``run`` with ``options``, interrupted before its third step, then run with --resume."""
     from train import stage_scorer
 
-    options = ("--steps", "4", "--save-every", "2", "--log-every", "1", "--eval-every", "100")
-    straight = run_with_tokenizer(tmp_path, tokenizer_file, "straight")
-    stage_scorer.main(clip_args(straight, *options))
-
-    resumed = run_with_tokenizer(tmp_path, tokenizer_file, "resumed")
     train_step = stage_scorer.ScorerTrainer.train_step
 
     def killed_after_step_2(self, batch):
@@ -271,9 +265,23 @@ def test_resume_gives_the_same_steps_as_an_uninterrupted_run(tmp_path, tokenizer
 
     monkeypatch.setattr(stage_scorer.ScorerTrainer, "train_step", killed_after_step_2)
     with pytest.raises(KeyboardInterrupt):
-        stage_scorer.main(clip_args(resumed, *options))
+        stage_scorer.main(clip_args(run, *options))
     monkeypatch.setattr(stage_scorer.ScorerTrainer, "train_step", train_step)
-    stage_scorer.main(clip_args(resumed, *options, "--resume"))
+    stage_scorer.main(clip_args(run, *options, "--resume"))
+    return run
+
+
+def test_resume_gives_the_same_steps_as_an_uninterrupted_run(tmp_path, tokenizer_file, monkeypatch):
+    from safetensors.torch import load_file
+
+    from train import stage_scorer
+
+    options = ("--steps", "4", "--save-every", "2", "--log-every", "1", "--eval-every", "100")
+    straight = run_with_tokenizer(tmp_path, tokenizer_file, "straight")
+    stage_scorer.main(clip_args(straight, *options))
+
+    resumed = killed_after_step_2_then_resumed(run_with_tokenizer(tmp_path, tokenizer_file, "resumed"), options,
+                                               monkeypatch)
 
     def losses(run: Path) -> dict[int, float]:
         return {m["step"]: m["loss"] for m in read_metrics(run) if "loss" in m}
@@ -496,3 +504,96 @@ def test_init_from_starts_from_another_scorers_weights_and_refuses_another_archi
     with pytest.raises(UserError, match="--init-from .*is not a directory"):
         stage_scorer.ScorerTrainer(stage_scorer.ScorerOptions.from_args(clip_args(
             tuned, "--steps", "1", "--init-from", str(tmp_path / "missing"))))
+
+
+def test_candidate_ranking_loss_is_the_softmax_mass_of_the_right_candidates():
+    from train.stage_scorer import candidate_ranking_loss
+
+    rows = [[1.0, 0.0], [0.6, 0.8], [0.0, 1.0], [0.0, 1.0], [1.0, 0.0]]
+    images = torch.nn.functional.normalize(torch.tensor(rows), dim=-1)
+    texts = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    scale = torch.tensor(10.0)
+    # prompt 0: rows 0 (right) and 1, 2 (wrong); prompt 1: rows 3, 4 with row 3 right.
+    loss = candidate_ranking_loss(scale, images, texts, [(0, 1, 2), (3, 1, 1)])
+    first = torch.logsumexp(torch.tensor([10.0, 6.0, 0.0]), 0) - 10.0
+    second = torch.logsumexp(torch.tensor([10.0, 0.0]), 0) - 10.0
+    assert loss.item() == pytest.approx(((first + second) / 2).item(), rel=1e-5)
+    swapped = candidate_ranking_loss(scale, images[[2, 1, 0, 4, 3]], texts, [(0, 1, 2), (3, 1, 1)])
+    assert swapped > loss  # the wrong candidate ranked first costs more
+    both = candidate_ranking_loss(scale, images, texts, [(0, 2, 1)])  # two right ones: their mass together
+    assert both.item() == pytest.approx((torch.logsumexp(torch.tensor([10.0, 6.0, 0.0]), 0)
+                                         - torch.logsumexp(torch.tensor([10.0, 6.0]), 0)).item(), rel=1e-5)
+
+
+def judged_candidates(folder: Path, *, size: int = 32, prompts: int = 12, candidates: int = 4, split: str = "train",
+                      mixed: bool = True) -> Path:
+    """A folder as `python -m train candidates` writes it, with made-up pictures and verdicts."""
+    from sample.candidates import save_candidates
+    from data.shapes import training_prompts
+
+    generator = torch.Generator().manual_seed(0)
+    texts = [text for text, _ in training_prompts("relation", prompts)]
+    right = [[j == 0 or (not mixed) for j in range(candidates)] for _ in texts]  # one right, the rest wrong
+    settings = {"format": 3, "run": "somewhere", "prompts_per_kind": prompts, "candidates": candidates, "seed": 0,
+                "kinds": ["relation"], "cfg": 2.0, "temperature": 1.0, "top_k": None, "top_p": 0.8}
+    if split != "heldout":
+        settings["split"] = split
+    record = {"settings": settings,
+              "kinds": {"relation": {"prompts": texts, "right": right, "failed": [[[]] * candidates] * prompts}},
+              "images": torch.randint(0, 256, (prompts, candidates, 3, size, size), dtype=torch.uint8,
+                                      generator=generator),
+              "tokens": torch.zeros(prompts, candidates, 4, 4, dtype=torch.int32)}
+    save_candidates(record, folder / "relation")
+    return folder
+
+
+def test_ranked_candidates_join_the_step_and_a_killed_run_resumes_exactly(tmp_path, tokenizer_file, monkeypatch):
+    from safetensors.torch import load_file
+
+    from train import stage_scorer
+
+    folder = judged_candidates(tmp_path / "candidates")
+    options = ("--steps", "4", "--save-every", "2", "--log-every", "1", "--eval-every", "100",
+               "--precision", "fp32", "--rank-candidates", str(folder), "--rank-weight", "2")
+    straight = run_with_tokenizer(tmp_path, tokenizer_file, "straight")
+    stage_scorer.main(clip_args(straight, *options))
+    plain = run_with_tokenizer(tmp_path, tokenizer_file, "plain")
+    stage_scorer.main(clip_args(plain, *options[:-4]))
+
+    resumed = killed_after_step_2_then_resumed(run_with_tokenizer(tmp_path, tokenizer_file, "resumed"), options,
+                                               monkeypatch)
+
+    def logged(run: Path) -> dict[int, tuple]:
+        return {m["step"]: (m["loss"], m.get("rank_loss")) for m in read_metrics(run) if "loss" in m}
+
+    assert logged(resumed) == logged(straight) and sorted(logged(straight)) == [1, 2, 3, 4]
+    assert all(rank > 0 for _, rank in logged(straight).values())
+    assert all(rank is None for _, rank in logged(plain).values())
+    # The same first batch and weights: the step's loss is the contrastive one plus twice the ranking loss.
+    loss, rank = logged(straight)[1]
+    assert loss == pytest.approx(logged(plain)[1][0] + 2 * rank, rel=1e-4)
+    a = load_file(str(straight / "scorer" / "model.safetensors"))
+    b = load_file(str(resumed / "scorer" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_rank_candidates_refuses_what_it_cannot_rank_with(tmp_path, tokenizer_file):
+    from train import stage_scorer
+
+    run = run_with_tokenizer(tmp_path, tokenizer_file, "run")
+
+    def refused(folder: Path, *extra: str) -> str:
+        with pytest.raises(UserError) as error:
+            stage_scorer.ScorerTrainer(stage_scorer.ScorerOptions.from_args(clip_args(
+                run, "--steps", "1", "--rank-candidates", str(folder), *extra)))
+        return str(error.value)
+
+    assert "holds no candidates.json" in refused(tmp_path / "empty")
+    assert "held-out prompts" in refused(judged_candidates(tmp_path / "bench", split="heldout"))
+    assert "64-pixel pictures and this scorer reads 32" in refused(judged_candidates(tmp_path / "big", size=64))
+    assert "only 0 prompts" in refused(judged_candidates(tmp_path / "all-right", mixed=False))
+    weightless = refused(judged_candidates(tmp_path / "ok"), "--rank-weight", "0")
+    assert "--rank-weight must be a positive number" in weightless
+    damaged = judged_candidates(tmp_path / "damaged")
+    (damaged / "relation" / "candidates.safetensors").write_bytes(b"not a tensor file")
+    assert "cannot read the candidates" in refused(damaged)

@@ -339,6 +339,22 @@ def test_evaluation_prompts_are_heldout_and_fixed():
             assert isinstance(text, str) and text
 
 
+def test_training_prompts_are_of_the_training_split_fixed_and_apart_from_the_data_stream():
+    from data.shapes import training_prompts
+
+    for kind in KINDS:
+        prompts = training_prompts(kind, 40, seed=4)
+        assert len(prompts) == 40 and all(scene.kind == kind for _, scene in prompts)
+        assert prompts == training_prompts(kind, 40, seed=4) and prompts != training_prompts(kind, 40, seed=5)
+        for text, scene in prompts:  # never a held-out pair or triple: the scorer may be tuned on these
+            assert not any((o.colour, o.shape) in HELDOUT_PAIRS for o in scene.objects)
+            assert not (kind == "relation" and triple_heldout(scene.objects[0], scene.relation, scene.objects[1]))
+    training = [caption(4, "train", i) for i in range(40)]
+    assert [t for t, _ in training_prompts("relation", 40, seed=4)] != training  # a stream of its own
+    with pytest.raises(ValueError, match="kind"):
+        training_prompts("everything", 3)
+
+
 def test_export_imagefolder_writes_what_data_reads(tmp_path):
     out = export_imagefolder(tmp_path / "shapes", 12, seed=2, split="heldout", size=32)
     rows = [json.loads(line) for line in (out / "metadata.jsonl").read_text().splitlines()]

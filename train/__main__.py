@@ -1,4 +1,4 @@
-"""``python -m train <stage>``: tokenizer, vqgan, seq2seq, scorer, or all of them in order.
+"""``python -m train <stage>``: tokenizer, vqgan, seq2seq, scorer, or all of them in order; candidates, export, pack.
 
 Each stage lives in ``train/stage_<name>.py`` with ``add_arguments(parser)`` and ``main(args)``.
 Bad input ends with one line on stderr and exit status 2.
@@ -18,6 +18,8 @@ STAGES = {
     "vqgan": "train the VQGAN (stage 1) -> RUN/vqgan/",
     "seq2seq": "train the text-to-image-token transformer (stage 2) -> RUN/seq2seq/",
     "scorer": "train the CLIP-style reranking scorer -> RUN/scorer/",
+    "candidates": "the decoder's candidates for training prompts, judged by the shapes oracle -> DIR, for "
+                  "scorer --rank-candidates",
     "all": "every stage, one after another, sized for this machine",
     "export": "write N examples of a --data source as an imagefolder (PNG + metadata.jsonl)",
     "pack": "copy the parts sampling needs, float weights in float16, into a small run directory",

@@ -20,8 +20,15 @@ encoder pass each. The mode is recorded in RUN/scorer/config.json (``hard_negati
 Fine-tuning. ``--init-from DIR`` starts from the weights of another scorer of the same architecture and
 tokenizer (a packed run's float16 weights load as fp32) with a fresh optimizer and schedule. Fine-tuned this
 way on fresh scenes for 2 500 more steps, the `shapes` demo's scorer reads reversed relations (95% pairwise, at
-chance after the plan's 1 500 steps) but picks worse among the decoder's candidates, so the demo keeps its
-own (BENCHMARKS.md).
+chance after the plan's 1 500 steps) but picks worse among the decoder's candidates: clean renders never show
+it the decoder's own mistakes.
+
+The decoder's candidates. ``--rank-candidates DIR`` reads candidates that ``python -m train candidates`` drew
+for training prompts and the `shapes` oracle judged, and adds to every step a listwise ranking loss
+(:func:`candidate_ranking_loss`, weighted by ``--rank-weight``): for RANK_PROMPTS prompts with right and wrong
+candidates, up to RANK_PER_SIDE of each, the negative log of the softmax mass of the right ones among them.
+The pictures ride in the step's forward pass; which ones a step takes depends only on the seed, the step and
+the process, so a resumed run takes the same. The demo's scorer is the plan's, fine-tuned so (BENCHMARKS.md).
 
 Logged to RUN/metrics/scorer.jsonl: loss, accuracy (image-to-text top-1 within the batch), images_per_s,
 and every --eval-every steps the loss and accuracy of retrieval within a fixed batch of
@@ -34,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import math
 import random
 from dataclasses import asdict, dataclass
@@ -49,6 +57,7 @@ from cli import UserError
 from data.negatives import MODES, hard_negative, resolve_mode
 from data.sources import batches
 from devices import autocast
+from sample.candidates import load_candidates
 from scorer import IMAGE_POOLS, TEXT_POOLS, Scorer, ScorerConfig, contrastive_loss, retrieval_accuracy
 from seq2seq.evaluate import derangement
 from tokenizer import TextTokenizer
@@ -56,6 +65,9 @@ from train import dist
 from train.loop import (CaptionTokens, Run, Stage, StageOptions, add_common_arguments, add_model_size_argument,
                         check_pictures_held, choose_precision, cosine_schedule, optimizer_groups)
 
+
+# --rank-candidates: prompts ranked a step, and at most this many right and this many wrong candidates of each
+RANK_PROMPTS, RANK_PER_SIDE = 8, 4
 
 @dataclass
 class ScorerOptions(StageOptions):
@@ -74,6 +86,8 @@ class ScorerOptions(StageOptions):
     text_pool: str = "mean"
     text_causal: bool = False
     init_from: str | None = None  # a scorer directory whose weights the model starts from (a fine-tune)
+    rank_candidates: str | None = None  # judged candidates (python -m train candidates) to rank right over wrong
+    rank_weight: float = 1.0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -104,6 +118,90 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="start from the weights of the scorer in DIR (RUN/scorer/ of a run with the same "
                              "tokenizer, trained with the same --model-size, pools and --text-causal) instead of "
                              "a random initialisation: a fine-tune; the optimizer and schedule start afresh")
+    parser.add_argument("--rank-candidates", metavar="DIR", default=None,
+                        help="the decoder's candidates of training prompts judged by the oracle (`python -m train "
+                             f"candidates --out DIR`): each step also ranks {RANK_PROMPTS} prompts' right candidates "
+                             "above their wrong ones (shapes)")
+    parser.add_argument("--rank-weight", type=float, default=ScorerOptions.rank_weight,
+                        help="weight of that ranking loss beside the contrastive one (default 1)")
+
+
+def candidate_ranking_loss(scale: torch.Tensor, image_embeds: torch.Tensor, text_embeds: torch.Tensor,
+                           groups: list[tuple[int, int, int]]) -> torch.Tensor:
+    """Right candidates above wrong ones: for each prompt g, its candidates' rows ``first`` to ``first + right +
+    wrong`` of ``image_embeds`` (right ones first) against its text ``text_embeds[g]``, the negative log of the
+    softmax mass of the right ones among them (``scale`` times the cosine), averaged over the prompts. A
+    listwise loss: it is the pick, the top of a prompt's ranking, that must be right."""
+    terms = []
+    for g, (first, right, wrong) in enumerate(groups):
+        logits = scale * image_embeds[first:first + right + wrong] @ text_embeds[g]  # (right + wrong,)
+        terms.append(torch.logsumexp(logits, 0) - torch.logsumexp(logits[:right], 0))
+    return torch.stack(terms).mean()
+
+
+@dataclass
+class RankedCandidates:
+    """Judged candidates (``python -m train candidates``): pictures (P, N, 3, S, S) uint8, verdicts (P, N), the
+    prompts, and the prompts that have both right and wrong candidates (the only ones a ranking can use)."""
+
+    images: torch.Tensor
+    right: torch.Tensor
+    prompts: list[str]
+    mixed: list[int]
+
+    @classmethod
+    def load(cls, directory: Path, size: int) -> RankedCandidates:
+        """Every candidates.json (with its candidates.safetensors) in ``directory`` or its subfolders; a UserError
+        for none, for held-out prompts' candidates (a bench cache), for pictures of another size, or for too few
+        prompts with both right and wrong candidates."""
+        found = sorted({*directory.glob("candidates.json"), *directory.glob("*/candidates.json")})
+        if not found:
+            raise UserError(f"--rank-candidates {directory} holds no candidates.json; draw them with `python -m "
+                            f"train candidates --out {directory}`")
+        images, right, prompts = [], [], []
+        for path in found:
+            try:
+                settings = json.loads(path.read_text())["settings"]
+            except (OSError, ValueError, KeyError, TypeError):
+                settings = None
+            record = load_candidates(path.parent, settings) if isinstance(settings, dict) else None
+            if record is None:
+                raise UserError(f"--rank-candidates: cannot read the candidates in {path.parent}; draw them again "
+                                "with `python -m train candidates`")
+            if settings.get("split") != "train":
+                raise UserError(f"--rank-candidates: {path.parent} holds candidates of held-out prompts (a bench "
+                                "cache); a scorer tuned on them would be judged on what it was taught. Draw training "
+                                "prompts' with `python -m train candidates`")
+            if record["images"].shape[-1] != size:
+                raise UserError(f"--rank-candidates: {path.parent} holds {record['images'].shape[-1]}-pixel pictures "
+                                f"and this scorer reads {size}; draw them with a run of --size {size}")
+            images.append(record["images"])
+            right += [verdicts for kind in settings["kinds"] for verdicts in record["kinds"][kind]["right"]]
+            prompts += [prompt for kind in settings["kinds"] for prompt in record["kinds"][kind]["prompts"]]
+        if len({tuple(i.shape[1:]) for i in images}) > 1:
+            raise UserError(f"--rank-candidates: the folders in {directory} hold different numbers of candidates a "
+                            "prompt; draw them with one --candidates")
+        verdicts = torch.tensor(right, dtype=torch.bool)
+        mixed = [i for i, row in enumerate(verdicts.tolist()) if any(row) and not all(row)]
+        if len(mixed) < RANK_PROMPTS:
+            raise UserError(f"--rank-candidates: only {len(mixed)} prompts in {directory} have both right and wrong "
+                            f"candidates, and a step ranks {RANK_PROMPTS}; draw more prompts")
+        return cls(torch.cat(images), verdicts, prompts, mixed)
+
+    def batch(self, rng: random.Random) -> tuple[torch.Tensor, list[str], list[tuple[int, int, int]]]:
+        """RANK_PROMPTS prompts with right and wrong candidates, up to RANK_PER_SIDE of each: pictures (M, 3, S, S)
+        in [-1, 1], right ones of a prompt first, the prompts, and (first row, right, wrong) per prompt."""
+        pictures, texts, groups = [], [], []
+        for index in rng.sample(self.mixed, RANK_PROMPTS):
+            row = self.right[index].tolist()
+            right = [j for j, ok in enumerate(row) if ok]
+            wrong = [j for j, ok in enumerate(row) if not ok]
+            right = rng.sample(right, min(RANK_PER_SIDE, len(right)))
+            wrong = rng.sample(wrong, min(RANK_PER_SIDE, len(wrong)))
+            groups.append((len(pictures), len(right), len(wrong)))
+            pictures += [self.images[index, j] for j in right + wrong]
+            texts.append(self.prompts[index])
+        return torch.stack(pictures).float() / 127.5 - 1, texts, groups
 
 
 def caption_keys(texts: list[str]) -> torch.Tensor:
@@ -235,6 +333,11 @@ class ScorerTrainer(Stage):
         self.batches = batches(self.dataset, o.batch_size, o.seed, start=self.step * o.batch_size,
                                rank=self.ctx.rank, world_size=self.ctx.world_size, workers=o.workers)
         self.heldout_images, self.heldout_texts, self.heldout_negatives = self._heldout_batch(o.dataset(o.heldout_split))
+        self.ranked = None
+        if o.rank_candidates is not None:
+            if not (o.rank_weight > 0 and math.isfinite(o.rank_weight)):
+                raise UserError(f"--rank-weight must be a positive number, got {o.rank_weight}")
+            self.ranked = RankedCandidates.load(Path(o.rank_candidates), o.size)
         self.amp_dtype = choose_precision(self.run, self.device, o.precision, self._precision_probe)
 
     def _init_from(self, directory: Path) -> None:
@@ -312,11 +415,22 @@ class ScorerTrainer(Stage):
         o = self.options
         images = batch["image"].to(self.device)
         negatives = self._negatives(batch)
-        text_ids, text_mask = self.text_batch(batch["text"] + negatives)
+        texts = batch["text"] + negatives
+        rows, ranked = len(batch["text"]), None
+        if self.ranked is not None:  # the ranked candidates ride in the same forward pass, after the batch
+            ranked = self.ranked.batch(random.Random(f"rank/{o.seed}/{self.step}/{self.ctx.rank}"))
+            images = torch.cat([images, ranked[0].to(self.device)])
+            texts = texts + ranked[1]
+        text_ids, text_mask = self.text_batch(texts)
         self.model.train()
         with autocast(self.device, self.amp_dtype):
             image_embeds, text_embeds, scale = self.train_model(images, text_ids, text_mask)
-        rows = len(batch["text"])
+        rank_loss = None
+        if ranked is not None:
+            texts_in_batch = rows + len(negatives)
+            rank_loss = candidate_ranking_loss(scale.float(), image_embeds[rows:].float(),
+                                               text_embeds[texts_in_batch:].float(), ranked[2])
+            image_embeds, text_embeds = image_embeds[:rows], text_embeds[:texts_in_batch]
         image_embeds = _gather_rows(image_embeds.float(), self.ctx)  # (B, E)
         negative_embeds = _gather_rows(text_embeds[rows:].float(), self.ctx)  # (N, E)
         text_embeds = torch.cat([_gather_rows(text_embeds[:rows].float(), self.ctx), negative_embeds])  # (B + N, E)
@@ -329,17 +443,21 @@ class ScorerTrainer(Stage):
         if o.negative_weight != 1.0:  # w copies of a column in a softmax add log(w) to its logit
             logits = torch.cat([logits[:, :b], logits[:, b:] + math.log(o.negative_weight)], dim=1)
         loss = contrastive_loss(logits, positives)
+        extra = {}
+        if rank_loss is not None:
+            extra["rank_loss"] = rank_loss.item()
+            loss = loss + o.rank_weight * rank_loss
         loss.backward()
         loss_value, accuracy = loss.item(), retrieval_accuracy(logits[:, :b], positives[:, :b])
         if not math.isfinite(loss_value):
             self.optimizer.zero_grad(set_to_none=True)
-            return {"loss": loss_value, "accuracy": accuracy}
+            return {"loss": loss_value, "accuracy": accuracy, **extra}
         if o.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), o.grad_clip)
         self.optimizer.step()
         self.schedule.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return {"loss": loss_value, "accuracy": accuracy}
+        return {"loss": loss_value, "accuracy": accuracy, **extra}
 
     def figures(self) -> dict[str, float]:
         return {"lr": self.schedule.get_last_lr()[0], "scale": self.model.scale.item()}
