@@ -35,11 +35,12 @@ def draw_candidates(run: Path, *, prompts_per_kind: int, candidates: int, seed: 
                     first: int = 0, cfg: float = SamplingSettings.cfg,
                     temperature: float = SamplingSettings.temperature, top_k: int | None = SamplingSettings.top_k,
                     top_p: float | None = SamplingSettings.top_p, split: str = "heldout",
-                    progress: Callable[[str], None] | None = None) -> dict:
+                    progress: Callable[[str, int, int], None] | None = None) -> dict:
     """Candidates for held-out prompts ``first`` to ``prompts_per_kind - 1`` of each kind of scene, drawn with
     `python -m sample` defaults but the guidance scale ``cfg``, ``temperature``, ``top_k`` and ``top_p`` (prompt i
     and candidate j are the same pictures whatever ``first`` is). ``split`` "train" draws for training prompts
-    instead (data.shapes.training_prompts, what `python -m train candidates` judges).
+    instead (data.shapes.training_prompts, what `python -m train candidates` judges). ``progress(kind, done,
+    total)`` hears of every batch of prompts drawn (default: a line on stderr).
 
     {"settings": {...}, "kinds": {kind: {"prompts": [str], "right": [[bool] * candidates]}},
      "images": uint8 tensor (prompts of all kinds, candidates, 3, S, S)}.
@@ -49,9 +50,7 @@ def draw_candidates(run: Path, *, prompts_per_kind: int, candidates: int, seed: 
     settings = SamplingSettings(n=candidates, keep=candidates, seed=seed, rerank=False, cfg=cfg,
                                 temperature=temperature, top_k=top_k, top_p=top_p)
     record = {"settings": candidate_settings(run, prompts_per_kind, candidates, seed, kinds, cfg, temperature, top_k,
-                                             top_p), "kinds": {}}
-    if split != "heldout":
-        record["settings"]["split"] = split
+                                             top_p, split), "kinds": {}}
     prompts_of = {"heldout": evaluation_prompts, "train": training_prompts}[split]
     images, tokens = [], []
     for kind in kinds:
@@ -66,11 +65,11 @@ def draw_candidates(run: Path, *, prompts_per_kind: int, candidates: int, seed: 
                 failed.append([[aspect for aspect, holds in d.items() if not holds] for d in details])
                 images.append(torch.stack([_to_uint8(p.image) for p in by_candidate]))
                 tokens.append(torch.stack([p.tokens for p in by_candidate]).to(torch.int32))
-            line = f"{kind} {min(start + batch_prompts, len(prompts))}/{len(prompts)} prompts"
+            done = min(start + batch_prompts, len(prompts))
             if progress is None:
-                print(f"bench.structure: {line}", file=sys.stderr)
+                print(f"bench.structure: {kind} {done}/{len(prompts)} prompts", file=sys.stderr)
             else:
-                progress(line)
+                progress(kind, done, len(prompts))
         record["kinds"][kind] = {"prompts": [t for t, _ in prompts], "right": right, "failed": failed}
     record["images"] = torch.stack(images)  # (P, N, 3, S, S)
     record["tokens"] = torch.stack(tokens)  # (P, N, h, w) the decoder's ids of each candidate
@@ -78,10 +77,17 @@ def draw_candidates(run: Path, *, prompts_per_kind: int, candidates: int, seed: 
 
 
 def candidate_settings(run: Path, prompts_per_kind: int, candidates: int, seed: int, kinds: Sequence[str],
-              cfg: float = SamplingSettings.cfg, temperature: float = SamplingSettings.temperature,
-              top_k: int | None = SamplingSettings.top_k, top_p: float | None = SamplingSettings.top_p) -> dict:
-    return {"format": 3, "run": str(run.resolve()), "prompts_per_kind": prompts_per_kind, "candidates": candidates,
-            "seed": seed, "kinds": list(kinds), "cfg": cfg, "temperature": temperature, "top_k": top_k, "top_p": top_p}
+                       cfg: float = SamplingSettings.cfg, temperature: float = SamplingSettings.temperature,
+                       top_k: int | None = SamplingSettings.top_k, top_p: float | None = SamplingSettings.top_p,
+                       split: str = "heldout") -> dict:
+    """What a record of candidates was drawn with, the key a folder of them is read back by; ``split`` is
+    recorded only where it is not the held-out one, so bench caches drawn before it still match."""
+    settings = {"format": 3, "run": str(run.resolve()), "prompts_per_kind": prompts_per_kind,
+                "candidates": candidates, "seed": seed, "kinds": list(kinds), "cfg": cfg, "temperature": temperature,
+                "top_k": top_k, "top_p": top_p}
+    if split != "heldout":
+        settings["split"] = split
+    return settings
 
 
 def _to_uint8(image) -> torch.Tensor:
@@ -90,8 +96,6 @@ def _to_uint8(image) -> torch.Tensor:
 
 def save_candidates(record: dict, directory: Path) -> None:
     """candidates.safetensors (the pictures) and candidates.json (settings, prompts, verdicts), atomically."""
-
-
     directory.mkdir(parents=True, exist_ok=True)
     atomic_write(directory / "candidates.safetensors",
                  lambda tmp: save_file({k: record[k].contiguous() for k in TENSORS}, tmp))
@@ -101,8 +105,6 @@ def save_candidates(record: dict, directory: Path) -> None:
 def load_candidates(directory: Path, settings: dict) -> dict | None:
     """The cached candidates when they were drawn with ``settings``, or with fewer prompts per kind and
     otherwise the same (the first prompts of a longer list); None when there are none or others."""
-
-
     try:
         record = json.loads((directory / "candidates.json").read_text())
         cached = record.get("settings", {})

@@ -25,7 +25,7 @@ from cli import UserError
 from data.shapes import KINDS
 from sample.candidates import (candidate_settings, draw_candidates, extend_candidates, load_candidates,
                                save_candidates)
-from sample.pipeline import SamplingSettings, resolve_run
+from sample.pipeline import resolve_run
 
 DEFAULT_PROMPTS = ("single=100", "position=150", "relation=600", "count=350")  # 18 min, one thread, demo
 
@@ -63,28 +63,24 @@ def main(args: argparse.Namespace) -> None:
     if data != "shapes":
         raise UserError(f"--checkpoint {run} was trained on --data {data}; the oracle that judges candidates knows "
                         "`shapes` scenes only")
-    defaults = SamplingSettings()
-    sampling = {"cfg": defaults.cfg, "temperature": defaults.temperature, "top_k": defaults.top_k,
-                "top_p": defaults.top_p}
     out = Path(args.out)
     began = time.perf_counter()
     for kind, count in counts.items():
         folder = out / kind
-        settings = {**candidate_settings(run, count, args.candidates, args.seed, [kind], **sampling), "split": "train"}
-        record = load_candidates(folder, settings)
+        record = load_candidates(folder, candidate_settings(run, count, args.candidates, args.seed, [kind],
+                                                            split="train"))
         have = 0 if record is None else record["settings"]["prompts_per_kind"]
         if have >= count:
             print(f"candidates: {kind}: {count} prompts already in {folder}")
             continue
 
-        def progress(line: str) -> None:
-            done = int(line.split()[1].split("/")[0])
-            if done % 64 < 8 or done == count - have:
-                print(f"candidates: {line} ({time.perf_counter() - began:.0f} s)", file=sys.stderr)
+        def progress(kind: str, done: int, total: int) -> None:
+            if done % 64 < 8 or done == total:
+                print(f"candidates: {kind} {done}/{total} prompts ({time.perf_counter() - began:.0f} s)",
+                      file=sys.stderr)
 
         drawn = draw_candidates(run, prompts_per_kind=count, candidates=args.candidates, seed=args.seed,
-                                device=args.device, kinds=[kind], first=have, split="train", progress=progress,
-                                **sampling)
+                                device=args.device, kinds=[kind], first=have, split="train", progress=progress)
         record = drawn if record is None else extend_candidates(record, drawn)
         save_candidates(record, folder)
         right = sum(map(sum, record["kinds"][kind]["right"])) / (count * args.candidates)
