@@ -49,6 +49,12 @@ dataset maps position p to epoch ``p // n`` of a permutation drawn from a ``torc
 position p is example p. Each global batch of ``batch_size`` positions is dealt to the processes, rank
 r taking positions ``r::world_size``; so resuming from ``start = step * batch_size`` or changing the
 number of processes or workers changes nothing about which examples a step sees.
+
+Balance (``balance="groups"``, the training split of a table with a ``group`` column): an epoch visits every
+group once, in an order drawn from ``(seed, epoch)``, and takes one of the group's rows at random, so a group
+of 18 variants (one emoji in six skin tones and three genders) is read as often as a picture that stands alone,
+not 18 times as often. An epoch is then as long as the number of groups. Without a group column, or with
+``balance="pictures"`` (the default), every row is read once an epoch.
 """
 
 from __future__ import annotations
@@ -97,6 +103,7 @@ DEFAULT_HELDOUT_FRACTION = 0.05
 DEFAULT_MAX_PIXELS = 8192 * 8192  # a decoded RGB picture of 192 MiB; a 12 000 x 12 000 PNG is refused
 CROP_SCALE = (0.8, 1.0)  # the augmentation's crop side, as a share of the picture's shorter side
 GROUP_COLUMN = "group"
+BALANCES = ("pictures", "groups")  # what a training epoch reads once each (module doc, Balance)
 KEY_COLUMNS = ("file_name", "__key__", "path")
 TRAIN_FOLDERS, TEST_FOLDERS = ("train",), ("test", "validation", "valid")
 SOURCES_HINT = "pass 'shapes', 'openmoji', a folder with metadata.jsonl, .jsonl/.parquet/.csv files or .tar shards"
@@ -264,9 +271,15 @@ class TableDataset(Dataset):
         self.decoder, self.name, self.size = decoder, name, decoder.size
         self.augment, self.seed = augment, seed
         self.groups: list[str] | None = None  # each row's group, where the table has a group column
+        self.balanced_groups: torch.Tensor | None = None  # each row's group index, where epochs balance groups
 
     def __len__(self) -> int:
         return len(self.captions)
+
+    @property
+    def epoch_length(self) -> int:
+        """Positions in one epoch: a row each, or a group each where epochs balance groups."""
+        return len(self) if self.balanced_groups is None else int(self.balanced_groups.max()) + 1
 
     def row(self, index: int) -> dict:
         return {**self.images[index], **self.captions[index]}
@@ -310,16 +323,18 @@ class TableOptions:
     seed: int = 0
     max_pixels: int = DEFAULT_MAX_PIXELS
     follow_symlinks: bool = False
+    balance: str = "pictures"
 
 
 def open_dataset(data: str, size: int, split: str = "train", image_column: str | None = None,
                  text_column: str | None = None, seed: int = 0, heldout_fraction: float = DEFAULT_HELDOUT_FRACTION,
                  augment: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS,
-                 follow_symlinks: bool = False) -> ShapesDataset | TableDataset | StreamDataset:
+                 follow_symlinks: bool = False,
+                 balance: str = "pictures") -> ShapesDataset | TableDataset | StreamDataset:
     """The ``--data`` source as examples ``{"image": (3,size,size) in [-1,1], "text": str}`` (see module doc).
 
-    ``seed`` picks the ``shapes`` stream and the augmentation's draws. ``augment`` applies to the "train"
-    split of tables only. ``max_pixels`` and ``follow_symlinks``: see the module doc (Files). Raises
+    ``seed`` picks the ``shapes`` stream and the augmentation's draws. ``augment`` and ``balance`` apply to the
+    "train" split of tables only. ``max_pixels`` and ``follow_symlinks``: see the module doc (Files). Raises
     :class:`DataError` for a path that does not exist, a folder without metadata, a missing column or an
     empty dataset.
     """
@@ -331,12 +346,14 @@ def open_dataset(data: str, size: int, split: str = "train", image_column: str |
         raise DataError(f"--heldout-fraction must lie between 0 and 1, got {heldout_fraction}")
     if max_pixels < 1:
         raise DataError(f"--max-pixels must be >= 1, got {max_pixels}")
+    if balance not in BALANCES:
+        raise DataError(f"--balance must be one of {', '.join(BALANCES)}, got {balance!r}")
     if data == "shapes":
         if image_column or text_column:
             raise DataError("--image-column and --text-column name columns of a file source; shapes has none")
         return ShapesDataset(size, split, seed)
     options = TableOptions(size, split, image_column, text_column, heldout_fraction, augment and split == "train", seed,
-                           max_pixels, follow_symlinks)
+                           max_pixels, follow_symlinks, balance if split == "train" else "pictures")
     if data == "openmoji":
         return _open_openmoji(options)
     path = Path(data).expanduser()
@@ -515,6 +532,9 @@ def _table_dataset(table: datasets.Dataset, name: str, base_dir: Path, options: 
     dataset = TableDataset(table, decoder, name, augment=options.augment, seed=options.seed)
     if GROUP_COLUMN in table.column_names:
         dataset.groups = [str(g) for g in table[GROUP_COLUMN]]
+        if options.balance == "groups":
+            index: dict[str, int] = {}
+            dataset.balanced_groups = torch.tensor([index.setdefault(g, len(index)) for g in dataset.groups])
     _probe(dataset)
     return dataset
 
@@ -654,14 +674,18 @@ class PositionSampler(Sampler[int]):
 
     Global batch k covers positions ``[start + k*batch_size, start + (k+1)*batch_size)``; rank r takes
     the positions ``r::world_size`` of it. Finite datasets map a position through the permutation of
-    its epoch; endless ones read position p as index p.
+    its epoch (with ``groups``, each row's group index: a permutation of the groups, one row of each);
+    endless ones read position p as index p.
     """
 
     def __init__(self, length: int, endless: bool, batch_size: int, seed: int, start: int, rank: int,
-                 world_size: int, with_position: bool = False) -> None:
+                 world_size: int, with_position: bool = False, groups: torch.Tensor | None = None) -> None:
         self.length, self.endless, self.batch_size, self.seed = length, endless, batch_size, seed
         self.start, self.rank, self.world_size = start, rank, world_size
         self.with_position = with_position  # yield (index, position): the dataset augments per position
+        self.groups = groups
+        if groups is not None:
+            self.length = int(groups.max()) + 1
         self._epoch, self._order = -1, torch.empty(0, dtype=torch.long)
 
     def index(self, position: int) -> int:
@@ -670,13 +694,25 @@ class PositionSampler(Sampler[int]):
         epoch, offset = divmod(position, self.length)
         if epoch != self._epoch:
             generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._epoch, self._order = epoch, torch.randperm(self.length, generator=generator)
+            order = torch.randperm(self.length, generator=generator)
+            self._epoch, self._order = epoch, order if self.groups is None else balanced_order(self.groups, order,
+                                                                                                 generator)
         return int(self._order[offset])
 
     def __iter__(self) -> Iterator[int]:
         for batch_start in itertools.count(self.start, self.batch_size):
             for position in range(batch_start + self.rank, batch_start + self.batch_size, self.world_size):
                 yield (self.index(position), position) if self.with_position else self.index(position)
+
+
+def balanced_order(groups: torch.Tensor, group_order: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Row indices, one row of each group in ``group_order``, chosen uniformly among the group's rows by
+    ``generator``. ``groups`` holds each row's group index, 0 to G-1, every index used."""
+    sizes = torch.bincount(groups)
+    rows_by_group = torch.argsort(groups, stable=True)
+    first = torch.cumsum(sizes, 0) - sizes
+    pick = (torch.rand(len(sizes), generator=generator, dtype=torch.float64) * sizes).long()
+    return rows_by_group[(first + pick)[group_order]]
 
 
 def collate(items: list[dict | None], size: int) -> dict:
@@ -716,7 +752,8 @@ def batches(dataset: ShapesDataset | TableDataset | StreamDataset, batch_size: i
     if isinstance(dataset, StreamDataset):
         return _stream_batches(dataset, local, seed, start, rank, world_size, workers)
     sampler = PositionSampler(len(dataset), dataset.endless, batch_size, seed, start, rank, world_size,
-                              with_position=getattr(dataset, "augment", False))
+                              with_position=getattr(dataset, "augment", False),
+                              groups=getattr(dataset, "balanced_groups", None))
     # One endless pass: the workers live as long as the iterator, so there is nothing to persist across
     # epochs. The loader's own generator keeps it from drawing worker seeds from the global torch RNG.
     loader = DataLoader(dataset, batch_size=local, sampler=sampler, num_workers=workers,

@@ -53,3 +53,15 @@ def test_a_cache_of_older_shapes_scenes_is_not_read_back(tiny_run, tmp_path, mon
     monkeypatch.setattr(shapes, "SCENES_VERSION", shapes.SCENES_VERSION - 1)
     after = paths()
     assert before["shapes"] != after["shapes"] and before["a.jsonl"] == after["a.jsonl"]
+
+
+def test_a_balanced_cache_has_its_own_key_and_the_default_keeps_the_old_one(tiny_run, tmp_path):
+    """--balance groups reads other pictures into a training cache, so it has another key; the held-out cache
+    (never balanced) and the default keep theirs, so caches built before the option are still read."""
+    vqgan = tiny_run / "vqgan"
+
+    def path(split: str, **balance) -> str:
+        return codes.cache_path(tmp_path, vqgan, data="a.jsonl", size=32, split=split, limit=8, seed=0, **balance)
+
+    assert path("train", balance="groups") != path("train") == path("train", balance="pictures")
+    assert path("heldout", balance="groups") == path("heldout")

@@ -518,6 +518,37 @@ def test_bad_input_raises_one_line_data_errors(tmp_path, monkeypatch):
 # ---------------------------------------------------------------- order: seeds, resume, ranks, workers
 
 
+def test_balanced_epochs_read_every_group_once_and_resume_exactly(tmp_path):
+    names = write_images(tmp_path, 60)
+    # Group sizes 1 to 10 (g0 alone, g9 with ten variants): 55 rows in ten groups, then five rows alone.
+    group_of = [g for g in range(10) for _ in range(g + 1)] + [10 + i for i in range(5)]
+    write_jsonl(tmp_path / "metadata.jsonl", [{"file_name": f, "text": f"caption {i}", "group": f"g{group_of[i]}"}
+                                              for i, f in enumerate(names)])
+    plain, balanced = open_dataset(str(tmp_path), S), open_dataset(str(tmp_path), S, balance="groups")
+    assert plain.balanced_groups is None and plain.epoch_length == len(plain)
+    groups = len(set(balanced.groups))
+    assert balanced.epoch_length == groups < len(balanced)
+    group = dict(zip(texts(balanced, 1000), balanced.groups))
+    read = [t for b in take(batches(balanced, groups, seed=5), 40) for t in b["text"]]  # 40 balanced epochs
+    for epoch in range(40):  # every group once an epoch, one of its rows
+        assert sorted(group[t] for t in read[epoch * groups:(epoch + 1) * groups]) == sorted(set(balanced.groups))
+    counts = {t: read.count(t) for t in set(read)}
+    alone = [c for t, c in counts.items() if balanced.groups.count(group[t]) == 1]
+    assert alone and all(c == 40 for c in alone)  # a picture alone: every epoch
+    big = max(set(balanced.groups), key=balanced.groups.count)
+    assert len([t for t in counts if group[t] == big]) > 1  # a group's turns go to several of its variants
+    # Resuming mid-epoch, and a second process, read what one uninterrupted process reads.
+    straight = texts_of(take(batches(balanced, 7, seed=5), 6))
+    assert texts_of(take(batches(balanced, 7, seed=5, start=14), 4)) == straight[2:]
+    whole = texts_of(take(batches(balanced, 14, seed=5), 3))
+    ranks = [texts_of(take(batches(balanced, 14, seed=5, rank=r, world_size=2), 3)) for r in range(2)]
+    assert all(ranks[0][k] == whole[k][0::2] and ranks[1][k] == whole[k][1::2] for k in range(3))
+    # Held-out pictures are never balanced: evaluation reads each once.
+    assert open_dataset(str(tmp_path), S, split="heldout", balance="groups").balanced_groups is None
+    with pytest.raises(DataError, match="--balance must be one of pictures, groups"):
+        open_dataset(str(tmp_path), S, balance="emoji")
+
+
 @pytest.fixture
 def folder20(tmp_path) -> Path:
     return imagefolder(tmp_path / "folder", 22)  # 22 rows: 20 train, 2 held out

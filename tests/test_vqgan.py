@@ -10,7 +10,7 @@ import torch
 
 from checkpoint import CheckpointError
 from train.__main__ import build_parser
-from train.stage_all import STAGE_ORDER, preset_flags
+from train.stage_all import STAGE_ORDER, preset_flags, stage_argv
 from vqgan import VQGAN, FactorizedQuantizer, ScalarQuantizer, VQGANConfig
 from vqgan.discriminator import DISCRIMINATOR_PRESETS, PatchDiscriminator
 from vqgan.losses import (LossWeights, adaptive_weight, delayed_weight, discriminator_loss, feature_matching_loss,
@@ -523,3 +523,12 @@ def test_every_plan_of_train_all_parses_in_its_stage(plan, data):
         assert args.stage == stage
     real = parser.parse_args(["vqgan", "--out", "RUN", *preset_flags("cpu", "vqgan", "openmoji")])
     assert real.mse_weight > 0 and real.disc_start < real.steps
+
+
+def test_train_all_hands_balance_to_every_stage():
+    parser = build_parser()
+    args = parser.parse_args(["all", "--out", "RUN", "--data", "openmoji", "--balance", "groups"])
+    for stage in STAGE_ORDER:
+        argv = stage_argv(stage, "cpu", args)
+        assert argv[argv.index("--balance") + 1] == "groups"
+        assert parser.parse_args([stage, *argv]).balance == "groups"

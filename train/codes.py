@@ -65,7 +65,7 @@ class CodeCache:
 
 def cache_path(run: Path, vqgan_dir: Path, *, data: str, size: int, split: str, limit: int, seed: int,
                heldout_fraction: float = DEFAULT_HELDOUT_FRACTION, augment: bool = False,
-               max_pixels: int = DEFAULT_MAX_PIXELS, follow_symlinks: bool = False) -> Path:
+               max_pixels: int = DEFAULT_MAX_PIXELS, follow_symlinks: bool = False, balance: str = "pictures") -> Path:
     """RUN/cache/codes-<digest>.safetensors, the digest covering the VQGAN and the data options."""
     digest = hashlib.sha256()
     for name in ("config.json", "model.safetensors"):
@@ -79,6 +79,8 @@ def cache_path(run: Path, vqgan_dir: Path, *, data: str, size: int, split: str, 
         options += [heldout_fraction, augment and split == "train"]
         if (max_pixels, follow_symlinks) != (DEFAULT_MAX_PIXELS, False):  # which pictures are read; the
             options += [max_pixels, follow_symlinks]  # defaults keep the digests caches had before these options
+        if balance != "pictures" and split == "train":
+            options.append(balance)
     digest.update(json.dumps(options).encode())
     return run / "cache" / f"codes-{split}-{digest.hexdigest()[:16]}.safetensors"
 
@@ -88,18 +90,20 @@ def load_or_build(run: Path, vqgan, *, data: str, size: int, split: str, limit: 
                   device: torch.device, batch_size: int = 256, workers: int = 0,
                   image_column: str | None = None, text_column: str | None = None,
                   heldout_fraction: float = DEFAULT_HELDOUT_FRACTION, augment: bool = False,
-                  max_pixels: int = DEFAULT_MAX_PIXELS, follow_symlinks: bool = False) -> CodeCache:
+                  max_pixels: int = DEFAULT_MAX_PIXELS, follow_symlinks: bool = False,
+                  balance: str = "pictures") -> CodeCache:
     """The cached codes of up to ``limit`` examples of ``data``; encodes and saves them on a miss.
 
     A finite training split with ``augment`` is read for ``limit`` positions, epoch after epoch, each
     position its own crop and caption: the cache then holds several versions of every picture. Without
-    augmentation it stops after one epoch (more would only repeat the same codes).
+    augmentation it stops after one epoch (more would only repeat the same codes). With ``balance`` "groups"
+    the epochs are the dataset's balanced ones: one picture of every group each.
     """
 
     augment = augment and split == "train"
     path = cache_path(run, run / "vqgan", data=data, size=size, split=split, limit=limit, seed=seed,
                       heldout_fraction=heldout_fraction, augment=augment, max_pixels=max_pixels,
-                      follow_symlinks=follow_symlinks)
+                      follow_symlinks=follow_symlinks, balance=balance)
     if path.is_file():
         try:
             cache = CodeCache.load(path)
@@ -110,8 +114,8 @@ def load_or_build(run: Path, vqgan, *, data: str, size: int, split: str, limit: 
                   "encoding it again")
     dataset = open_dataset(data, size=size, split=split, image_column=image_column, text_column=text_column, seed=seed,
                            heldout_fraction=heldout_fraction, augment=augment, max_pixels=max_pixels,
-                           follow_symlinks=follow_symlinks)
-    total = limit if augment and not dataset.endless else min(limit, len(dataset))
+                           follow_symlinks=follow_symlinks, balance=balance)
+    total = limit if augment and not dataset.endless else min(limit, getattr(dataset, "epoch_length", len(dataset)))
     batch_size = min(batch_size, total)
     ids, texts, skipped = [], [], 0
     with tqdm(total=total, desc=f"encoding {split} images", dynamic_ncols=True) as bar:

@@ -34,7 +34,7 @@ from checkpoint import (CheckpointError, atomic_write, json_kind, load_torch, re
                         write_json)
 from cli import UserError, positive_int
 from data.images import image_grid
-from data.sources import DEFAULT_HELDOUT_FRACTION, DEFAULT_MAX_PIXELS, open_dataset
+from data.sources import BALANCES, DEFAULT_HELDOUT_FRACTION, DEFAULT_MAX_PIXELS, open_dataset
 from devices import autocast_dtype, native_bf16
 from tokenizer import TextTokenizer, TruncationWarning
 from train import dist
@@ -87,6 +87,7 @@ class StageOptions:
     augment: str = "crop"
     max_pixels: int = DEFAULT_MAX_PIXELS
     follow_symlinks: bool = False
+    balance: str = "pictures"
     preset: str = "small"  # the model's size (--model-size)
     sample_every: int = 500
     warmup: int = 100
@@ -115,7 +116,7 @@ class StageOptions:
         """The keyword arguments of :func:`data.sources.open_dataset` these options give (split and size apart)."""
         return dict(image_column=self.image_column, text_column=self.text_column, seed=self.seed,
                     heldout_fraction=self.heldout_fraction, augment=self.augment != "none", max_pixels=self.max_pixels,
-                    follow_symlinks=self.follow_symlinks)
+                    follow_symlinks=self.follow_symlinks, balance=self.balance)
 
     def dataset(self, split: str, size: int | None = None):
         """``--data`` opened at ``size`` (default ``--size``); the training split augmented unless --augment none."""
@@ -195,6 +196,10 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
                         help="training pictures of a file or folder source: random crops of 80-100%% of the side "
                              "(default), or none; never flips or colour changes, since captions name sides and "
                              "colours; shapes is never augmented")
+    parser.add_argument("--balance", default="pictures", choices=BALANCES,
+                        help="what a training epoch reads once each, for a source with a group column (openmoji "
+                             "has one): every picture (default), or every group, one of its pictures at random, so "
+                             "that a group of many variants is not read many times as often as a picture alone")
     parser.add_argument("--max-pixels", type=positive_int, default=DEFAULT_MAX_PIXELS,
                         help="pictures with more pixels are skipped and counted, not decoded (default "
                              f"{DEFAULT_MAX_PIXELS}, 8192 x 8192)")

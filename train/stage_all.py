@@ -88,8 +88,8 @@ REAL_PICTURES: dict[str, dict[str, list[str]]] = {
     },
 }
 STAGE_ORDER = ("tokenizer", "vqgan", "seq2seq", "scorer")
-SHARED = ("data", "size", "seed", "image_column", "text_column", "heldout_fraction", "augment", "max_pixels",
-          "follow_symlinks")
+SHARED = ("data", "size", "seed", "image_column", "text_column", "heldout_fraction", "augment", "balance",
+          "max_pixels", "follow_symlinks")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

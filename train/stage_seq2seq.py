@@ -133,7 +133,7 @@ class Seq2SeqTrainer(Stage):
         cache_options = dict(data=o.data, size=o.size, seed=o.seed, device=self.device, workers=o.workers,
                              image_column=o.image_column, text_column=o.text_column,
                              heldout_fraction=o.heldout_fraction, augment=o.augment != "none",
-                             max_pixels=o.max_pixels, follow_symlinks=o.follow_symlinks)
+                             max_pixels=o.max_pixels, follow_symlinks=o.follow_symlinks, balance=o.balance)
         self.whole_from = self._whole_from()
         with dist.main_first(self.ctx):
             self.train_codes = codes.load_or_build(out, self.vqgan, split="train", limit=o.cache_examples, **cache_options)
